@@ -1,0 +1,75 @@
+"""The results store's schema, defined once: every writer and reader uses these.
+
+No torch or ray here: the analysis package imports this module.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+from sweep.params import PARAMS
+
+STATUSES = ("ok", "failed", "diverged")
+
+_ARROW = {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa.bool_()}
+
+# Every grid parameter under its own name (null where the cell's architecture lacks it).
+PARAM_FIELDS = [pa.field(name, _ARROW[p.type]) for name, p in PARAMS.items()]
+
+TRIAL_FIELDS = PARAM_FIELDS + [
+    pa.field("cell_id", pa.string(), nullable=False),
+    pa.field("pair_key", pa.string(), nullable=False),
+    pa.field("study", pa.string()),
+    pa.field("status", pa.string(), nullable=False),  # one of STATUSES
+    pa.field("n_params", pa.int64()),
+    pa.field("filters_used", pa.int64()),  # differs from `filters` only with match_params
+    pa.field("n_train", pa.int64()),  # training examples actually used (after split and cap)
+    pa.field("n_val", pa.int64()),
+    pa.field("n_test", pa.int64()),
+    pa.field("n_classes", pa.int64()),
+    pa.field("epochs_done", pa.int64()),
+    # Final losses/accuracies, each a full evaluation pass in eval mode after training.
+    pa.field("train_loss", pa.float64()),
+    pa.field("val_loss", pa.float64()),
+    pa.field("train_acc", pa.float64()),
+    pa.field("val_acc", pa.float64()),
+    pa.field("test_loss", pa.float64()),
+    pa.field("test_acc", pa.float64()),
+    pa.field("pruned_branches", pa.int64()),  # learned_connectivity only
+    pa.field("wall_s", pa.float64()),  # this cell's training time, summed over attempts
+    pa.field("started_at", pa.timestamp("us", tz="UTC")),
+    pa.field("finished_at", pa.timestamp("us", tz="UTC")),
+    pa.field("attempts", pa.int64()),
+    pa.field("resumed_from_epoch", pa.int64()),  # 0 = trained from scratch
+    pa.field("host", pa.string()),
+    pa.field("node_id", pa.string()),  # Ray node id ("" under the local executor)
+    pa.field("device", pa.string()),
+    pa.field("error", pa.string()),  # last line of the error for failed/diverged cells
+    pa.field("torch_version", pa.string()),
+    pa.field("project_version", pa.string()),
+    pa.field("weights_path", pa.string()),  # relative to the results folder, when saved
+]
+TRIALS = pa.schema(TRIAL_FIELDS)
+
+EPOCHS = pa.schema([
+    pa.field("cell_id", pa.string(), nullable=False),
+    pa.field("epoch", pa.int64(), nullable=False),  # 1-based
+    pa.field("train_loss", pa.float64()),  # mean of the epoch's mini-batch losses
+    pa.field("val_loss", pa.float64()),
+    pa.field("train_acc", pa.float64()),  # running accuracy over the epoch's mini-batches
+    pa.field("val_acc", pa.float64()),
+    pa.field("wall_s", pa.float64()),  # cumulative training time at the end of this epoch
+])
+
+TRIAL_COLUMNS = TRIALS.names
+EPOCH_COLUMNS = EPOCHS.names
+PARAM_COLUMNS = [f.name for f in PARAM_FIELDS]
+
+
+def conform(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """Rows -> Table with exactly the schema's columns (missing ones null); unknown keys are
+    a programming error and raise, so the schema cannot drift silently."""
+    extra = {k for r in rows for k in r} - set(schema.names)
+    if extra:
+        raise KeyError(f"columns not in the store schema: {sorted(extra)}")
+    cols = {name: [r.get(name) for r in rows] for name in schema.names}
+    return pa.Table.from_pydict(cols, schema=schema)

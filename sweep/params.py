@@ -1,0 +1,92 @@
+"""The parameters a study cell can have: one declarative table, no torch.
+
+Every parameter has a type, a default (None = required) and optionally the allowed values.
+Architecture-specific parameters list the architectures that use them; a cell of any other
+architecture never carries them, so they never multiply its cells.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10")
+ARCHITECTURES = (
+    "sequential",
+    "parallel",
+    "plain",
+    "highway",
+    "merge_and_run",
+    "deeply_fused",
+    "learned_connectivity",
+)
+ACTIVATIONS = ("relu", "tanh", "gelu", "sigmoid")
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    type: type
+    default: Any = None  # None: required (must be in [grid])
+    choices: tuple | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    # Architectures that use this parameter; None = every architecture.
+    architectures: tuple[str, ...] | None = None
+    # Per-architecture defaults where they differ (e.g. branches).
+    arch_defaults: dict = field(default_factory=dict)
+    optional: bool = False  # may be absent (None) in a cell
+    help: str = ""
+
+    def applies_to(self, architecture: str) -> bool:
+        return self.architectures is None or architecture in self.architectures
+
+    def default_for(self, architecture: str) -> Any:
+        return self.arch_defaults.get(architecture, self.default)
+
+
+PARAMS: dict[str, Param] = {
+    p.name: p
+    for p in [
+        Param("dataset", str, choices=DATASETS, help="dataset to train on"),
+        Param("architecture", str, choices=ARCHITECTURES, help="model family"),
+        Param("layers", int, minimum=1, help="conv layers inside the residual branches"),
+        Param("filters", int, minimum=1, help="channels of every conv"),
+        Param("kernel", int, minimum=1, help="conv kernel size (odd keeps 'same' padding exact)"),
+        Param("activation", str, default="relu", choices=ACTIVATIONS),
+        Param("batch_norm", bool, default=False),
+        Param("lr", float, default=1e-3, minimum=0.0),
+        Param("weight_decay", float, default=1e-4, minimum=0.0),
+        Param("batch_size", int, default=256, minimum=1),
+        Param("epochs", int, default=10, minimum=1),
+        Param("seed", int, default=0, minimum=0),
+        Param("max_train_examples", int, default=None, minimum=1, optional=True,
+              help="cap on training examples (after the validation split)"),
+        Param("val_fraction", float, default=0.1, minimum=0.0, maximum=0.9),
+        Param("match_params", bool, default=False,
+              architectures=tuple(a for a in ARCHITECTURES if a not in ("sequential",)),
+              help="search the width so n_params is within 1% of the sequential twin"),
+        # -- architecture-specific (zoo) parameters --
+        Param("gate", str, default="coupled", choices=("full", "coupled", "c_only", "t_only"),
+              architectures=("highway",)),
+        Param("gate_bias", float, default=-2.0, architectures=("highway",)),
+        Param("gate_kernel", int, default=1, minimum=1, architectures=("highway",)),
+        Param("branches", int, default=2, minimum=1,
+              architectures=("merge_and_run", "learned_connectivity"),
+              arch_defaults={"learned_connectivity": 4}),
+        Param("active_inputs", int, default=None, minimum=1, optional=True,
+              architectures=("learned_connectivity",),
+              help="K inputs per branch; default branches // 2"),
+        Param("fuse_every", int, default=2, minimum=1, architectures=("deeply_fused",)),
+        Param("shallow", str, default="conv", choices=("conv", "identity"),
+              architectures=("deeply_fused",)),
+    ]
+}
+
+# Parameters that say *which* architecture variant a cell is; left out of pair_key so a
+# sequential cell pairs with every variant of another architecture at the same settings.
+ARCH_SPECIFIC = tuple(n for n, p in PARAMS.items() if p.architectures is not None)
+REQUIRED = tuple(n for n, p in PARAMS.items() if p.default is None and not p.optional)
+
+
+def params_for(architecture: str) -> list[Param]:
+    return [p for p in PARAMS.values() if p.applies_to(architecture)]

@@ -1,0 +1,290 @@
+"""Study spec (TOML) -> validated Spec -> list of Cells.
+
+A spec is small and declarative: ``[study]`` names the study, ``[grid]`` gives each parameter
+either a scalar (fixed) or a list (an axis of the Cartesian product), ``[grid.<architecture>]``
+tables give axes that only that architecture's cells get, and ``[[exclude]]`` tables drop the
+cells matching all of their keys.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .params import ARCH_SPECIFIC, ARCHITECTURES, PARAMS, REQUIRED, Param
+
+STUDY_KEYS = {"name": str, "description": str, "save_weights": bool}
+
+
+class SpecError(ValueError):
+    """A user error in a spec: the message is one line that says what to change."""
+
+
+def _hash(config: dict) -> str:
+    # json.dumps writes floats with repr(), the shortest round-trip spelling, so 3e-3 and
+    # 0.003 hash alike; sort_keys makes the id independent of key order.
+    canon = json.dumps({k: v for k, v in config.items() if v is not None},
+                       sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canon.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Cell:
+    config: dict
+    cell_id: str
+    pair_key: str
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Cell":
+        config = dict(sorted(config.items()))
+        shared = {k: v for k, v in config.items()
+                  if k != "architecture" and k not in ARCH_SPECIFIC}
+        return cls(config=config, cell_id=_hash(config), pair_key=_hash(shared))
+
+    def __getitem__(self, key):
+        return self.config[key]
+
+
+@dataclass
+class Spec:
+    name: str
+    grid: dict[str, list]  # parameter -> list of values (scalars become 1-element lists)
+    arch_grids: dict[str, dict[str, list]] = field(default_factory=dict)
+    exclude: list[dict[str, list]] = field(default_factory=list)
+    description: str = ""
+    save_weights: bool = False
+    source: str = ""  # the TOML text, saved with the results
+    origin: str = ""  # file path or "preset:<name>"
+
+    # -- the grid ---------------------------------------------------------------------------
+    def axes(self) -> dict[str, list]:
+        """Parameters with more than one value (the swept axes), in spec order."""
+        out = {k: v for k, v in self.grid.items() if len(v) > 1}
+        for arch, g in self.arch_grids.items():
+            out.update({f"{arch}.{k}": v for k, v in g.items() if len(v) > 1})
+        return out
+
+    def cells(self) -> list[Cell]:
+        by_arch: list[list[Cell]] = []
+        for arch in self.grid["architecture"]:
+            keys, value_lists = [], []
+            for p in PARAMS.values():
+                if p.name == "architecture" or not p.applies_to(arch):
+                    continue
+                keys.append(p.name)
+                value_lists.append(self.arch_grids.get(arch, {}).get(
+                    p.name, self.grid.get(p.name, [p.default_for(arch)])))
+            cells = []
+            for combo in itertools.product(*value_lists):
+                config = {"architecture": arch, **dict(zip(keys, combo))}
+                if arch == "learned_connectivity" and config.get("active_inputs") is None:
+                    config["active_inputs"] = max(1, config["branches"] // 2)
+                if any(_matches(config, ex) for ex in self.exclude):
+                    continue
+                cells.append(Cell.from_config(config))
+            by_arch.append(cells)
+        # Interleave architectures so a cell's twins run next to it: a partial study then
+        # holds complete pairs rather than all of one architecture.
+        order: dict[str, int] = {}
+        for cells in by_arch:
+            for c in cells:
+                order.setdefault(c.pair_key, len(order))
+        seen, out = set(), []
+        for arch_i, c in sorted(((i, c) for i, cells in enumerate(by_arch) for c in cells),
+                                key=lambda t: (order[t[1].pair_key], t[0])):
+            if c.cell_id not in seen:
+                seen.add(c.cell_id)
+                out.append(c)
+        return out
+
+    def value_sets(self) -> dict[str, set]:
+        """Every parameter's effective values (defaults filled in), per architecture where
+        the parameter is architecture-specific."""
+        out = {}
+        for name, p in PARAMS.items():
+            if p.architectures is None:
+                out[name] = set(map(_canon, self.grid.get(name, [p.default])))
+        for arch in self.grid["architecture"]:
+            for p in PARAMS.values():
+                if p.architectures is not None and p.applies_to(arch):
+                    vals = self.arch_grids.get(arch, {}).get(
+                        p.name, self.grid.get(p.name, [p.default_for(arch)]))
+                    out[f"{arch}.{p.name}"] = set(map(_canon, vals))
+        return out
+
+    def check_extends(self, old: "Spec") -> None:
+        """Refuse a spec that changes or drops a value an existing study already ran with.
+
+        Adding values to an axis (or turning a fixed value into an axis containing it) is an
+        extension; anything else would mix incomparable cells in one results folder.
+        """
+        new_sets = self.value_sets()
+        for key, old_vals in old.value_sets().items():
+            missing = old_vals - new_sets.get(key, set())
+            if missing:
+                raise SpecError(
+                    f"spec changes '{key}' of the existing study (it ran with "
+                    f"{_fmt(old_vals)}; the new spec lacks {_fmt(missing)}); "
+                    "to extend the study keep the old values and add new ones, "
+                    "to start a new study give it another [study] name or --results folder")
+
+
+def _canon(v):
+    return json.dumps(v)
+
+
+def _fmt(vals) -> str:
+    return ", ".join(sorted(str(json.loads(v)) for v in vals))
+
+
+def _matches(config: dict, exclude: dict[str, list]) -> bool:
+    return all(config.get(k) in vals for k, vals in exclude.items())
+
+
+# -- parsing and validation ------------------------------------------------------------------
+def _check_value(p: Param, value: Any, where: str) -> Any:
+    t = p.type
+    if t is bool:
+        ok = isinstance(value, bool)
+    elif t is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif t is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise SpecError(f"spec error: '{where}' must be {t.__name__} (or a list of them), got {value!r}")
+    if p.choices is not None and value not in p.choices:
+        raise SpecError(f"spec error: '{where}' = {value!r} is not allowed; allowed values: "
+                        + ", ".join(map(str, p.choices)))
+    if p.minimum is not None and value < p.minimum:
+        raise SpecError(f"spec error: '{where}' = {value!r} is below its minimum {p.minimum}")
+    if p.maximum is not None and value > p.maximum:
+        raise SpecError(f"spec error: '{where}' = {value!r} is above its maximum {p.maximum}")
+    return value
+
+
+def _values(p: Param, raw: Any, where: str) -> list:
+    items = raw if isinstance(raw, list) else [raw]
+    if not items:
+        raise SpecError(f"spec error: '{where}' is an empty list; give at least one value")
+    out = []
+    for v in items:
+        v = _check_value(p, v, where)
+        if v not in out:
+            out.append(v)
+    return out
+
+
+def _unknown(key: str, where: str, allowed) -> SpecError:
+    return SpecError(f"spec error: unknown key '{where}{key}'; allowed keys: " + ", ".join(allowed))
+
+
+def parse_spec(text: str, origin: str = "<string>") -> Spec:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise SpecError(f"spec error: {origin} is not valid TOML: {e}") from None
+    for key in raw:
+        if key not in ("study", "grid", "exclude"):
+            raise _unknown(key, "", ["study", "grid", "exclude"])
+    study = raw.get("study", {})
+    if not isinstance(study, dict):
+        raise SpecError("spec error: 'study' must be a table: [study]")
+    for key, value in study.items():
+        if key not in STUDY_KEYS:
+            raise _unknown(key, "study.", STUDY_KEYS)
+        if not isinstance(value, STUDY_KEYS[key]):
+            raise SpecError(f"spec error: 'study.{key}' must be {STUDY_KEYS[key].__name__}")
+    name = study.get("name") or Path(origin).stem or "study"
+    if not all(ch.isalnum() or ch in "-_." for ch in name):
+        raise SpecError(f"spec error: study.name {name!r} may hold only letters, digits, '-', '_' and '.'")
+
+    grid_raw = raw.get("grid")
+    if not isinstance(grid_raw, dict):
+        raise SpecError("spec error: the spec needs a [grid] table with at least "
+                        + ", ".join(REQUIRED))
+    grid: dict[str, list] = {}
+    arch_grids: dict[str, dict[str, list]] = {}
+    for key, value in grid_raw.items():
+        if isinstance(value, dict):
+            if key not in ARCHITECTURES:
+                raise SpecError(f"spec error: [grid.{key}] is not an architecture; a sub-table of "
+                                f"[grid] holds one architecture's own axes; architectures: "
+                                + ", ".join(ARCHITECTURES))
+            sub = {}
+            for k2, v2 in value.items():
+                p = PARAMS.get(k2)
+                if p is None or k2 == "architecture":
+                    raise _unknown(k2, f"grid.{key}.", [n for n in PARAMS if n != "architecture"])
+                if not p.applies_to(key):
+                    raise SpecError(f"spec error: 'grid.{key}.{k2}' does not apply to {key}; "
+                                    f"{k2} is used by: " + ", ".join(p.architectures or ()))
+                sub[k2] = _values(p, v2, f"grid.{key}.{k2}")
+            arch_grids[key] = sub
+            continue
+        p = PARAMS.get(key)
+        if p is None:
+            raise _unknown(key, "grid.", list(PARAMS) + ["<architecture> (a sub-table)"])
+        grid[key] = _values(p, value, f"grid.{key}")
+    for key in REQUIRED:
+        if key not in grid:
+            raise SpecError(f"spec error: [grid] lacks '{key}'; required keys: " + ", ".join(REQUIRED))
+    for arch in arch_grids:
+        if arch not in grid["architecture"]:
+            raise SpecError(f"spec error: [grid.{arch}] is given but '{arch}' is not in "
+                            "grid.architecture; add it there or drop the table")
+    for key, vals in grid.items():
+        p = PARAMS[key]
+        if p.architectures is not None and not any(p.applies_to(a) for a in grid["architecture"]):
+            raise SpecError(f"spec error: 'grid.{key}' is used only by "
+                            + ", ".join(p.architectures) + ", none of which is in grid.architecture")
+
+    exclude = []
+    ex_raw = raw.get("exclude", [])
+    if not isinstance(ex_raw, list):
+        raise SpecError("spec error: exclusions are written as [[exclude]] tables")
+    for i, ex in enumerate(ex_raw):
+        if not ex:
+            raise SpecError(f"spec error: [[exclude]] number {i + 1} is empty; it would drop every cell")
+        entry = {}
+        for k, v in ex.items():
+            if k not in PARAMS:
+                raise _unknown(k, "exclude.", PARAMS)
+            entry[k] = _values(PARAMS[k], v, f"exclude.{k}")
+        exclude.append(entry)
+
+    spec = Spec(name=name, grid=grid, arch_grids=arch_grids, exclude=exclude,
+                description=study.get("description", ""),
+                save_weights=study.get("save_weights", False), source=text, origin=origin)
+    if not spec.cells():
+        raise SpecError("spec error: the [[exclude]] tables drop every cell of the grid")
+    return spec
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("sweep.presets").iterdir()
+                  if p.name.endswith(".toml"))
+
+
+def load_spec(path_or_preset: str | Path) -> Spec:
+    """A spec file path, or the name of a preset shipped with the package."""
+    path = Path(path_or_preset)
+    if path.is_file():
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise SpecError(f"spec error: cannot read {path}: {e}") from None
+        return parse_spec(text, origin=str(path))
+    name = str(path_or_preset)
+    if name in preset_names():
+        text = resources.files("sweep.presets").joinpath(f"{name}.toml").read_text()
+        return parse_spec(text, origin=f"preset:{name}")
+    raise SpecError(f"no spec file or preset named '{name}'; presets: " + ", ".join(preset_names())
+                    + " (or give the path of a .toml spec file)")
