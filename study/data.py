@@ -17,11 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import DatasetError
+
 SPLIT_SEED = 0  # fixed: every cell of a study sees the same train/validation split
-
-
-class DatasetError(RuntimeError):
-    """A dataset is missing or unreadable; the message says which files are expected where."""
 
 
 @dataclass

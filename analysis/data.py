@@ -1,0 +1,222 @@
+"""Layer 1a: the results store as tidy DataFrames (trials, epochs, pairs, Table 2).
+
+Pure pandas: every function takes and returns DataFrames, nothing is drawn or written.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from study import schema
+from study.store import ReadReport, Store
+from sweep.params import ARCH_SPECIFIC
+
+from ._common import (METRICS, Q_LABELS, AnalysisError, add_q, arch_order, check_compare,
+                      check_store, dataset_label, dataset_order)
+
+# Grid parameters a cell shares with its twins (pair_key is a hash of exactly these).
+SHARED_PARAMS = [c for c in schema.PARAM_COLUMNS
+                 if c != "architecture" and c not in ARCH_SPECIFIC]
+# Columns that differ between the two sides of a pair and get the _a / _b suffix.
+SIDE_COLUMNS = ["cell_id", "architecture", "n_params", "filters_used", "epochs_done",
+                "wall_s", "q", "q_bin", *METRICS]
+PAIR_METRICS = METRICS
+
+
+def load(root: str | Path, report: ReadReport | None = None) -> pd.DataFrame:
+    """All trial rows of the store at `root` (every status), plus `q` and `q_bin`.
+
+    Unreadable parts are skipped (never quarantined: analysis only reads); pass a ReadReport
+    to learn of them.
+    """
+    root = check_store(root)
+    df = Store(root).read_trials(quarantine=False, report=report)
+    return add_q(df)
+
+
+def load_epochs(root: str | Path, cell_ids: Iterable[str] | None = None,
+                report: ReadReport | None = None) -> pd.DataFrame:
+    """Per-epoch rows (schema EPOCHS) of every cell, or only of `cell_ids`.
+
+    Reading only the wanted parts keeps learning curves cheap on a 7,000-cell store; a
+    missing or unreadable part is skipped (and listed in `report` when it is unreadable).
+    """
+    root = check_store(root)
+    store = Store(root)
+    if cell_ids is None:
+        return store.read_epochs(quarantine=False, report=report)
+    tables = []
+    for cid in dict.fromkeys(cell_ids):
+        part = store.epochs_dir / f"{cid}.parquet"
+        try:
+            t = pq.read_table(part)
+            tables.append(t.select(schema.EPOCH_COLUMNS).cast(schema.EPOCHS))
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, KeyError, pa.ArrowException) as e:
+            if report is not None:
+                report.bad_parts.append(f"{part}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    if not tables:
+        return schema.EPOCHS.empty_table().to_pandas()
+    return pa.concat_tables(tables).to_pandas()
+
+
+def _variant(side: pd.DataFrame, cols: list[str]) -> pd.Series:
+    """'gate=full, gate_bias=-2.0' from the architecture-specific columns ('' if none)."""
+    out = pd.Series("", index=side.index, dtype=object)
+    for c in cols:
+        v = side[c]
+        part = np.where(v.notna(), c + "=" + v.astype(str), "")
+        out = np.where((out != "") & (part != ""), out + ", " + part, out + part)
+        out = pd.Series(out, index=side.index, dtype=object)
+    return out
+
+
+def pairs(df: pd.DataFrame, a: str = "sequential", b: str = "parallel") -> pd.DataFrame:
+    """One row per (a cell, b cell) twin pair at the same settings; only status 'ok' pairs.
+
+    Columns:
+      pair_key, the shared grid parameters (dataset, layers, filters, ...) once, unsuffixed;
+      per side, with suffix `_a` (architecture `a`) or `_b` (architecture `b`): cell_id,
+        architecture, n_params, filters_used, epochs_done, wall_s, q, q_bin, the metrics
+        (train/val/test loss and accuracy), the architecture-specific parameters that side
+        has (e.g. gate_b), and `variant_a` / `variant_b`, a readable summary of those;
+      `<metric>_ratio` = b / a and `<metric>_diff` = b - a for every metric (ratio NaN where
+        a is 0 or either side is missing);
+      `q`, `q_bin`: side a's determination ratio and bin.
+    A cell of `a` matching several variants of `b` (e.g. highway gates) gives one row each.
+    """
+    check_compare(a, b)
+    if "q" not in df.columns:
+        df = add_q(df)
+    ok = df[df["status"] == "ok"]
+    sides = []
+    for arch, suf in ((a, "_a"), (b, "_b")):
+        side = ok[ok["architecture"] == arch]
+        specific = [c for c in ARCH_SPECIFIC if c in side.columns and side[c].notna().any()]
+        cols = SIDE_COLUMNS + specific
+        out = side[cols].rename(columns={c: c + suf for c in cols})
+        out["variant" + suf] = _variant(side, specific)
+        out.insert(0, "pair_key", side["pair_key"])
+        if suf == "_a":
+            for c in SHARED_PARAMS:
+                out[c] = side[c]
+        sides.append(out)
+    merged = sides[0].merge(sides[1], on="pair_key", how="inner")
+    for m in PAIR_METRICS:
+        va = pd.to_numeric(merged[m + "_a"], errors="coerce").astype(float)
+        vb = pd.to_numeric(merged[m + "_b"], errors="coerce").astype(float)
+        merged[m + "_diff"] = vb - va
+        merged[m + "_ratio"] = (vb / va.where(va != 0)).replace([np.inf, -np.inf], np.nan)
+    merged["q"] = merged["q_a"]
+    merged["q_bin"] = merged["q_bin_a"]
+    lead = ["pair_key", *SHARED_PARAMS]
+    merged = merged[lead + [c for c in merged.columns if c not in lead]]
+    order = {d: i for i, d in enumerate(dataset_order(merged["dataset"]))}
+    merged = (merged.assign(_d=merged["dataset"].map(order))
+              .sort_values(["_d", "pair_key", "cell_id_b"], kind="stable")
+              .drop(columns="_d").reset_index(drop=True))
+    return merged
+
+
+def swept_factors(pairs_df: pd.DataFrame) -> list[str]:
+    """Columns of a pairs frame that vary: shared grid axes, then variant axes of either side."""
+    out = [c for c in SHARED_PARAMS if c != "dataset" and c in pairs_df.columns
+           and pairs_df[c].nunique(dropna=True) > 1]
+    for suf in ("_a", "_b"):
+        out += [c + suf for c in ARCH_SPECIFIC if c + suf in pairs_df.columns
+                and pairs_df[c + suf].nunique(dropna=True) > 1]
+    return out
+
+
+# -- Table 2 ---------------------------------------------------------------------------------
+def table2(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean train and validation loss per dataset x architecture x Q bin over 'ok' cells.
+
+    Tidy: columns dataset, architecture, q_bin, n (cells averaged), train_loss, val_loss; one
+    row per combination that has at least one cell. Every architecture present is included.
+    """
+    if "q_bin" not in df.columns:
+        df = add_q(df)
+    ok = df[(df["status"] == "ok") & df["q_bin"].notna()]
+    cols = ["dataset", "architecture", "q_bin", "n", "train_loss", "val_loss"]
+    if ok.empty:
+        return pd.DataFrame(columns=cols)
+    t = (ok.groupby(["dataset", "architecture", "q_bin"], observed=True)
+         .agg(n=("cell_id", "size"), train_loss=("train_loss", "mean"),
+              val_loss=("val_loss", "mean"))
+         .reset_index())
+    t["q_bin"] = t["q_bin"].astype(str)
+    t = t.assign(_d=t["dataset"].map({d: i for i, d in enumerate(dataset_order(t["dataset"]))}),
+                 _a=t["architecture"].map({x: i for i, x in enumerate(arch_order(t["architecture"]))}),
+                 _q=t["q_bin"].map({q: i for i, q in enumerate(Q_LABELS)}))
+    t = t.sort_values(["_d", "_a", "_q"], kind="stable")
+    return t[cols].reset_index(drop=True)
+
+
+def fmt_loss(v: float) -> str:
+    if v is None or not np.isfinite(v):
+        return "–"
+    if v != 0 and abs(v) < 1e-3:
+        return f"{v:.2e}"
+    return f"{v:.5f}"
+
+
+def table2_wide(t2: pd.DataFrame) -> pd.DataFrame:
+    """Table 2 in the paper's layout: index 'DATASET arch', columns 'Q∈bin', cells 'train / val'."""
+    cols = [f"Q∈{q}" for q in Q_LABELS]
+    if t2.empty:
+        return pd.DataFrame(columns=cols)
+    cell = t2["train_loss"].map(fmt_loss) + " / " + t2["val_loss"].map(fmt_loss)
+    label = t2["dataset"].map(dataset_label) + " " + t2["architecture"]
+    wide = (pd.DataFrame({"row": label, "q": "Q∈" + t2["q_bin"], "cell": cell})
+            .pivot(index="row", columns="q", values="cell"))
+    rows = list(dict.fromkeys(label))  # t2 is already in dataset, architecture order
+    return wide.reindex(index=rows, columns=cols).fillna("–").rename_axis(index=None, columns=None)
+
+
+def table2_markdown(t2: pd.DataFrame) -> str:
+    wide = table2_wide(t2)
+    head = "| | " + " | ".join(wide.columns) + " |"
+    sep = "|---" * (len(wide.columns) + 1) + "|"
+    body = ["| " + " | ".join([str(idx), *map(str, row)]) + " |"
+            for idx, row in zip(wide.index, wide.itertuples(index=False))]
+    note = ("\nMean loss over the cells with status ok, train / val; – = no cell in that bin. "
+            "Q = training examples × classes / parameters.\n")
+    return "\n".join([head, sep, *body]) + "\n" + note
+
+
+def choose_curve_pairs(pairs_df: pd.DataFrame, have_epochs: set[str] | None = None) -> list[int]:
+    """Row positions of the pairs with the largest, smallest and median val-loss ratio
+    (among pairs whose both cells have epochs, when `have_epochs` is given)."""
+    p = pairs_df[pairs_df["val_loss_ratio"].notna()]
+    if have_epochs is not None:
+        p = p[p["cell_id_a"].isin(have_epochs) & p["cell_id_b"].isin(have_epochs)]
+    if p.empty:
+        return []
+    s = p["val_loss_ratio"].sort_values(kind="stable")
+    picks = [s.index[-1], s.index[0], s.index[(len(s) - 1) // 2]]
+    return list(dict.fromkeys(picks))
+
+
+def resolve_pair_keys(pairs_df: pd.DataFrame, keys: Iterable[str]) -> tuple[list[int], list[str]]:
+    """Row positions of the given pair_keys (a unique prefix is enough); unknown keys listed."""
+    all_keys = pairs_df["pair_key"].astype(str)
+    rows, unknown = [], []
+    for k in keys:
+        k = str(k).strip()
+        hit = all_keys[all_keys == k]
+        if hit.empty and k:
+            hit = all_keys[all_keys.str.startswith(k)]
+            if hit.nunique() > 1:
+                unknown.append(f"{k} (ambiguous prefix)")
+                continue
+        if hit.empty:
+            unknown.append(k)
+        rows += list(hit.index)
+    return list(dict.fromkeys(rows)), unknown

@@ -1,0 +1,219 @@
+"""The `study` command-line tool.
+
+User errors (a bad spec, a missing dataset, an unwritable or locked results folder) print one
+line saying what is wrong and what to do, and exit non-zero: 2 for a bad spec or command line,
+3 for the environment (files, folders, data). No traceback for those.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from sweep import SpecError, load_spec, parse_spec
+
+from .store import Store, StoreError
+
+EXIT_SPEC, EXIT_ENV = 2, 3
+
+
+def _results_dir(args, spec) -> Path:
+    return Path(args.results) if args.results else Path("results") / spec.name
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", help="folder holding datasets in torchvision's layout")
+    p.add_argument("--download", action="store_true", help="download missing datasets into --data-dir")
+    p.add_argument("--executor", choices=["ray", "local"], default="ray",
+                   help="ray (default): Ray Tune trials; local: in this process, one by one")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--cpus-per-trial", type=float, default=1, help="CPUs (and torch threads) per cell")
+    p.add_argument("--gpus-per-trial", type=float, default=0, help="GPUs per cell (fractions share a GPU)")
+    p.add_argument("--max-concurrent", type=int, help="cap on cells running at once")
+    p.add_argument("--max-failures", type=int, default=2,
+                   help="retries of a cell that raises before it is recorded as failed")
+    p.add_argument("--retry-failed", action="store_true", help="run cells recorded as failed again")
+    p.add_argument("--no-figures", action="store_true", help="skip drawing figures at the end")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="study", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plan", help="show the grid of a spec and how much of it is done")
+    p.add_argument("spec", help="spec file or preset name")
+    p.add_argument("--results", help="results folder (default results/<study name>)")
+
+    p = sub.add_parser("run", help="run the cells of a spec that are not yet in the store")
+    p.add_argument("spec", help="spec file or preset name")
+    p.add_argument("--results", help="results folder (default results/<study name>)")
+    _add_run_options(p)
+
+    p = sub.add_parser("resume", help="continue the study recorded in a results folder")
+    p.add_argument("results", help="results folder of an earlier `study run`")
+    _add_run_options(p)
+
+    p = sub.add_parser("status", help="cells done, failed, pending, running, compute time, ETA")
+    p.add_argument("results")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    for name, helptext in (("figures", "draw the figures and tables into DIR/figures"),
+                           ("report", "write DIR/report.html (self-contained)")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("results")
+        p.add_argument("--compare", nargs=2, metavar=("A", "B"), default=["sequential", "parallel"],
+                       help="the two architectures to compare (default sequential parallel)")
+        if name == "figures":
+            p.add_argument("--pairs", help="comma-separated pair_keys for the learning curves")
+
+    p = sub.add_parser("lesion", help="remove/swap blocks of saved cells and measure the loss")
+    p.add_argument("results")
+    p.add_argument("--data-dir")
+    return ap
+
+
+def cmd_plan(args) -> int:
+    spec = load_spec(args.spec)
+    cells = spec.cells()
+    print(f"study {spec.name} ({spec.origin})")
+    if spec.description:
+        print(f"  {spec.description}")
+    print("axes:")
+    for k, v in spec.axes().items():
+        print(f"  {k:<20} {len(v):>3} x  {', '.join(map(str, v))}")
+    fixed = {k: v[0] for k, v in spec.grid.items() if len(v) == 1}
+    print("fixed: " + ", ".join(f"{k}={v}" for k, v in fixed.items()))
+    groups: dict[str, set] = {}
+    for c in cells:
+        groups.setdefault(c.pair_key, set()).add(c["architecture"])
+    ds_pairs = sum(1 for a in groups.values() if {"sequential", "parallel"} <= a)
+    print(f"cells: {len(cells)}   deep/shallow pairs: {ds_pairs}   "
+          f"pair groups: {sum(1 for a in groups.values() if len(a) > 1)}")
+    store = Store(_results_dir(args, spec))
+    df = store.read_trials()
+    ids = {c.cell_id for c in cells}
+    df = df[df["cell_id"].isin(ids)]
+    counts = df["status"].value_counts().to_dict()
+    print(f"results: {store.root}: {len(df)} done ({counts.get('ok', 0)} ok, "
+          f"{counts.get('failed', 0)} failed, {counts.get('diverged', 0)} diverged), "
+          f"{len(cells) - len(df)} pending")
+    return 0
+
+
+def _run(spec, results: Path, args) -> int:
+    from .runner import RunOptions, run_study
+
+    opts = RunOptions(results_dir=str(results), data_dir=args.data_dir, download=args.download,
+                      executor=args.executor, address=args.address,
+                      cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+                      max_concurrent=args.max_concurrent, max_failures=args.max_failures,
+                      retry_failed=args.retry_failed, quiet=args.quiet)
+    summary = run_study(spec, opts)
+    store = Store(results)
+    print(f"ran {summary.ran} cells ({summary.ok} ok, {summary.failed} failed, "
+          f"{summary.diverged} diverged) in {summary.wall_s:.1f} s; "
+          f"{summary.already_done + summary.ran} of {summary.total} cells done")
+    print(f"trials: {store.trials_dir}")
+    print(f"epochs: {store.epochs_dir}")
+    if not args.no_figures:
+        _figures(results, ("sequential", "parallel"), None)
+    return 1 if summary.failed else 0
+
+
+def cmd_run(args) -> int:
+    spec = load_spec(args.spec)
+    return _run(spec, _results_dir(args, spec), args)
+
+
+def cmd_resume(args) -> int:
+    store = Store(args.results)
+    if not store.exists():
+        raise StoreError(f"{store.root} holds no study (no spec.toml); start one with "
+                         f"`study run SPEC --results {store.root}`")
+    spec = parse_spec(store.spec_path.read_text(), origin=str(store.spec_path))
+    return _run(spec, store.root, args)
+
+
+def cmd_status(args) -> int:
+    from .runner import _fmt_s, status
+
+    st = status(Store(args.results))
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    print(f"study {st['study']} in {st['results']}")
+    print(f"  cells {st['total']}: {st['done']} done ({st['ok']} ok, {st['failed']} failed, "
+          f"{st['diverged']} diverged), {st['pending']} pending, {st['running']} running"
+          + (f", {st['interrupted']} interrupted (will resume from checkpoints)" if st["interrupted"] else ""))
+    print(f"  compute spent: {_fmt_s(st['compute_s'])}"
+          + (f", mean {st['mean_cell_s']:.1f} s per cell, ETA {_fmt_s(st['eta_compute_s'])} of "
+             "compute for the pending cells" if st["mean_cell_s"] else ""))
+    d = st["driver"]
+    print(f"  driver: host {d['host']}, pid {d['pid']}, started {d['started_at']}" if d
+          else "  driver: none running")
+    return 0
+
+
+def _figures(results, compare, pairs) -> list:
+    import analysis
+
+    paths = analysis.write_figures(results, compare=tuple(compare), pairs=pairs)
+    for p in paths:
+        print(f"figure: {p}")
+    return paths
+
+
+def cmd_figures(args) -> int:
+    pairs = [p for p in args.pairs.split(",") if p] if args.pairs else None
+    _figures(Path(args.results), args.compare, pairs)
+    return 0
+
+
+def cmd_report(args) -> int:
+    import analysis
+
+    print(f"report: {analysis.write_report(Path(args.results), compare=tuple(args.compare))}")
+    return 0
+
+
+def cmd_lesion(args) -> int:
+    from .lesion import run_lesion
+
+    df, paths = run_lesion(args.results, data_dir=args.data_dir)
+    print(f"lesions: {len(df)} evaluations")
+    for p in paths:
+        print(f"written: {p}")
+    return 0
+
+
+COMMANDS = {"plan": cmd_plan, "run": cmd_run, "resume": cmd_resume, "status": cmd_status,
+            "figures": cmd_figures, "report": cmd_report, "lesion": cmd_lesion}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .errors import DatasetError
+
+    user_errors: tuple = (StoreError, DatasetError)
+    try:
+        import analysis
+        user_errors += (analysis.AnalysisError,)
+    except (ImportError, AttributeError):
+        pass
+    try:
+        return COMMANDS[args.command](args)
+    except SpecError as e:
+        print(f"study: {e}", file=sys.stderr)
+        return EXIT_SPEC
+    except user_errors as e:
+        print(f"study: {e}", file=sys.stderr)
+        return EXIT_ENV
+    except KeyboardInterrupt:
+        print("study: interrupted; run the same command again to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""How to run the pending cells: in-process one after another, or as Ray Tune trials.
+
+Both run `train.run_cell` and hand each finished (row, epochs) to the driver's `land`.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import sys
+from typing import Callable
+
+from sweep import Cell
+
+from .train import TrialOptions, run_cell
+
+Land = Callable[[dict, list[dict]], None]
+
+
+def _cell_dict(c: Cell) -> dict:
+    return {"config": c.config, "cell_id": c.cell_id, "pair_key": c.pair_key}
+
+
+def run_local(pending: list[Cell], opts: TrialOptions, land: Land, progress) -> None:
+    """Debugging/test executor: the same trial function, in this process, in order."""
+    for c in pending:
+        progress.running = 1
+        progress.tick()
+        row, epochs = run_cell(_cell_dict(c), opts, report=lambda m: progress.tick())
+        progress.running = 0
+        land(row, epochs)
+
+
+# -- Ray Tune -------------------------------------------------------------------------------
+_TS_FIELDS = ("started_at", "finished_at")
+
+
+def _encode(row: dict, epochs: list[dict]) -> dict:
+    row = {k: (v.isoformat() if k in _TS_FIELDS and v is not None else v) for k, v in row.items()}
+    return {"row_json": json.dumps(row), "epochs_json": json.dumps(epochs)}
+
+
+def _decode(result: dict) -> tuple[dict, list[dict]]:
+    row = json.loads(result["row_json"])
+    for k in _TS_FIELDS:
+        if row.get(k):
+            row[k] = dt.datetime.fromisoformat(row[k])
+    return row, json.loads(result["epochs_json"])
+
+
+def tune_trial(config: dict) -> None:
+    """The Ray Tune function trainable: one cell, per-epoch reports, then the row."""
+    import ray
+    from ray import tune
+
+    opts = TrialOptions(**config["opts"])
+    node_id = ray.get_runtime_context().get_node_id()
+    row, epochs = run_cell(config["cell"], opts, report=tune.report, node_id=node_id)
+    tune.report({"final": 1, **_encode(row, epochs)})
+
+
+def _quiet_ray_env() -> None:
+    # Tune's per-trial CSV/JSON/TensorBoard loggers cost I/O per trial and duplicate what
+    # the Parquet store holds; our own progress line replaces Tune's table.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "1000")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_RESULT_BUFFER_LENGTH", "1")
+
+
+def ensure_ray(address: str | None, num_cpus: int | None = None) -> bool:
+    """Connect to `address`, or start a local Ray in this process; True if we started it."""
+    _quiet_ray_env()
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
+                  configure_logging=True)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), **kwargs)
+    return True
+
+
+def run_ray(pending: list[Cell], opts: TrialOptions, land: Land, progress, run_opts, store) -> None:
+    _quiet_ray_env()
+    started = ensure_ray(run_opts.address)
+    # Tune's end-of-run summary looks for the per-trial files we switched off above.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    import ray
+    from ray import tune
+
+    class StoreCallback(tune.Callback):
+        """Lands each finished cell in the store from the driver, as it finishes."""
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            progress.running += 1
+            progress.tick()
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if "row_json" in result:
+                land(*_decode(result))
+            progress.tick()
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            progress.running = max(0, progress.running - 1)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            # Ray gave up on the trial (its worker died more than max_failures times):
+            # record it as failed so the study goes on; --retry-failed runs it again.
+            progress.running = max(0, progress.running - 1)
+            cell = trial.config["cell"]
+            err = getattr(trial, "error_message", None) or "Ray trial failed (worker lost)"
+            lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+            row = {**cell["config"], "cell_id": cell["cell_id"], "pair_key": cell["pair_key"],
+                   "study": opts.study, "status": "failed",
+                   "error": lines[-1] if lines else "Ray trial failed",
+                   "attempts": run_opts.max_failures + 1, "epochs_done": 0}
+            land(row, [])
+
+    resources = {"cpu": run_opts.cpus_per_trial, "gpu": run_opts.gpus_per_trial}
+    trainable = tune.with_resources(tune_trial, resources)
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"cell": tune.grid_search([_cell_dict(c) for c in pending]),
+                     "opts": opts.to_dict()},
+        tune_config=tune.TuneConfig(
+            reuse_actors=True,  # ~40 ms per trial instead of ~1 s of actor start-up
+            max_concurrent_trials=run_opts.max_concurrent,
+            trial_name_creator=lambda t: t.config["cell"]["cell_id"],
+            trial_dirname_creator=lambda t: t.config["cell"]["cell_id"],
+        ),
+        run_config=tune.RunConfig(
+            name="tune", storage_path=str((store.root / ".tune").resolve()),
+            failure_config=tune.FailureConfig(max_failures=run_opts.max_failures),
+            callbacks=[StoreCallback()], verbose=0, log_to_file=False,
+        ),
+    )
+    try:
+        tuner.fit()
+    finally:
+        if started:
+            ray.shutdown()
+        from .runner import clean_tune_dir
+        clean_tune_dir(store)

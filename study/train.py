@@ -1,0 +1,255 @@
+"""Training one cell: the trial function that both executors (Ray Tune and local) run.
+
+A flat loop (nanoGPT/airbench style): the whole dataset lives as tensors on the device, each
+epoch draws a permutation from a generator seeded by (seed, epoch), so a deep/shallow pair with
+the same seed starts from identical weights and sees identical batches, and a cell resumed from
+a checkpoint sees exactly the batches it would have seen.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import math
+import os
+import socket
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import __version__, data as datasets
+from .models import build_for_cell, n_params
+
+EVAL_BATCH = 2048
+
+
+@dataclass
+class TrialOptions:
+    """How to run a cell (not part of its identity)."""
+    results_dir: str
+    study: str = ""
+    data_dir: str | None = None
+    download: bool = False
+    threads: int = 1
+    max_failures: int = 2  # retries of a cell that raises, before it is recorded as failed
+    save_weights: bool = False
+    device: str = "auto"  # auto = cuda when this worker has a GPU
+    # Test hook: "key=value[,key=value]@EPOCH[xTIMES]" raises in matching cells at EPOCH on
+    # the first TIMES attempts (default: every attempt). Set from STUDY_INJECT_FAULT.
+    inject_fault: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Diverged(Exception):
+    pass
+
+
+class InjectedFault(RuntimeError):
+    pass
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _pick_device(pref: str) -> torch.device:
+    if pref == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(pref)
+
+
+def _fault_matches(spec: str | None, config: dict, epoch: int, attempt: int) -> bool:
+    if not spec:
+        return False
+    cond, _, when = spec.partition("@")
+    ep, _, times = when.partition("x")
+    for kv in filter(None, cond.split(",")):
+        k, _, v = kv.partition("=")
+        if str(config.get(k)).lower() != v.lower():
+            return False
+    return int(ep or 1) == epoch and (not times or attempt <= int(times))
+
+
+@torch.no_grad()
+def evaluate(model, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over a whole split, in eval mode."""
+    if len(x) == 0:
+        return float("nan"), float("nan")
+    was_training = model.training
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for i in range(0, len(x), EVAL_BATCH):
+        logits = model(x[i:i + EVAL_BATCH])
+        yb = y[i:i + EVAL_BATCH]
+        loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
+        correct += (logits.argmax(1) == yb).sum().item()
+    model.train(was_training)
+    return loss_sum / len(x), correct / len(x)
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path, cell_id: str) -> dict | None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        return None
+    except Exception:  # a torn or foreign file: start the cell afresh
+        return None
+    return state if state.get("cell_id") == cell_id else None
+
+
+def train_cell(config: dict, cell_id: str, opts: TrialOptions, attempt: int = 1,
+               report: Callable[[dict], None] | None = None) -> tuple[dict, list[dict]]:
+    """Train one cell to the end (or to divergence); returns (result fields, epoch rows).
+
+    Raises on errors; `run_cell` turns them into retries and a failed row.
+    """
+    device = _pick_device(opts.device)
+    torch.set_num_threads(max(1, int(opts.threads)))
+    data = datasets.load(config["dataset"], opts.data_dir, config["val_fraction"],
+                         config.get("max_train_examples"), device, opts.download)
+
+    torch.manual_seed(config["seed"])  # same seed -> same initial weights for twins
+    model, filters_used = build_for_cell(config, data.in_channels, data.n_classes)
+    model.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+
+    ckpt_path = Path(opts.results_dir) / "checkpoints" / f"{cell_id}.pt"
+    epochs: list[dict] = []
+    start_epoch, wall_s = 1, 0.0
+    state = _load_checkpoint(ckpt_path, cell_id)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        epochs = state["epochs"]
+        start_epoch = state["epoch"] + 1
+        wall_s = state["wall_s"]
+    resumed_from = start_epoch - 1
+
+    n, bs = len(data.train_x), config["batch_size"]
+    diverged = None
+    for epoch in range(start_epoch, config["epochs"] + 1):
+        if _fault_matches(opts.inject_fault, config, epoch, attempt):
+            raise InjectedFault(f"injected fault at epoch {epoch} (attempt {attempt})")
+        t0 = time.perf_counter()
+        if hasattr(model, "on_epoch_start"):
+            model.on_epoch_start(epoch, config["epochs"])
+        model.train()
+        g = torch.Generator().manual_seed(config["seed"] * 100_003 + epoch)
+        perm = torch.randperm(n, generator=g).to(device)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        for i in range(0, n, bs):
+            idx = perm[i:i + bs]
+            xb, yb = data.train_x[idx], data.train_y[idx]
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if hasattr(model, "after_step"):
+                model.after_step()
+            loss_sum += loss.detach() * len(idx)
+            correct += (logits.argmax(1) == yb).sum()
+        train_loss = loss_sum.item() / n  # one device sync per epoch, not per batch
+        if not math.isfinite(train_loss):
+            diverged = f"non-finite training loss at epoch {epoch}"
+            break
+        val_loss, val_acc = evaluate(model, data.val_x, data.val_y)
+        if not math.isfinite(val_loss):
+            diverged = f"non-finite validation loss at epoch {epoch}"
+            break
+        wall_s += time.perf_counter() - t0
+        row = {"cell_id": cell_id, "epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+               "train_acc": correct.item() / n, "val_acc": val_acc, "wall_s": wall_s}
+        epochs.append(row)
+        _save_checkpoint(ckpt_path, {
+            "cell_id": cell_id, "epoch": epoch, "model": model.state_dict(),
+            "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
+            "epochs": epochs, "wall_s": wall_s})
+        if report is not None:
+            report({k: v for k, v in row.items() if k != "cell_id"})
+
+    result = {
+        "n_params": n_params(model), "filters_used": filters_used, "n_train": n,
+        "n_val": len(data.val_x), "n_test": len(data.test_x), "n_classes": data.n_classes,
+        "epochs_done": len(epochs), "wall_s": wall_s, "device": str(device),
+        "resumed_from_epoch": resumed_from,
+        "pruned_branches": getattr(model, "pruned_branches", None),
+    }
+    if diverged:
+        result.update(status="diverged", error=diverged)
+        return result, epochs
+    t0 = time.perf_counter()
+    for split, (x, y) in {"train": (data.train_x, data.train_y), "val": (data.val_x, data.val_y),
+                          "test": (data.test_x, data.test_y)}.items():
+        result[f"{split}_loss"], result[f"{split}_acc"] = evaluate(model, x, y)
+    result["wall_s"] = wall_s + time.perf_counter() - t0
+    result["status"] = "ok"
+    if opts.save_weights:
+        wdir = Path(opts.results_dir) / "weights"
+        wdir.mkdir(parents=True, exist_ok=True)
+        _save_checkpoint(wdir / f"{cell_id}.pt", {
+            "state_dict": model.state_dict(), "config": config, "filters_used": filters_used,
+            "in_channels": data.in_channels, "n_classes": data.n_classes})
+        result["weights_path"] = f"weights/{cell_id}.pt"
+    return result, epochs
+
+
+def _last_line(exc: BaseException) -> str:
+    text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    return text.splitlines()[-1] if text else type(exc).__name__
+
+
+def run_cell(cell: dict, opts: TrialOptions, report: Callable[[dict], None] | None = None,
+             node_id: str = "") -> tuple[dict, list[dict]]:
+    """The trial function: train a cell, retrying errors, and return its finished row.
+
+    `cell` is {"config": ..., "cell_id": ..., "pair_key": ...}. Never raises for a cell's own
+    errors: after `max_failures` retries the row says status = failed with the error's last
+    line, so one bad cell cannot stop a study.
+    """
+    config, cell_id = cell["config"], cell["cell_id"]
+    started = _now()
+    attempt, last_error = 0, None
+    result, epochs = None, []
+    while attempt <= opts.max_failures:
+        attempt += 1
+        try:
+            result, epochs = train_cell(config, cell_id, opts, attempt, report)
+            break
+        except datasets.DatasetError as e:  # deterministic: retrying cannot help
+            last_error = str(e)
+            break
+        except Exception as e:  # noqa: BLE001 - any error of the cell's own is recorded
+            last_error = _last_line(e)
+            if device_is_cuda() and "out of memory" in last_error.lower():
+                torch.cuda.empty_cache()
+    if result is None:
+        result = {"status": "failed", "error": last_error, "epochs_done": 0}
+        ckpt = _load_checkpoint(Path(opts.results_dir) / "checkpoints" / f"{cell_id}.pt", cell_id)
+        if ckpt is not None:
+            epochs = ckpt["epochs"]
+            result["epochs_done"] = len(epochs)
+    row = {**config, **result, "cell_id": cell_id, "pair_key": cell["pair_key"],
+           "study": opts.study, "attempts": attempt, "started_at": started,
+           "finished_at": _now(), "host": socket.gethostname(), "node_id": node_id,
+           "torch_version": torch.__version__, "project_version": __version__}
+    row.setdefault("device", str(_pick_device(opts.device)))
+    return row, epochs
+
+
+def device_is_cuda() -> bool:
+    return torch.cuda.is_available()
