@@ -126,6 +126,7 @@ def train_cell(config: dict, cell_id: str, opts: TrialOptions, attempt: int = 1,
     opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
 
     ckpt_path = Path(opts.results_dir) / "checkpoints" / f"{cell_id}.pt"
+    ckpt_path.parent.mkdir(parents=True, exist_ok=True)
     epochs: list[dict] = []
     start_epoch, wall_s = 1, 0.0
     state = _load_checkpoint(ckpt_path, cell_id)

@@ -128,8 +128,8 @@ class Spec:
             missing = old_vals - new_sets.get(key, set())
             if missing:
                 raise SpecError(
-                    f"spec changes '{key}' of the existing study (it ran with "
-                    f"{_fmt(old_vals)}; the new spec lacks {_fmt(missing)}); "
+                    f"spec changes '{key}' of the existing study: it ran with "
+                    f"{_fmt(old_vals)}, the new spec has {_fmt(new_sets.get(key, set())) or 'none'}; "
                     "to extend the study keep the old values and add new ones, "
                     "to start a new study give it another [study] name or --results folder")
 
@@ -202,7 +202,8 @@ def parse_spec(text: str, origin: str = "<string>") -> Spec:
             raise _unknown(key, "study.", STUDY_KEYS)
         if not isinstance(value, STUDY_KEYS[key]):
             raise SpecError(f"spec error: 'study.{key}' must be {STUDY_KEYS[key].__name__}")
-    name = study.get("name") or Path(origin).stem or "study"
+    name = study.get("name") or (Path(origin.removeprefix("preset:")).stem
+                                 if not origin.startswith("<") else "study")
     if not all(ch.isalnum() or ch in "-_." for ch in name):
         raise SpecError(f"spec error: study.name {name!r} may hold only letters, digits, '-', '_' and '.'")
 

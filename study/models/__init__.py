@@ -6,8 +6,10 @@ across the `architecture` axis of a study.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
+import torch
 import torch.nn as nn
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
@@ -54,11 +56,52 @@ def model_kwargs(config: dict) -> dict:
 
 
 def build_for_cell(config: dict, in_channels: int, n_classes: int) -> tuple[nn.Module, int]:
-    """Build the model of one cell; returns (model, filters actually used)."""
+    """Build the model of one cell; returns (model, filters actually used).
+
+    With match_params the width is searched so that n_params is as close as integer widths
+    allow to the `sequential` twin's (same layers, filters, kernel, ...): see `match_width`.
+    """
     kw = model_kwargs(config)
-    filters = kw["filters"]
-    return build(config["architecture"], in_channels=in_channels, n_classes=n_classes, **kw), filters
+    if config.get("match_params"):
+        kw["filters"] = match_width(config["architecture"], kw, in_channels, n_classes)
+    return build(config["architecture"], in_channels=in_channels, n_classes=n_classes, **kw), kw["filters"]
+
+
+@functools.lru_cache(maxsize=4096)
+def _count(name: str, in_channels: int, n_classes: int, kw_items: tuple) -> int:
+    # Built on the meta device: shapes only, no memory, no initialisation work.
+    with torch.device("meta"):
+        return n_params(build(name, in_channels=in_channels, n_classes=n_classes, **dict(kw_items)))
+
+
+def match_width(name: str, kw: dict, in_channels: int, n_classes: int) -> int:
+    """The integer width whose n_params is closest to the `sequential` model's at kw.
+
+    Within 1 % whenever integer widths allow it: a width step changes n_params by about
+    2/width, so narrow nets (or families with many more convs, e.g. learned_connectivity,
+    whose matched width is ~filters/sqrt(C)) may only get the closest count; ties go to the
+    narrower width.
+    """
+    target = _count("sequential", in_channels, n_classes,
+                    tuple((k, kw[k]) for k in COMMON_KEYS))
+
+    def count(width: int) -> int:
+        return _count(name, in_channels, n_classes, tuple(sorted({**kw, "filters": width}.items())))
+
+    # n_params grows strictly with the width in every family: bracket, then bisect.
+    lo, hi = 1, max(1, kw["filters"])
+    while count(hi) < target:
+        lo, hi = hi, hi * 2
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if count(mid) < target:
+            lo = mid + 1
+        else:
+            hi = mid
+    candidates = [w for w in (lo - 1, lo) if w >= 1]
+    return min(candidates, key=lambda w: (abs(count(w) - target), w))
 
 
 # Importing the family modules registers them.
 from . import residual  # noqa: E402,F401
+from . import plain, highway, merge_and_run, deeply_fused, learned_connectivity  # noqa: E402,F401

@@ -1,0 +1,48 @@
+"""Analysis of a study's results store: tables, statistics, figures and an HTML report.
+
+Never imports torch or ray: it reads the Parquet store through `study.store` / `study.schema`
+and the spec through `sweep`, so it runs anywhere pandas and matplotlib do.
+
+Three layers (as in rliable):
+
+1. Data and statistics on DataFrames (pure, nothing written):
+   ``load(DIR, report=None)``        every trial row (all statuses) plus ``q`` =
+                                      n_train * n_classes / n_params and ``q_bin`` (ordered
+                                      categorical "[0,1)", "[1,3)", "[3,10)", "[10,inf)");
+   ``load_epochs(DIR, cell_ids=None, report=None)``  per-epoch rows;
+   ``pairs(df, a="sequential", b="parallel")``  one row per twin pair, status ok only: shared
+                                      grid params unsuffixed, per-side columns suffixed ``_a``
+                                      / ``_b`` (cell_id, n_params, losses, accuracies, variant
+                                      params such as gate_b, ``variant_b``), ``<metric>_ratio``
+                                      = b/a and ``<metric>_diff`` = b-a, ``q``/``q_bin`` of a;
+                                      a cell paired with several variants gives a row each;
+   ``table2(df)``                    mean train/val loss per dataset x architecture x Q bin
+                                      (``table2_wide``/``table2_markdown``: the paper's layout);
+   ``stats(pairs_df)``               per dataset and dataset x Q bin, train and val loss:
+                                      median ratio (bootstrap CI), win rate of b (Wilson CI),
+                                      paired Wilcoxon signed-rank test on log losses, Holm p.
+2. Figures, one function per figure, each returning a matplotlib Figure (``fig=None``):
+   ``plot_equivalence``, ``plot_table2``, ``plot_ratio_distribution``,
+   ``plot_factor_effects``, ``plot_learning_curves``, ``plot_zoo`` (module ``analysis.plots``).
+3. Outputs: ``write_figures(DIR, compare=("sequential", "parallel"), pairs=None) -> list[Path]``
+   writes DIR/figures/*.png + *.pdf, table2.csv/.md, stats.csv and NOTES.txt (why any figure
+   was skipped; also on the returned list's ``.notes``); ``write_report(DIR, compare) -> Path``
+   writes DIR/report.html, self-contained (figures inlined as base64 PNG).
+
+Both writers raise ``AnalysisError`` (one-line message) for a folder that is not a results
+store or an unknown architecture; a figure that cannot be drawn is a note, never a crash.
+"""
+from ._common import Q_LABELS, AnalysisError, NothingToPlot, add_q
+from .data import (load, load_epochs, pairs, swept_factors, table2, table2_markdown,
+                   table2_wide)
+from .figures import FigureResult, write_figures
+from .plots import (plot_equivalence, plot_factor_effects, plot_learning_curves,
+                    plot_ratio_distribution, plot_table2, plot_zoo)
+from .report import write_report
+from .stats import bootstrap_median_ci, stats, wilson_interval
+
+__all__ = ["AnalysisError", "NothingToPlot", "Q_LABELS", "add_q", "load", "load_epochs", "pairs",
+           "swept_factors", "table2", "table2_wide", "table2_markdown", "stats",
+           "wilson_interval", "bootstrap_median_ci", "plot_equivalence", "plot_table2",
+           "plot_ratio_distribution", "plot_factor_effects", "plot_learning_curves", "plot_zoo",
+           "write_figures", "FigureResult", "write_report"]

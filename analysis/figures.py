@@ -1,0 +1,174 @@
+"""Layer 3a: load once, style once, draw every figure, save PNG + PDF (+ tables) to DIR/figures."""
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import matplotlib as mpl
+import pandas as pd
+
+from study.store import ReadReport, Store, atomic_write_text
+
+from . import data as _data
+from . import plots
+from ._common import AnalysisError, NothingToPlot, check_compare, check_store
+from .stats import stats as _stats
+
+# stem -> what the figure shows (used for notes and the report's captions)
+FIGURES = {
+    "equivalence_loss": "Equivalence scatter: {b} against {a}, train and validation loss",
+    "table2": "Table 2 as a figure: mean loss per Q bin and architecture",
+    "ratio_distribution": "Distribution of log10({b}/{a}) loss ratios",
+    "factor_effects": "Loss ratio {b}/{a} against each swept grid axis",
+    "learning_curves": "Learning curves of chosen pairs",
+    "equivalence_accuracy": "Equivalence scatter: {b} against {a}, validation and test accuracy",
+    "zoo": "Final validation loss against parameter count, every architecture",
+}
+
+
+class FigureResult(list):
+    """The paths written (a list of Path), with `.notes`: why any figure was skipped."""
+
+    def __init__(self, paths=(), notes=()):
+        super().__init__(paths)
+        self.notes = list(notes)
+
+
+@dataclass
+class Analysis:
+    """Everything one run computed; the report layer renders it."""
+    root: Path
+    a: str
+    b: str
+    trials: pd.DataFrame
+    pairs: pd.DataFrame
+    table2: pd.DataFrame
+    stats: pd.DataFrame
+    bad_parts: list[str]
+    notes: list[str] = field(default_factory=list)
+    pngs: dict[str, Path] = field(default_factory=dict)  # stem -> PNG written
+    files: list[Path] = field(default_factory=list)
+
+
+def _write(path: Path, text: str) -> Path:
+    try:
+        atomic_write_text(path, text)
+    except Exception as e:  # StoreError carries a one-line message already
+        raise AnalysisError(str(e)) from None
+    return path
+
+
+def _save(fig, out_dir: Path, stem: str) -> list[Path]:
+    paths = [out_dir / f"{stem}.png", out_dir / f"{stem}.pdf"]
+    for p in paths:
+        tmp = p.with_name(f".{p.name}.tmp")
+        try:
+            fig.savefig(tmp, format=p.suffix[1:])
+            tmp.replace(p)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise AnalysisError(f"cannot write {p}: {e.strerror or e}") from None
+    return paths
+
+
+def analyse(root: str | Path, compare=("sequential", "parallel"),
+            pairs: Iterable[str] | None = None) -> Analysis:
+    """Load the store, compute pairs / Table 2 / statistics and write every figure."""
+    root = check_store(root)
+    a, b = compare
+    check_compare(a, b)
+    out_dir = root / "figures"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise AnalysisError(f"cannot create {out_dir}: {e.strerror or e}") from None
+
+    report = ReadReport()
+    df = _data.load(root, report)
+    pdf = _data.pairs(df, a, b)
+    t2 = _data.table2(df)
+    res = Analysis(root=root, a=a, b=b, trials=df, pairs=pdf, table2=t2,
+                   stats=_stats(pdf), bad_parts=list(report.bad_parts))
+    notes = res.notes
+    notes += [f"unreadable part skipped (left in place): {x}" for x in report.bad_parts]
+    ok = df[df["status"] == "ok"]
+    for arch in (a, b):
+        if not (ok["architecture"] == arch).any():
+            notes.append(f"no finished (status ok) {arch} cell in the store")
+
+    def job(stem: str, draw: Callable):
+        try:
+            fig = draw()
+        except NothingToPlot as e:
+            notes.append(f"{stem}: skipped, {e}")
+            for ext in ("png", "pdf"):  # a stale figure from an earlier run would mislead
+                (out_dir / f"{stem}.{ext}").unlink(missing_ok=True)
+            return
+        except AnalysisError:
+            raise
+        except Exception as e:  # a bug in one figure must not cost the others
+            notes.append(f"{stem}: could not be drawn ({type(e).__name__}: {e})")
+            return
+        paths = _save(fig, out_dir, stem)
+        res.pngs[stem] = paths[0]
+        res.files.extend(paths)
+
+    with mpl.rc_context(plots.STYLE):
+        job("equivalence_loss", lambda: plots.plot_equivalence(pdf, ("train_loss", "val_loss")))
+        job("table2", lambda: plots.plot_table2(t2))
+        job("ratio_distribution", lambda: plots.plot_ratio_distribution(pdf))
+        job("factor_effects", lambda: plots.plot_factor_effects(pdf))
+        job("learning_curves", lambda: _curves(root, pdf, pairs, notes))
+        job("equivalence_accuracy", lambda: plots.plot_equivalence(pdf, ("val_acc", "test_acc")))
+        job("zoo", lambda: plots.plot_zoo(df))
+
+    if t2.empty:
+        notes.append("table2.csv/.md: skipped, no finished (status ok) cell with a known Q")
+    else:
+        res.files.append(_write(out_dir / "table2.csv", t2.to_csv(index=False)))
+        res.files.append(_write(out_dir / "table2.md", _data.table2_markdown(t2)))
+    if res.stats.empty:
+        notes.append(f"stats.csv: skipped, no complete {a}/{b} pairs")
+    else:
+        res.files.append(_write(out_dir / "stats.csv", res.stats.to_csv(index=False)))
+    stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    body = "\n".join(f"- {n}" for n in notes) if notes else "(none: every figure was drawn)"
+    res.files.append(_write(out_dir / "NOTES.txt",
+                            f"write_figures {a} vs {b} at {stamp}\n{body}\n"))
+    return res
+
+
+def _curves(root: Path, pdf: pd.DataFrame, keys, notes: list[str]):
+    if pdf.empty:
+        raise NothingToPlot("no complete pairs (both twins finished with status ok)")
+    if keys:
+        rows, unknown = _data.resolve_pair_keys(pdf, keys)
+        if unknown:
+            notes.append("learning_curves: no complete pair with key " + ", ".join(unknown))
+        if not rows:
+            raise NothingToPlot("none of the requested pair keys names a complete pair")
+    else:
+        rows = _data.choose_curve_pairs(pdf, Store.part_ids(Store(root).epochs_dir))
+        if not rows:
+            raise NothingToPlot("no complete pair has epoch records for both twins")
+    chosen = pdf.loc[rows]
+    report = ReadReport()
+    ep = _data.load_epochs(root, list(chosen["cell_id_a"]) + list(chosen["cell_id_b"]), report)
+    notes += [f"learning_curves: unreadable part skipped: {x}" for x in report.bad_parts]
+    return plots.plot_learning_curves(pdf, ep, rows)
+
+
+def write_figures(root: str | Path, compare=("sequential", "parallel"),
+                  pairs: Iterable[str] | None = None) -> list[Path]:
+    """Write every figure (PNG + PDF), table2.csv/.md, stats.csv and NOTES.txt to DIR/figures.
+
+    `compare` = (a, b): the architectures set against each other (a on x, b on y; ratios are
+    b / a). `pairs`: pair_keys (or unique prefixes) for the learning-curve figure; default the
+    pairs with the largest, smallest and median validation-loss ratio. A figure that cannot be
+    drawn is skipped with a line in NOTES.txt (also on the result's `.notes`). Raises
+    AnalysisError for a folder that is not a results store or an unknown architecture.
+    """
+    res = analyse(root, compare, pairs)
+    return FigureResult(res.files, res.notes)

@@ -1,0 +1,136 @@
+"""Spec parsing, the grid, stable ids and clear errors (pure Python: no torch, no ray)."""
+import subprocess
+import sys
+
+import pytest
+
+from sweep import SpecError, load_spec, parse_spec, preset_names
+
+BASE = """
+[grid]
+dataset = "digits"
+architecture = ["sequential", "parallel"]
+layers = [1, 2]
+filters = 8
+kernel = 3
+"""
+
+
+def test_paper_preset_size():
+    spec = load_spec("paper")
+    cells = spec.cells()
+    assert len(cells) == 6912
+    assert len({c.cell_id for c in cells}) == 6912
+    groups = {}
+    for c in cells:
+        groups.setdefault(c.pair_key, []).append(c["architecture"])
+    assert len(groups) == 3456
+    assert all(sorted(a) == ["parallel", "sequential"] for a in groups.values())
+
+
+def test_presets_ship_and_parse():
+    assert {"demo", "paper"} <= set(preset_names())
+    for name in preset_names():
+        assert load_spec(name).cells()
+
+
+def test_ids_independent_of_key_order_list_order_and_float_spelling():
+    a = parse_spec(BASE + "lr = [3e-3, 1e-3]\n")
+    b = parse_spec("""
+[grid]
+lr = [0.001, 0.003]
+kernel = 3
+filters = 8
+layers = [2, 1]
+architecture = ["parallel", "sequential"]
+dataset = "digits"
+""")
+    assert {c.cell_id for c in a.cells()} == {c.cell_id for c in b.cells()}
+    assert {c.pair_key for c in a.cells()} == {c.pair_key for c in b.cells()}
+
+
+def test_pair_key_joins_twins_and_ids_differ():
+    cells = parse_spec(BASE).cells()
+    assert len(cells) == 4
+    by_pair = {}
+    for c in cells:
+        by_pair.setdefault(c.pair_key, set()).add(c["architecture"])
+    assert list(by_pair.values()) == [{"sequential", "parallel"}] * 2
+    # Twins run next to each other (interleaved), so partial studies hold whole pairs.
+    assert cells[0].pair_key == cells[1].pair_key
+
+
+@pytest.mark.parametrize("extra, needle", [
+    ("colour = 3\n", "unknown key 'grid.colour'"),
+    ("lr = 'fast'\n", "'grid.lr' must be float"),
+    ("epochs = []\n", "'grid.epochs' is an empty list"),
+    ("batch_norm = 1\n", "'grid.batch_norm' must be bool"),
+])
+def test_spec_errors_name_the_key(extra, needle):
+    with pytest.raises(SpecError) as e:
+        parse_spec(BASE + extra)
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_dataset_and_architecture_list_allowed_values():
+    with pytest.raises(SpecError, match="allowed values: digits, mnist, fashion_mnist, cifar10"):
+        parse_spec(BASE.replace('"digits"', '"imagenet"'))
+    with pytest.raises(SpecError, match="allowed values: sequential, parallel"):
+        parse_spec(BASE.replace('"parallel"]', '"transformer"]'))
+
+
+def test_unknown_top_level_table_and_missing_required():
+    with pytest.raises(SpecError, match="unknown key 'grdi'"):
+        parse_spec("[grdi]\nlayers = 1\n")
+    with pytest.raises(SpecError, match="lacks 'kernel'"):
+        parse_spec(BASE.replace("kernel = 3\n", ""))
+
+
+def test_exclude_drops_matching_cells():
+    spec = parse_spec(BASE + "[[exclude]]\nlayers = 1\narchitecture = 'parallel'\n")
+    archs = sorted((c["layers"], c["architecture"]) for c in spec.cells())
+    assert archs == [(1, "sequential"), (2, "parallel"), (2, "sequential")]
+    with pytest.raises(SpecError, match="unknown key 'exclude.depth'"):
+        parse_spec(BASE + "[[exclude]]\ndepth = 1\n")
+
+
+def test_architecture_specific_axes_do_not_multiply_other_architectures():
+    spec = parse_spec(BASE.replace('["sequential", "parallel"]', '["sequential", "highway"]')
+                      + "[grid.highway]\ngate = ['full', 'coupled', 'c_only', 't_only']\n")
+    cells = spec.cells()
+    seq = [c for c in cells if c["architecture"] == "sequential"]
+    hw = [c for c in cells if c["architecture"] == "highway"]
+    assert len(seq) == 2 and len(hw) == 8
+    assert all("gate" not in c.config for c in seq)
+    # Every highway variant pairs with the sequential cell at the same settings.
+    assert {c.pair_key for c in hw} == {c.pair_key for c in seq}
+    # A top-level value of an architecture-specific key applies only where it is used.
+    spec2 = parse_spec(BASE.replace('["sequential", "parallel"]', '["sequential", "merge_and_run"]')
+                       + "branches = [2, 3]\n")
+    assert len(spec2.cells()) == 2 + 4
+    with pytest.raises(SpecError, match="does not apply to highway"):
+        parse_spec(BASE.replace('"parallel"]', '"highway"]') + "[grid.highway]\nbranches = 2\n")
+
+
+def test_extension_rules():
+    old = parse_spec(BASE)
+    parse_spec(BASE.replace("layers = [1, 2]", "layers = [1, 2, 3]")).check_extends(old)
+    parse_spec(BASE + "seed = [0, 1]\n").check_extends(old)  # fixed value -> axis holding it
+    with pytest.raises(SpecError, match="spec changes 'filters'.*16"):
+        parse_spec(BASE.replace("filters = 8", "filters = 16")).check_extends(old)
+    with pytest.raises(SpecError, match="spec changes 'epochs'"):
+        parse_spec(BASE + "epochs = 3\n").check_extends(old)
+
+
+def test_unknown_preset_message():
+    with pytest.raises(SpecError, match="no spec file or preset named 'nope'; presets: .*demo"):
+        load_spec("nope")
+
+
+def test_sweep_imports_neither_torch_nor_ray():
+    code = ("import sys, sweep; sweep.load_spec('paper').cells(); "
+            "import study.schema, study.store; "
+            "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,140 @@
+"""The trial function on real torch: twins, divergence, retries, checkpoints."""
+import gzip
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from study import data as datasets
+from study.errors import DatasetError
+from study.models import build_for_cell, n_params
+from study.train import TrialOptions, run_cell
+from sweep import Cell
+
+BASE = {"dataset": "digits", "layers": 1, "filters": 4, "kernel": 3, "activation": "relu",
+        "batch_norm": False, "lr": 3e-3, "weight_decay": 1e-4, "batch_size": 64, "epochs": 2,
+        "seed": 0, "val_fraction": 0.1, "max_train_examples": 300}
+
+
+def cell(**over):
+    c = Cell.from_config({"architecture": "sequential", **BASE, **over})
+    return {"config": c.config, "cell_id": c.cell_id, "pair_key": c.pair_key}
+
+
+def opts(tmp_path, **kw):
+    return TrialOptions(results_dir=str(tmp_path), device="cpu", **kw)
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_twins_have_equal_params_and_identical_initial_weights(layers, batch_norm):
+    cfg = {**BASE, "layers": layers, "batch_norm": batch_norm}
+    torch.manual_seed(0)
+    deep, _ = build_for_cell({**cfg, "architecture": "sequential"}, 1, 10)
+    torch.manual_seed(0)
+    shallow, _ = build_for_cell({**cfg, "architecture": "parallel"}, 1, 10)
+    assert n_params(deep) == n_params(shallow)
+    for a, b in zip(deep.state_dict().values(), shallow.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_layers_1_deep_and_shallow_give_identical_results(tmp_path):
+    deep, _ = run_cell(cell(architecture="sequential"), opts(tmp_path))
+    shallow, _ = run_cell(cell(architecture="parallel"), opts(tmp_path))
+    assert deep["status"] == shallow["status"] == "ok"
+    for k in ("train_loss", "val_loss", "test_loss", "train_acc", "val_acc", "test_acc", "n_params"):
+        assert deep[k] == shallow[k], k
+    assert deep["pair_key"] == shallow["pair_key"] and deep["cell_id"] != shallow["cell_id"]
+
+
+def test_deeper_twins_differ_but_both_learn(tmp_path):
+    kw = dict(layers=3, epochs=3, filters=8, lr=1e-2, max_train_examples=None)
+    deep, _ = run_cell(cell(architecture="sequential", **kw), opts(tmp_path))
+    shallow, _ = run_cell(cell(architecture="parallel", **kw), opts(tmp_path))
+    assert deep["val_loss"] != shallow["val_loss"]
+    assert deep["val_acc"] > 0.2 and shallow["val_acc"] > 0.2  # chance is 0.1
+
+
+def test_divergence_stops_the_cell_without_retry(tmp_path):
+    row, epochs = run_cell(cell(lr=1e6, epochs=5), opts(tmp_path))
+    assert row["status"] == "diverged" and "non-finite" in row["error"]
+    assert row["attempts"] == 1 and row["epochs_done"] < 5
+
+
+def test_a_raising_cell_is_retried_and_resumes_from_its_checkpoint(tmp_path):
+    c = cell(epochs=3)
+    row, epochs = run_cell(c, opts(tmp_path, inject_fault="layers=1@3x1"))
+    assert row["status"] == "ok" and row["attempts"] == 2
+    assert row["resumed_from_epoch"] == 2  # epochs 1-2 came from the checkpoint
+    assert [e["epoch"] for e in epochs] == [1, 2, 3]
+    # ...and the resumed result equals an uninterrupted run (same batches, same state).
+    clean, _ = run_cell(c, opts(tmp_path / "clean"))
+    assert clean["val_loss"] == pytest.approx(row["val_loss"], rel=1e-6)
+
+
+def test_a_cell_that_keeps_raising_is_recorded_as_failed(tmp_path):
+    row, _ = run_cell(cell(), opts(tmp_path, max_failures=2, inject_fault="layers=1@1"))
+    assert row["status"] == "failed" and row["attempts"] == 3
+    assert row["error"] == "study.train.InjectedFault: injected fault at epoch 1 (attempt 3)"
+
+
+# -- datasets in torchvision's on-disk layouts ----------------------------------------------
+def _idx(path, arr, gz=False):
+    header = bytes([0, 0, 8, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)
+    payload = header + arr.astype(np.uint8).tobytes()
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        payload = gzip.compress(payload)
+    path.write_bytes(payload)
+
+
+def make_mnist(root, folder="MNIST", n_train=120, n_test=40, gz=False):
+    rng = np.random.default_rng(0)
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        _idx(raw / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)), gz)
+        _idx(raw / f"{split}-labels-idx1-ubyte", rng.integers(0, 10, n), gz)
+
+
+def make_cifar(root, n=20):
+    rng = np.random.default_rng(0)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                         b"labels": rng.integers(0, 10, n).tolist()}, f)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_mnist_layout_loads(tmp_path, gz):
+    make_mnist(tmp_path, gz=gz)
+    d = datasets.load("mnist", tmp_path, val_fraction=0.25)
+    assert d.train_x.shape == (90, 1, 28, 28) and d.val_x.shape[0] == 30
+    assert d.test_x.shape == (40, 1, 28, 28) and d.n_classes == 10
+    assert abs(float(d.train_x.mean())) < 0.2  # normalised
+
+
+def test_fashion_and_cifar_layouts_load(tmp_path):
+    make_mnist(tmp_path, folder="FashionMNIST")
+    assert datasets.load("fashion_mnist", tmp_path).train_x.shape[1:] == (1, 28, 28)
+    make_cifar(tmp_path)
+    d = datasets.load("cifar10", tmp_path, val_fraction=0.1, max_train_examples=50)
+    assert d.train_x.shape == (50, 3, 32, 32) and d.test_x.shape == (20, 3, 32, 32)
+
+
+def test_missing_dataset_names_the_expected_files(tmp_path):
+    with pytest.raises(DatasetError) as e:
+        datasets.check_available("mnist", tmp_path)
+    msg = str(e.value)
+    assert "MNIST/raw/train-images-idx3-ubyte" in msg and "--download" in msg and "\n" not in msg
+    with pytest.raises(DatasetError, match="needs --data-dir"):
+        datasets.check_available("cifar10", None)
+
+
+def test_dataset_is_loaded_once_per_process():
+    a = datasets.load("digits", None, 0.1, None)
+    b = datasets.load("digits", None, 0.1, None)
+    assert a is b
