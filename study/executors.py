@@ -87,6 +87,54 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> bool:
     return True
 
 
+def _store_callback_class():
+    from ray import tune
+
+    global StoreCallback
+    if "StoreCallback" in globals():
+        return StoreCallback
+
+    class StoreCallback(tune.Callback):
+        """Lands each finished cell in the store from the driver, as it finishes."""
+
+        def __init__(self, land: Land, progress, opts: TrialOptions, max_failures: int):
+            self.land, self.progress, self.opts, self.max_failures = land, progress, opts, max_failures
+
+        def __getstate__(self):
+            # Tune pickles its callbacks with the experiment; ours hold the live driver
+            # (streams, the store) and are never restored from Tune's state: our store is.
+            return {}
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.progress.running += 1
+            self.progress.tick()
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if "row_json" in result:
+                self.land(*_decode(result))
+            self.progress.tick()
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.progress.running = max(0, self.progress.running - 1)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            # Ray gave up on the trial (its worker died more than max_failures times):
+            # record it as failed so the study goes on; --retry-failed runs it again.
+            self.progress.running = max(0, self.progress.running - 1)
+            cell = trial.config["cell"]
+            err = getattr(trial, "error_message", None) or "Ray trial failed (worker lost)"
+            lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+            row = {**cell["config"], "cell_id": cell["cell_id"], "pair_key": cell["pair_key"],
+                   "study": self.opts.study, "status": "failed",
+                   "error": lines[-1] if lines else "Ray trial failed",
+                   "attempts": self.max_failures + 1, "epochs_done": 0}
+            self.land(row, [])
+
+    StoreCallback.__module__ = __name__
+    StoreCallback.__qualname__ = "StoreCallback"
+    return StoreCallback
+
+
 def run_ray(pending: list[Cell], opts: TrialOptions, land: Land, progress, run_opts, store) -> None:
     _quiet_ray_env()
     started = ensure_ray(run_opts.address)
@@ -95,33 +143,7 @@ def run_ray(pending: list[Cell], opts: TrialOptions, land: Land, progress, run_o
     import ray
     from ray import tune
 
-    class StoreCallback(tune.Callback):
-        """Lands each finished cell in the store from the driver, as it finishes."""
-
-        def on_trial_start(self, iteration, trials, trial, **info):
-            progress.running += 1
-            progress.tick()
-
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            if "row_json" in result:
-                land(*_decode(result))
-            progress.tick()
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            progress.running = max(0, progress.running - 1)
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            # Ray gave up on the trial (its worker died more than max_failures times):
-            # record it as failed so the study goes on; --retry-failed runs it again.
-            progress.running = max(0, progress.running - 1)
-            cell = trial.config["cell"]
-            err = getattr(trial, "error_message", None) or "Ray trial failed (worker lost)"
-            lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
-            row = {**cell["config"], "cell_id": cell["cell_id"], "pair_key": cell["pair_key"],
-                   "study": opts.study, "status": "failed",
-                   "error": lines[-1] if lines else "Ray trial failed",
-                   "attempts": run_opts.max_failures + 1, "epochs_done": 0}
-            land(row, [])
+    callback = _store_callback_class()(land, progress, opts, run_opts.max_failures)
 
     resources = {"cpu": run_opts.cpus_per_trial, "gpu": run_opts.gpus_per_trial}
     trainable = tune.with_resources(tune_trial, resources)
@@ -138,7 +160,7 @@ def run_ray(pending: list[Cell], opts: TrialOptions, land: Land, progress, run_o
         run_config=tune.RunConfig(
             name="tune", storage_path=str((store.root / ".tune").resolve()),
             failure_config=tune.FailureConfig(max_failures=run_opts.max_failures),
-            callbacks=[StoreCallback()], verbose=0, log_to_file=False,
+            callbacks=[callback], verbose=0, log_to_file=False,
         ),
     )
     try:

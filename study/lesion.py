@@ -1,0 +1,177 @@
+"""Lesion analysis (Greff et al., "Highway and Residual networks learn unrolled iterative
+estimation"): for every cell whose weights were saved, the validation loss of the intact net,
+of the net with one block removed, and of the net with two adjacent blocks swapped.
+
+If a stage of blocks iteratively refines one representation, dropping or reordering a block
+costs little (residual, highway); a plain net, which computes a new representation per layer,
+breaks. A parallel net sums its blocks, so a swap changes nothing at all.
+
+Output: DIR/lesions/lesions.parquet and DIR/figures/lesions.{png,pdf}.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from sweep.params import ARCH_SPECIFIC
+
+from . import data as _data
+from .models import build, model_kwargs
+from .store import Store
+
+# Families whose blocks cannot be dropped or reordered meaningfully: why (becomes a note).
+SKIP = {
+    "learned_connectivity": "its blocks are wired to each other by learned masks; dropping or "
+                            "reordering one breaks the wiring instead of lesioning a block",
+}
+# Families whose body is a sum over blocks: any order is the same function. They are evaluated
+# in index order, so a swap is exactly a no-op instead of differing by float rounding.
+ORDER_FREE = {"parallel"}
+
+COLUMNS = ["cell_id", "architecture", "variant", "dataset", "layers", "filters", "filters_used",
+           "kernel", "n_blocks", "lesion", "position", "val_loss", "val_loss_intact",
+           "loss_increase"]
+
+
+class LesionError(RuntimeError):
+    """Nothing to analyse, or the results folder cannot be used; one-line message."""
+
+
+def lesion_orders(n_blocks: int) -> list[tuple[str, int | None, list[int]]]:
+    """(lesion, position, block order): intact, each block removed, each adjacent pair swapped."""
+    out = [("intact", None, list(range(n_blocks)))]
+    for i in range(n_blocks):
+        out.append(("remove", i, [j for j in range(n_blocks) if j != i]))
+    for i in range(n_blocks - 1):
+        order = list(range(n_blocks))
+        order[i], order[i + 1] = order[i + 1], order[i]
+        out.append(("swap", i, order))
+    return out
+
+
+@torch.no_grad()
+def val_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+             order: list[int] | None = None, batch_size: int = 1024) -> float:
+    total = 0.0
+    for i in range(0, len(x), batch_size):
+        total += F.cross_entropy(model(x[i:i + batch_size], order), y[i:i + batch_size],
+                                 reduction="sum").item()
+    return total / len(x)
+
+
+def load_model(path: Path, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Rebuild a cell's model from its weights file (train.py's format) in eval mode."""
+    saved = torch.load(path, map_location=device, weights_only=True)
+    config = saved["config"]
+    kw = {**model_kwargs(config), "filters": int(saved["filters_used"])}
+    model = build(config["architecture"], in_channels=int(saved["in_channels"]),
+                  n_classes=int(saved["n_classes"]), **kw)
+    model.load_state_dict(saved["state_dict"])
+    return model.to(device).eval(), saved
+
+
+def _variant_labels(rows: pd.DataFrame) -> pd.Series:
+    """architecture, plus the architecture-specific options that vary within it in this study
+    (e.g. "highway gate=full"), so that each variant gets its own line in the figure."""
+    labels = rows["architecture"].astype(str).copy()
+    for arch, grp in rows.groupby("architecture"):
+        varying = [c for c in ARCH_SPECIFIC if c in grp and grp[c].nunique(dropna=True) > 1]
+        for idx, r in grp.iterrows():
+            extra = " ".join(f"{c}={r[c]}" for c in varying)
+            labels[idx] = f"{arch} {extra}" if extra else arch
+    return labels
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def run_lesion(results_dir: str | Path, data_dir: str | Path | None = None,
+               device: str = "cpu") -> tuple[pd.DataFrame, list[Path]]:
+    """Evaluate every saved cell intact and lesioned; write the table and the figure.
+
+    Returns (table, [parquet, png, pdf]); `table.attrs["notes"]` lists what was skipped and why.
+    """
+    root = Path(results_dir)
+    trials = Store(root).read_trials()
+    saved = trials[(trials["status"] == "ok") & trials["weights_path"].notna()]
+    if saved.empty:
+        raise LesionError(f"no cell in {root} has saved weights; run the study with "
+                          "save_weights = true in its [study] table")
+    saved = saved.assign(variant=_variant_labels(saved))
+
+    notes: list[str] = []
+    skipped_archs: set[str] = set()
+    bad_data: dict[str, str] = {}
+    rows = []
+    for _, trial in saved.iterrows():
+        arch = trial["architecture"]
+        if arch in SKIP:
+            if arch not in skipped_archs:
+                notes.append(f"{arch} skipped: {SKIP[arch]}")
+                skipped_archs.add(arch)
+            continue
+        path = root / trial["weights_path"]
+        if not path.is_file():
+            notes.append(f"cell {trial['cell_id']} skipped: its weights file {path} is missing")
+            continue
+        if trial["dataset"] in bad_data:
+            continue
+        model, saved_file = load_model(path, device)
+        config = saved_file["config"]
+        try:
+            d = _data.load(config["dataset"], data_dir, val_fraction=config["val_fraction"],
+                           max_train_examples=config.get("max_train_examples"), device=device)
+        except _data.DatasetError as e:
+            bad_data[config["dataset"]] = str(e)
+            notes.append(f"{config['dataset']} cells skipped: {e}")
+            continue
+        if len(d.val_x) == 0:
+            notes.append(f"cell {trial['cell_id']} skipped: val_fraction = 0 leaves no validation set")
+            continue
+        n_blocks = len(model.blocks)
+        intact = None
+        for lesion, position, order in lesion_orders(n_blocks):
+            if arch in ORDER_FREE:
+                order = sorted(order)
+            loss = val_loss(model, d.val_x, d.val_y, None if lesion == "intact" else order)
+            intact = loss if lesion == "intact" else intact
+            rows.append({"cell_id": trial["cell_id"], "architecture": arch,
+                         "variant": trial["variant"], "dataset": config["dataset"],
+                         "layers": config["layers"], "filters": config["filters"],
+                         "filters_used": int(saved_file["filters_used"]),
+                         "kernel": config["kernel"], "n_blocks": n_blocks, "lesion": lesion,
+                         "position": position, "val_loss": loss, "val_loss_intact": intact,
+                         "loss_increase": loss - intact})
+    if not rows:
+        raise LesionError("no cell could be lesioned" + (": " + "; ".join(notes) if notes else ""))
+
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    df["position"] = df["position"].astype("Int64")
+    df.attrs["notes"] = notes
+
+    out_dir, fig_dir = root / "lesions", root / "figures"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    table = out_dir / "lesions.parquet"
+    _atomic(table, lambda p: df.to_parquet(p, index=False))
+    _atomic(out_dir / "notes.txt", lambda p: p.write_text("".join(n + "\n" for n in notes)))
+
+    from analysis.lesions import plot_lesions
+
+    fig = plot_lesions(df)
+    figures = [fig_dir / "lesions.png", fig_dir / "lesions.pdf"]
+    for p in figures:
+        _atomic(p, lambda tmp, fmt=p.suffix[1:]: fig.savefig(tmp, format=fmt, dpi=150,
+                                                              bbox_inches="tight"))
+    return df, [table, *figures]
