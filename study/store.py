@@ -99,7 +99,11 @@ class Store:
             probe.write_bytes(b"ok")
             probe.unlink()
         except OSError as e:
-            raise StoreError(_os_message(e, Path(e.filename or self.root))) from None
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreError(_os_message(e, self.root)) from None
+            raise StoreError(f"cannot write the results folder {self.root}: "
+                             f"{e.strerror or e}; choose a writable folder with --results "
+                             "or fix its permissions") from None
 
     def exists(self) -> bool:
         return self.spec_path.is_file()
