@@ -74,8 +74,9 @@ def _save(fig, out_dir: Path, stem: str) -> list[Path]:
 
 
 def analyse(root: str | Path, compare=("sequential", "parallel"),
-            pairs: Iterable[str] | None = None) -> Analysis:
-    """Load the store, compute pairs / Table 2 / statistics and write every figure."""
+            pairs: Iterable[str] | None = None, only: Iterable[str] | None = None) -> Analysis:
+    """Load the store, compute pairs / Table 2 / statistics and write the figures (all, or
+    the stems in `only`)."""
     root = check_store(root)
     a, b = compare
     check_compare(a, b)
@@ -98,7 +99,14 @@ def analyse(root: str | Path, compare=("sequential", "parallel"),
         if not (ok["architecture"] == arch).any():
             notes.append(f"no finished (status ok) {arch} cell in the store")
 
+    wanted = set(FIGURES) if only is None else {only} if isinstance(only, str) else set(only)
+    unknown = wanted - set(FIGURES)
+    if unknown:
+        raise AnalysisError(f"unknown figure {sorted(unknown)[0]!r}; figures: " + ", ".join(FIGURES))
+
     def job(stem: str, draw: Callable):
+        if stem not in wanted:
+            return
         try:
             fig = draw()
         except NothingToPlot as e:
@@ -161,14 +169,16 @@ def _curves(root: Path, pdf: pd.DataFrame, keys, notes: list[str]):
 
 
 def write_figures(root: str | Path, compare=("sequential", "parallel"),
-                  pairs: Iterable[str] | None = None) -> list[Path]:
+                  pairs: Iterable[str] | None = None, only: Iterable[str] | None = None
+                  ) -> list[Path]:
     """Write every figure (PNG + PDF), table2.csv/.md, stats.csv and NOTES.txt to DIR/figures.
 
     `compare` = (a, b): the architectures set against each other (a on x, b on y; ratios are
     b / a). `pairs`: pair_keys (or unique prefixes) for the learning-curve figure; default the
     pairs with the largest, smallest and median validation-loss ratio. A figure that cannot be
-    drawn is skipped with a line in NOTES.txt (also on the result's `.notes`). Raises
+    drawn is skipped with a line in NOTES.txt (also on the result's `.notes`). `only`: draw
+    just these figures (stems of FIGURES, e.g. ["learning_curves"]); tables always. Raises
     AnalysisError for a folder that is not a results store or an unknown architecture.
     """
-    res = analyse(root, compare, pairs)
+    res = analyse(root, compare, pairs, only)
     return FigureResult(res.files, res.notes)

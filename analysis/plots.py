@@ -22,7 +22,7 @@ from .stats import bootstrap_median_ci
 
 # The look of every figure, applied once by the report layer (matplotlib.rc_context).
 STYLE = {
-    "figure.dpi": 100, "savefig.dpi": 150, "savefig.bbox": "tight",
+    "figure.dpi": 100, "savefig.dpi": 150,  # constrained layout: no bbox="tight" redraw
     "font.size": 9, "axes.titlesize": 9, "axes.labelsize": 9, "legend.fontsize": 8,
     "xtick.labelsize": 8, "ytick.labelsize": 8, "axes.spines.top": False,
     "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3, "grid.linewidth": 0.5,
@@ -184,7 +184,8 @@ def plot_ratio_distribution(pairs_df: pd.DataFrame, metrics=("train_loss", "val_
                 _empty_panel(ax, "no pairs")
                 continue
             bins = int(np.clip(np.sqrt(lr.size) * 2, 10, 60))
-            ax.hist(lr, bins=bins, color=arch_color(b), alpha=0.75)
+            span = None if np.ptp(lr) > 1e-9 else (lr[0] - 0.05, lr[0] + 0.05)  # all equal
+            ax.hist(lr, bins=bins, range=span, color=arch_color(b), alpha=0.75)
             med = float(np.median(lr))
             lo, hi = bootstrap_median_ci(lr)
             ax.axvline(0, color="0.2", lw=0.8, ls="--")

@@ -143,7 +143,20 @@ def run_ray(pending: list[Cell], opts: TrialOptions, land: Land, progress, run_o
     import ray
     from ray import tune
 
-    callback = _store_callback_class()(land, progress, opts, run_opts.max_failures)
+    from .store import StoreError
+
+    store_errors: list[StoreError] = []
+
+    def land_or_stop(row: dict, epochs: list[dict]) -> None:
+        # A row that cannot be written (disk full, folder gone) must stop the study: going
+        # on would train cells whose results are thrown away.
+        try:
+            land(row, epochs)
+        except StoreError as e:
+            store_errors.append(e)
+            raise
+
+    callback = _store_callback_class()(land_or_stop, progress, opts, run_opts.max_failures)
 
     resources = {"cpu": run_opts.cpus_per_trial, "gpu": run_opts.gpus_per_trial}
     trainable = tune.with_resources(tune_trial, resources)
@@ -165,6 +178,10 @@ def run_ray(pending: list[Cell], opts: TrialOptions, land: Land, progress, run_o
     )
     try:
         tuner.fit()
+    except Exception:
+        if store_errors:
+            raise store_errors[0] from None
+        raise
     finally:
         if started:
             ray.shutdown()

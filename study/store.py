@@ -127,10 +127,16 @@ class Store:
         cell_id = row["cell_id"]
         for d in (self.trials_dir, self.epochs_dir):
             d.mkdir(parents=True, exist_ok=True)
-        _atomic_write_table(schema.conform(epochs, schema.EPOCHS),
-                            self.epochs_dir / f"{cell_id}.parquet")
-        _atomic_write_table(schema.conform([row], schema.TRIALS),
-                            self.trials_dir / f"{cell_id}.parquet")
+        epochs_part = self.epochs_dir / f"{cell_id}.parquet"
+        had_epochs = epochs_part.exists()
+        _atomic_write_table(schema.conform(epochs, schema.EPOCHS), epochs_part)
+        try:
+            _atomic_write_table(schema.conform([row], schema.TRIALS),
+                                self.trials_dir / f"{cell_id}.parquet")
+        except BaseException:
+            if not had_epochs:  # no row landed: leave no curve of an unfinished cell
+                epochs_part.unlink(missing_ok=True)
+            raise
         # The row is safely in place: the cell's checkpoint has done its job.
         self.checkpoint_path(cell_id).unlink(missing_ok=True)
 

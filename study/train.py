@@ -93,10 +93,18 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     return loss_sum / len(x), correct / len(x)
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
+def _save_checkpoint(path: Path, state: dict) -> bool:
+    """Atomically save; False (and nothing left behind) when the disk refuses. A checkpoint
+    only saves time on a resume, so a full disk must not fail the cell itself: the driver
+    reports it when the cell's row cannot be written."""
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+        return True
+    except (OSError, RuntimeError):  # torch's zip writer reports a full disk as RuntimeError
+        tmp.unlink(missing_ok=True)
+        return False
 
 
 def _load_checkpoint(path: Path, cell_id: str) -> dict | None:
@@ -202,10 +210,10 @@ def train_cell(config: dict, cell_id: str, opts: TrialOptions, attempt: int = 1,
     if opts.save_weights:
         wdir = Path(opts.results_dir) / "weights"
         wdir.mkdir(parents=True, exist_ok=True)
-        _save_checkpoint(wdir / f"{cell_id}.pt", {
-            "state_dict": model.state_dict(), "config": config, "filters_used": filters_used,
-            "in_channels": data.in_channels, "n_classes": data.n_classes})
-        result["weights_path"] = f"weights/{cell_id}.pt"
+        if _save_checkpoint(wdir / f"{cell_id}.pt", {
+                "state_dict": model.state_dict(), "config": config, "filters_used": filters_used,
+                "in_channels": data.in_channels, "n_classes": data.n_classes}):
+            result["weights_path"] = f"weights/{cell_id}.pt"
     return result, epochs
 
 

@@ -122,23 +122,15 @@ def test_merge_and_run_block_with_zero_branches_is_the_idempotent_merge():
     block = net.blocks[0]
     with torch.no_grad():
         for p in block.branches.parameters():
-            p.zero_()  # H = relu(conv with zero weights and bias) = 0
-    streams = [torch.randn(2, 4, 8, 8) for _ in range(k)]
+            p.zero_()  # H = relu(conv with zero weights and bias) = 0: only the linear part is left
+    streams = [torch.randn(2, 4, 3, 3) for _ in range(k)]
     once = block(streams)
-    twice = block(once)
-    for a, b in zip(once, twice):
+    for a, b in zip(once, block(once)):  # M (M s) = M s
         assert torch.allclose(a, b, atol=1e-6)
-    # ... and equals M applied to the stacked, flattened streams.
+    # The module's map is M applied to the stacked, flattened streams.
     flat = torch.cat([s.reshape(-1) for s in streams])
-    expect = merge_matrix(k, streams[0].numel()) @ flat if streams[0].numel() <= 600 else None
-    mean = torch.stack(streams).mean(0)
-    for a in once:
-        assert torch.allclose(a, mean, atol=1e-6)
-    small = [s[:1, :1, :3, :3] for s in streams]  # M check on a tractable size
-    flat = torch.cat([s.reshape(-1) for s in small])
-    got = torch.cat([o.reshape(-1) for o in block.forward(small)])
-    assert torch.allclose(merge_matrix(k, small[0].numel()) @ flat, got, atol=1e-6)
-    del expect
+    got = torch.cat([o.reshape(-1) for o in once])
+    assert torch.allclose(merge_matrix(k, streams[0].numel()) @ flat, got, atol=1e-6)
 
 
 def test_merge_and_run_uneven_layers_keep_sequential_budget():
@@ -194,7 +186,7 @@ def test_learned_connectivity_masks_sample_k_and_learn():
         block.mask.add_(torch.tensor([[2.0, -1.0, 0.5, 0.0]]))
     net.after_step()
     assert torch.allclose(block.mask.sum(1), torch.ones(4)) and block.mask.min() >= 0
-    # Top-K in eval: branch 3 of block 1 (and, by the uniform tie-break, others) may go unused.
+    # Top-K: every row prefers outputs 0 and 1, so branches 2 and 3 feed nothing and are pruned.
     with torch.no_grad():
         for b in net.blocks[1:]:
             b.mask.copy_(torch.tensor([[0.4, 0.4, 0.1, 0.1]]).expand(4, 4))
@@ -225,20 +217,34 @@ def test_learned_connectivity_rejects_k_above_c():
 
 
 # -- match_params -----------------------------------------------------------------------------
-def test_match_params_within_one_percent():
-    base = dict(layers=4, filters=64, **COMMON)
+def _matched(base, name, extra, in_channels=3):
+    config = {"architecture": name, **base, **extra, "match_params": True}
+    model, width = build_for_cell(config, in_channels, 10)
+    assert model.head.in_features == width
+    return model, width
+
+
+@pytest.mark.parametrize("name,extra", VARIANTS[1:])
+def test_match_params_within_one_percent(name, extra):
+    # At width 128 an integer width step is fine enough for 1 % in every family.
+    base = dict(layers=4, filters=128, **COMMON)
     target = n_params(build("sequential", in_channels=3, n_classes=10, **base))
-    for name, extra in VARIANTS:
-        if name == "sequential":
-            continue
-        config = {"architecture": name, **base, **extra, "match_params": True}
-        model, width = build_for_cell(config, 3, 10)
-        assert model.head.in_features == width
-        assert abs(n_params(model) - target) <= 0.01 * target, (name, extra, width)
-        # It is the closest integer width (so narrow cases are the best one can do).
-        for w in (width - 1, width + 1):
-            other = n_params(build(name, in_channels=3, n_classes=10, **{**base, **extra, "filters": w}))
-            assert abs(other - target) >= abs(n_params(model) - target)
+    model, width = _matched(base, name, extra)
+    assert abs(n_params(model) - target) <= 0.01 * target, width
+
+
+@pytest.mark.parametrize("layers,filters", [(2, 8), (4, 16)])
+@pytest.mark.parametrize("name,extra", VARIANTS[1:])
+def test_match_params_picks_the_closest_width(name, extra, layers, filters):
+    # Narrow nets cannot always reach 1 %: then the closest integer width is the answer.
+    base = dict(layers=layers, filters=filters, **COMMON)
+    target = n_params(build("sequential", in_channels=3, n_classes=10, **base))
+    model, width = _matched(base, name, extra)
+    err = abs(n_params(model) - target)
+    for w in (width - 1, width + 1):
+        if w >= 1:
+            other = build(name, in_channels=3, n_classes=10, **{**base, **extra, "filters": w})
+            assert abs(n_params(other) - target) >= err
 
 
 def test_match_params_off_keeps_the_width():
@@ -252,26 +258,35 @@ def test_match_params_off_keeps_the_width():
 # -- every family learns ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def digits():
-    return sdata.load("digits", val_fraction=0.2)
+    # One thread: the test machines share their cores; threads contending cost more than they give.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield sdata.load("digits", val_fraction=0.2)
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("name,extra", VARIANTS)
-def test_trains_one_epoch_on_digits_above_chance(digits, name, extra):
+def test_trains_on_digits_above_chance(digits, name, extra):
+    # Short training must beat chance (0.1) clearly. The shared skeleton (GAP straight into a
+    # linear head) learns slowly: one epoch at lr 3e-3 / batch 64 (18 steps) leaves every
+    # family at the majority class, so this uses AdamW lr 1e-2, batch 16, 3 epochs (~220 steps).
     torch.manual_seed(0)
     model = build(name, in_channels=1, n_classes=10, layers=2, filters=8, **COMMON, **extra)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    if hasattr(model, "on_epoch_start"):
-        model.on_epoch_start(1, 1)
-    model.train()
-    perm = torch.randperm(len(digits.train_x))
-    for i in range(0, len(perm), 64):
-        idx = perm[i:i + 64]
-        loss = F.cross_entropy(model(digits.train_x[idx]), digits.train_y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if hasattr(model, "after_step"):
-            model.after_step()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    epochs = 3
+    for epoch in range(1, epochs + 1):
+        if hasattr(model, "on_epoch_start"):
+            model.on_epoch_start(epoch, epochs)
+        model.train()
+        perm = torch.randperm(len(digits.train_x))
+        for i in range(0, len(perm), 16):
+            idx = perm[i:i + 16]
+            loss = F.cross_entropy(model(digits.train_x[idx]), digits.train_y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if hasattr(model, "after_step"):
+                model.after_step()
     model.eval()
     with torch.no_grad():
         acc = (model(digits.val_x).argmax(1) == digits.val_y).float().mean().item()

@@ -1,0 +1,52 @@
+"""Killing real process trees for the fault tests (no psutil: /proc is enough on Linux)."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+
+def _procs() -> dict[int, tuple[int, str]]:
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue
+        out[int(d.name)] = (ppid, cmd)
+    return out
+
+
+def descendants(pid: int, procs=None) -> set[int]:
+    procs = procs or _procs()
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, (pp, _) in procs.items() if pp in frontier and p not in found}
+        found |= frontier
+    return found
+
+
+def kill_tree(pid: int | None = None, marker: str | None = None) -> int:
+    """SIGKILL a process, all its descendants, and every process whose command line holds
+    `marker` (with their descendants). Returns how many processes were signalled."""
+    procs = _procs()
+    roots = set()
+    if pid is not None:
+        roots.add(pid)
+    if marker:
+        roots |= {p for p, (_, cmd) in procs.items() if marker in cmd and p != os.getpid()}
+    victims = set(roots)
+    for r in roots:
+        victims |= descendants(r, procs)
+    victims.discard(os.getpid())
+    for v in victims:
+        try:
+            os.kill(v, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    time.sleep(0.5)
+    return len(victims)

@@ -1,0 +1,516 @@
+"""The analysis package against real Parquet stores written through study.store.Store.
+
+The stores hold synthetic rows with known relationships (parallel loss = 0.9 x sequential on
+every pair, Q bins chosen by hand), so every number the analysis gives back can be checked.
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+import analysis
+from analysis.stats import holm, wilson_interval
+from study import schema
+from study.store import Store
+from sweep import load_spec, parse_spec
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = """
+[study]
+name = "tiny"
+description = "synthetic <store> for tests & checks"
+
+[grid]
+dataset = ["digits", "mnist"]
+architecture = ["sequential", "parallel"]
+layers = [1, 2, 4]
+filters = [4, 8]
+kernel = 3
+epochs = 3
+"""
+
+N_TRAIN, N_CLASSES = 1000, 10
+# (layers, filters) -> n_params; Q = 10000 / n_params lands in a known bin (edges included).
+N_PARAMS = {(1, 4): 20000, (1, 8): 5000, (2, 4): 2000, (2, 8): 500, (4, 4): 10000, (4, 8): 1000}
+Q_BIN = {(1, 4): "[0,1)", (1, 8): "[1,3)", (2, 4): "[3,10)", (2, 8): "[10,inf)",
+         (4, 4): "[1,3)", (4, 8): "[10,inf)"}
+FIGS = ["equivalence_loss", "table2", "ratio_distribution", "factor_effects", "learning_curves",
+        "equivalence_accuracy", "zoo"]
+
+
+def seq_losses(cfg) -> tuple[float, float]:
+    train = 0.01 * cfg["layers"] + 0.001 * cfg["filters"] + (0.5 if cfg["dataset"] == "mnist" else 0)
+    return train, 2 * train + 0.01 * cfg["layers"]
+
+
+def make_row(cell, status="ok", factor=0.9, error=None) -> dict:
+    cfg = cell.config
+    train, val = seq_losses(cfg)
+    par = cfg["architecture"] != "sequential"
+    if par:
+        train, val = factor * train, factor * val
+    row = {k: v for k, v in cfg.items() if k in schema.TRIAL_COLUMNS}
+    row.update(cell_id=cell.cell_id, pair_key=cell.pair_key, status=status, study="tiny",
+               n_params=N_PARAMS[(cfg["layers"], cfg["filters"])], n_train=N_TRAIN,
+               n_classes=N_CLASSES, epochs_done=3, wall_s=2.5, error=error)
+    if status == "ok":
+        row.update(train_loss=train, val_loss=val, test_loss=val * 1.01,
+                   train_acc=0.9, val_acc=0.85 if par else 0.80, test_acc=0.84 if par else 0.79)
+    elif status == "diverged":
+        row.update(train_loss=float("nan"), val_loss=float("nan"))
+    return row
+
+
+def curve(row: dict) -> list[dict]:
+    if row["status"] != "ok":
+        return []
+    return [{"cell_id": row["cell_id"], "epoch": e, "train_loss": row["train_loss"] * (4 - e),
+             "val_loss": row["val_loss"] * (4 - e) ** 0.5, "train_acc": 0.5, "val_acc": 0.5,
+             "wall_s": float(e)} for e in (1, 2, 3)]
+
+
+def build(root: Path, text: str = TINY, keep=lambda c: True, status=lambda c: "ok",
+          error=lambda c: None, epochs=lambda c: True) -> tuple[Store, list[dict]]:
+    spec = parse_spec(text)
+    store = Store(root)
+    store.ensure_writable()
+    store.save_spec(text, spec.name, "tests")
+    rows = []
+    for c in spec.cells():
+        if not keep(c):
+            continue
+        row = make_row(c, status(c), error=error(c))
+        store.write_result(row, curve(row) if epochs(c) else [])
+        if not epochs(c):
+            (store.epochs_dir / f"{c.cell_id}.parquet").unlink()
+        rows.append(row)
+    return store, rows
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory):
+    """Every cell of TINY finished: 24 cells, 12 pairs, parallel = 0.9 x sequential."""
+    root = tmp_path_factory.mktemp("full")
+    _, rows = build(root)
+    return root, rows
+
+
+@pytest.fixture(scope="module")
+def full_figures(full):
+    root, _ = full
+    return analysis.write_figures(root)
+
+
+@pytest.fixture(scope="module")
+def partial(tmp_path_factory):
+    """One dataset, missing twins, failed and diverged cells, a cell in flight, missing epochs."""
+    root = tmp_path_factory.mktemp("partial")
+    text = TINY.replace('dataset = ["digits", "mnist"]', 'dataset = "digits"').replace(
+        "kernel = 3", "kernel = [3, 5]")
+    cells = parse_spec(text).cells()
+    seq = [c for c in cells if c["architecture"] == "sequential"]
+    par = [c for c in cells if c["architecture"] == "parallel"]
+    dropped = {par[0].cell_id, par[1].cell_id}  # two sequential cells without a twin
+    in_flight = par[5].cell_id
+    failed = {par[2].cell_id: "RuntimeError: CUDA out of memory <b>&</b> \"quotes\"",
+              seq[3].cell_id: "ValueError: <script>alert('x')</script>"}
+    diverged = {seq[4].cell_id: "loss became nan at epoch 2"}
+    store, rows = build(
+        root, text, keep=lambda c: c.cell_id not in dropped | {in_flight},
+        status=lambda c: "failed" if c.cell_id in failed else
+        "diverged" if c.cell_id in diverged else "ok",
+        error=lambda c: failed.get(c.cell_id) or diverged.get(c.cell_id),
+        epochs=lambda c: c.cell_id != seq[2].cell_id)
+    store.checkpoints_dir.mkdir(exist_ok=True)
+    store.checkpoint_path(in_flight).write_bytes(b"not a real checkpoint")
+    return root, rows, {**failed, **diverged}
+
+
+@pytest.fixture(scope="module")
+def partial_report(partial):
+    """write_report on the partial store (it draws every figure: done once for the module)."""
+    return analysis.write_report(partial[0])
+
+
+# -- layer 1: data ---------------------------------------------------------------------------
+def test_load_adds_q_and_bins(full):
+    root, rows = full
+    df = analysis.load(root)
+    assert len(df) == len(rows) == 24
+    assert set(df.columns) >= set(schema.TRIAL_COLUMNS) | {"q", "q_bin"}
+    for r in df.itertuples():
+        key = (r.layers, r.filters)
+        assert r.q == pytest.approx(N_TRAIN * N_CLASSES / N_PARAMS[key])
+        assert str(r.q_bin) == Q_BIN[key]
+    assert list(df["q_bin"].cat.categories) == ["[0,1)", "[1,3)", "[3,10)", "[10,inf)"]
+    assert df["q_bin"].cat.ordered
+
+
+def test_load_epochs_all_and_selected(full):
+    root, rows = full
+    ep = analysis.load_epochs(root)
+    assert len(ep) == 3 * len(rows)
+    one = analysis.load_epochs(root, [rows[0]["cell_id"], "no-such-cell"])
+    assert list(one["epoch"]) == [1, 2, 3] and set(one["cell_id"]) == {rows[0]["cell_id"]}
+
+
+def test_pairs_give_back_the_known_ratio(full):
+    root, rows = full
+    p = analysis.pairs(analysis.load(root))
+    assert len(p) == 12 and p["pair_key"].is_unique
+    assert (p["architecture_a"] == "sequential").all() and (p["architecture_b"] == "parallel").all()
+    for m in ("train_loss", "val_loss", "test_loss"):
+        assert np.allclose(p[m + "_ratio"], 0.9)
+        assert np.allclose(p[m + "_diff"], -0.1 * p[m + "_a"])
+    assert np.allclose(p["val_acc_diff"], 0.05) and np.allclose(p["test_acc_ratio"], 0.84 / 0.79)
+    assert (p["q"] == p["q_a"]).all()
+    assert [str(x) for x in p["q_bin"]] == [Q_BIN[(l, f)] for l, f in zip(p["layers"], p["filters"])]
+    # the shared settings once, the per-side ones suffixed
+    assert {"dataset", "layers", "filters", "kernel", "cell_id_a", "cell_id_b", "n_params_a"} <= set(p.columns)
+    by_id = {r["cell_id"]: r for r in rows}
+    for r in p.itertuples():
+        assert by_id[r.cell_id_a]["pair_key"] == by_id[r.cell_id_b]["pair_key"] == r.pair_key
+
+
+def test_pairs_keep_every_variant(tmp_path):
+    text = """
+[grid]
+dataset = "digits"
+architecture = ["sequential", "highway"]
+layers = [1, 2]
+filters = 4
+kernel = 3
+[grid.highway]
+gate = ["full", "coupled"]
+"""
+    build(tmp_path, text)
+    p = analysis.pairs(analysis.load(tmp_path), "sequential", "highway")
+    assert len(p) == 4  # 2 sequential cells x 2 gate variants
+    assert sorted(p["gate_b"]) == ["coupled", "coupled", "full", "full"]
+    assert all("gate=" + g in v for g, v in zip(p["gate_b"], p["variant_b"]))
+    assert (p["variant_a"] == "").all()
+    assert p.groupby("cell_id_a").size().tolist() == [2, 2]
+    assert "gate" in "".join(analysis.swept_factors(p))
+
+
+def test_pairs_only_status_ok_and_unknown_arch(partial):
+    root, rows, _ = partial
+    df = analysis.load(root)
+    p = analysis.pairs(df)
+    ok_ids = set(df.loc[df["status"] == "ok", "cell_id"])
+    assert set(p["cell_id_a"]) <= ok_ids and set(p["cell_id_b"]) <= ok_ids
+    seq_ok = df[(df.status == "ok") & (df.architecture == "sequential")]
+    par_ok = df[(df.status == "ok") & (df.architecture == "parallel")]
+    assert len(p) == len(set(seq_ok.pair_key) & set(par_ok.pair_key))
+    with pytest.raises(analysis.AnalysisError, match="unknown architecture"):
+        analysis.pairs(df, "sequential", "resnet")
+
+
+def test_table2_means_equal_hand_computed(full):
+    root, rows = full
+    t2 = analysis.table2(analysis.load(root))
+    expect = {}
+    for r in rows:
+        key = (r["dataset"], r["architecture"], Q_BIN[(r["layers"], r["filters"])])
+        expect.setdefault(key, []).append((r["train_loss"], r["val_loss"]))
+    assert len(t2) == len(expect)
+    for r in t2.itertuples():
+        vals = expect[(r.dataset, r.architecture, r.q_bin)]
+        assert r.n == len(vals)
+        assert r.train_loss == pytest.approx(sum(v[0] for v in vals) / len(vals))
+        assert r.val_loss == pytest.approx(sum(v[1] for v in vals) / len(vals))
+    md = analysis.table2_markdown(t2)
+    lines = md.splitlines()
+    assert lines[0] == "| | Q∈[0,1) | Q∈[1,3) | Q∈[3,10) | Q∈[10,inf) |"
+    assert [ln.split(" | ")[0] for ln in lines[2:6]] == [
+        "| DIGITS sequential", "| DIGITS parallel", "| MNIST sequential", "| MNIST parallel"]
+    (tr, va), = expect[("digits", "sequential", "[0,1)")]
+    assert f"| DIGITS sequential | {tr:.5f} / {va:.5f} |" in md
+
+
+# -- statistics -------------------------------------------------------------------------------
+def test_stats_give_back_ratio_and_win_rate(full):
+    root, _ = full
+    s = analysis.stats(analysis.pairs(analysis.load(root)))
+    assert set(s["metric"]) == {"train_loss", "val_loss"}
+    assert np.allclose(s["median_ratio"], 0.9)
+    assert np.allclose(s["ratio_ci_low"], 0.9) and np.allclose(s["ratio_ci_high"], 0.9)
+    assert (s["win_rate_b"] == 1.0).all() and (s["ties"] == 0).all()
+    per_ds = s[s["q_bin"] == "all"]
+    assert sorted(per_ds["dataset"].unique()) == ["digits", "mnist"] and (per_ds["n"] == 6).all()
+    # Exact two-sided signed-rank p for 6 differences of one sign: 2 / 2**6.
+    assert np.allclose(per_ds["p_value"], 2 / 64)
+    # Wilson interval of 6/6: [6 / (6 + z^2), 1].
+    z2 = 1.959963984540054 ** 2
+    assert np.allclose(per_ds["win_ci_low"], 6 / (6 + z2)) and np.allclose(per_ds["win_ci_high"], 1)
+    by_bin = s[(s["q_bin"] != "all") & (s["dataset"] == "digits") & (s["metric"] == "val_loss")]
+    assert dict(zip(by_bin["q_bin"], by_bin["n"])) == {"[0,1)": 1, "[1,3)": 2, "[3,10)": 1, "[10,inf)": 2}
+    assert (s["p_holm"] >= s["p_value"]).all()
+
+
+def test_wilson_and_holm_known_values():
+    lo, hi = wilson_interval(5, 10)
+    assert (float(lo), float(hi)) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert np.isnan(wilson_interval(0, 0)[0])
+    assert holm([0.01, 0.04, np.nan, 0.03]) == pytest.approx([0.03, 0.06, np.nan, 0.06], nan_ok=True)
+
+
+def test_stats_of_no_pairs_is_empty():
+    assert analysis.stats(pd.DataFrame()).empty
+
+
+# -- figures ------------------------------------------------------------------------------------
+def test_write_figures_writes_every_file(full, full_figures):
+    root, _ = full
+    paths = full_figures
+    out = root / "figures"
+    for stem in FIGS:
+        for ext in ("png", "pdf"):
+            f = out / f"{stem}.{ext}"
+            assert f in paths and f.stat().st_size > 1000, f
+    for name in ("table2.csv", "table2.md", "stats.csv", "NOTES.txt"):
+        assert (out / name) in paths and (out / name).stat().st_size > 0
+    assert paths.notes == []
+    assert "(none" in (out / "NOTES.txt").read_text()
+    assert (out / "equivalence_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "zoo.pdf").read_bytes()[:5] == b"%PDF-"
+    t2 = pd.read_csv(out / "table2.csv")
+    assert list(t2.columns) == ["dataset", "architecture", "q_bin", "n", "train_loss", "val_loss"]
+    st = pd.read_csv(out / "stats.csv")
+    assert np.allclose(st["median_ratio"], 0.9)
+
+
+def test_learning_curves_for_chosen_pairs_and_unknown_keys(full, tmp_path):
+    root, rows = full
+    work = tmp_path / "copy"
+    shutil.copytree(root, work)
+    key = rows[0]["pair_key"]
+    res = analysis.write_figures(work, pairs=[key[:10], "ffff0000nothere"], only="learning_curves")
+    assert (work / "figures" / "learning_curves.png").stat().st_size > 0
+    assert any("ffff0000nothere" in n for n in res.notes)
+    res = analysis.write_figures(work, pairs=["nothere"], only=["learning_curves"])
+    assert not (work / "figures" / "learning_curves.png").exists()  # stale file removed
+    assert any(n.startswith("learning_curves: skipped") for n in res.notes)
+
+
+def test_plot_functions_return_figures(full):
+    root, _ = full
+    df = analysis.load(root)
+    p = analysis.pairs(df)
+    from matplotlib.figure import Figure
+    for fig in (analysis.plot_equivalence(p), analysis.plot_table2(analysis.table2(df)),
+                analysis.plot_ratio_distribution(p), analysis.plot_factor_effects(p),
+                analysis.plot_learning_curves(p, analysis.load_epochs(root), rows=p.index[:2]),
+                analysis.plot_zoo(df)):
+        assert isinstance(fig, Figure) and fig.axes
+    reused = Figure()
+    assert analysis.plot_zoo(df, fig=reused) is reused
+
+
+def test_partial_store_gives_every_figure_or_a_note(partial, partial_report):
+    root, rows, errors = partial
+    out = root / "figures"
+    notes = (out / "NOTES.txt").read_text().splitlines()[1:]
+    for stem in FIGS:
+        drawn = (out / f"{stem}.png").exists() and (out / f"{stem}.pdf").exists()
+        noted = any(n.startswith(f"- {stem}") for n in notes)
+        assert drawn or noted, stem
+    # one dataset, but pairs exist: the pair figures are drawn
+    assert (out / "equivalence_loss.png").exists() and (out / "factor_effects.png").exists()
+    st = pd.read_csv(out / "stats.csv")
+    assert set(st["dataset"]) == {"digits"} and np.allclose(st["median_ratio"], 0.9)
+
+
+def test_store_without_pairs_notes_every_pair_figure(tmp_path):
+    build(tmp_path, status=lambda c: "failed" if c["architecture"] == "parallel" else "ok",
+          error=lambda c: "boom" if c["architecture"] == "parallel" else None)
+    res = analysis.write_figures(tmp_path)
+    for stem in ("equivalence_loss", "ratio_distribution", "factor_effects", "learning_curves",
+                 "equivalence_accuracy"):
+        assert any(n.startswith(stem) and "no complete pairs" in n for n in res.notes), stem
+        assert not (tmp_path / "figures" / f"{stem}.png").exists()
+    assert (tmp_path / "figures" / "table2.png").exists() and (tmp_path / "figures" / "zoo.png").exists()
+    assert "no finished (status ok) parallel cell" in (tmp_path / "figures" / "NOTES.txt").read_text()
+
+
+def test_empty_store_and_not_a_store(tmp_path):
+    (tmp_path / "empty").mkdir()
+    Store(tmp_path / "empty").save_spec(TINY, "tiny", "tests")
+    res = analysis.write_figures(tmp_path / "empty")
+    assert {p.name for p in res} == {"NOTES.txt"}
+    assert len(res.notes) >= len(FIGS)
+    report = analysis.write_report(tmp_path / "empty").read_text()
+    assert "No figure could be drawn" in report and "<dd>24</dd>" in report
+    (tmp_path / "plain").mkdir()
+    for fn in (analysis.write_figures, analysis.write_report):
+        with pytest.raises(analysis.AnalysisError, match="not a results store"):
+            fn(tmp_path / "plain")
+        with pytest.raises(analysis.AnalysisError, match="not a folder"):
+            fn(tmp_path / "missing")
+    with pytest.raises(analysis.AnalysisError, match="two different"):
+        analysis.write_figures(tmp_path / "empty", compare=("parallel", "parallel"))
+
+
+def test_unreadable_part_is_noted_not_moved(tmp_path):
+    store, rows = build(tmp_path)
+    bad = store.trials_dir / "corrupt.parquet"
+    bad.write_bytes(b"PAR1 this is not parquet")
+    res = analysis.write_figures(tmp_path, only="zoo")
+    assert any("corrupt.parquet" in n for n in res.notes)
+    assert bad.exists() and not store.quarantine_dir.exists()
+
+
+# -- report ------------------------------------------------------------------------------------
+def test_report_is_self_contained(partial, partial_report):
+    root, rows, errors = partial
+    path = partial_report
+    assert path == root / "report.html"
+    text = path.read_text()
+    pngs = sorted((root / "figures").glob("*.png"))
+    imgs = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', text)
+    assert len(imgs) == len(pngs) >= 5
+    assert not re.search(r'(src|href)="(?!data:)', text) and "<script" not in text
+    for err in errors.values():
+        assert html.escape(err, quote=True) in text
+    assert "<script>alert" not in text and "synthetic &lt;store&gt; for tests &amp; checks" in text
+    ok = sum(r["status"] == "ok" for r in rows)
+    grid = len(parse_spec(Store(root).spec_path.read_text()).cells())
+    for label, value in (("cells in the grid", grid), ("done (ok)", ok), ("failed", 2),
+                         ("diverged", 1), ("running", 1), ("pending", grid - len(rows) - 1)):
+        assert f"<dt>{label}</dt><dd>{value}</dd>" in text, label
+    assert "compute time" in text and f"({len(rows) * 2.5:,.0f} s)" in text
+    assert "DIGITS sequential" in text and "Wilcoxon" in text
+    assert "not evidence of absence" in text and "Holm" in text
+    assert 'name = &quot;tiny&quot;' in text  # the spec source, escaped
+
+
+def test_analysis_never_imports_torch_or_ray(full, tmp_path):
+    root, _ = full
+    work = tmp_path / "copy"
+    shutil.copytree(root, work)
+    (tmp_path / "empty").mkdir()
+    Store(tmp_path / "empty").save_spec(TINY, "tiny", "tests")
+    # Every analysis module imports what it needs at the top, so one cheap run of each writer
+    # (a figure on a full store, the report on an empty one) covers them all.
+    code = ("import sys, analysis; analysis.write_figures(sys.argv[1], only='zoo'); "
+            "analysis.write_report(sys.argv[2]); "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'ray')]; "
+            "assert not bad, bad; print('clean')")
+    r = subprocess.run([sys.executable, "-c", code, str(work), str(tmp_path / "empty")],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "clean" in r.stdout, r.stderr[-2000:]
+
+
+# -- the report in a real browser ---------------------------------------------------------------
+CHROMIUM = "/usr/bin/chromium"
+PROBE = """<script>
+window.__errors = [];
+addEventListener('error', function (e) {
+  __errors.push('error: ' + (e.message || (e.target && e.target.outerHTML || '').slice(0, 80)));
+}, true);
+document.addEventListener('securitypolicyviolation', function (e) {
+  __errors.push('csp: ' + e.violatedDirective + ' ' + e.blockedURI);
+});
+var __ce = console.error;
+console.error = function () { __errors.push('console: ' + [].join.call(arguments, ' ')); };
+addEventListener('load', function () {
+  var im = [].slice.call(document.images);
+  var out = document.createElement('pre'); out.id = '__probe';
+  out.textContent = JSON.stringify({widths: im.map(function (i) { return i.naturalWidth; }),
+                                    errors: __errors});
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def _chromium(page: Path, profile: Path) -> subprocess.CompletedProcess:
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0",
+             "--virtual-time-budget=10000", "--dump-dom", page.as_uri()]
+    return subprocess.run([CHROMIUM, *flags], capture_output=True, text=True, timeout=120)
+
+
+def test_report_renders_in_headless_chromium(partial_report, tmp_path):
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip("no headless browser at /usr/bin/chromium; apt-get install -y chromium")
+    report = partial_report
+    text = report.read_text()
+    n_img = text.count("<img ")
+    # A copy with a probe script (the report has none, and its policy forbids scripts): the
+    # probe writes each image's naturalWidth and every error it sees into the DOM.
+    probe = tmp_path / "probe.html"
+    from analysis.report import CSP
+    probe.write_text(text.replace(CSP, CSP + "; script-src 'unsafe-inline'")
+                     .replace('<meta charset="utf-8">', '<meta charset="utf-8">' + PROBE, 1))
+    r = _chromium(probe, tmp_path / "profile")
+    m = re.search(r'<pre id="__probe">(.*?)</pre>', r.stdout, re.S)
+    assert m, f"no probe output; chromium rc={r.returncode}: {r.stderr[-1500:]}"
+    got = json.loads(html.unescape(m.group(1)))
+    assert len(got["widths"]) == n_img >= 5
+    assert all(w > 0 for w in got["widths"]), got["widths"]
+    assert got["errors"] == []
+    # The report itself, untouched: no console message of any kind (a policy violation or a
+    # failed load would log one).
+    r = _chromium(report, tmp_path / "profile2")
+    console = [ln for ln in r.stderr.splitlines() if "CONSOLE" in ln]
+    assert console == [], console
+    assert "Study report: tiny" in r.stdout
+
+
+# -- scale ---------------------------------------------------------------------------------------
+def test_write_figures_at_paper_scale(tmp_path):
+    """6,912 cells (the paper preset), with noise. The rows go into a few multi-row parts,
+    which Store.read_trials reads like per-cell parts: this times the analysis itself, not
+    the file-per-cell reading, which belongs to the store."""
+    spec = load_spec("paper")
+    cells = spec.cells()
+    assert len(cells) == 6912
+    store = Store(tmp_path)
+    store.ensure_writable()
+    store.save_spec(spec.source, spec.name, spec.origin)
+    rng = np.random.default_rng(0)
+    n = len(cells)
+    cfg = pd.DataFrame([c.config for c in cells])
+    n_params = (cfg["filters"] ** 2 * cfg["kernel"] ** 2 * cfg["layers"] + 100 * cfg["filters"]).to_numpy()
+    n_train = np.where(cfg["dataset"] == "mnist", 54000, 45000)
+    base = np.where(cfg["dataset"] == "mnist", 0.05, 1.0) * np.exp(rng.normal(0, 0.5, n))
+    noise = np.where(cfg["architecture"] == "parallel", np.exp(rng.normal(np.log(0.95), 0.1, n)), 1)
+    status = rng.choice(["ok", "failed", "diverged"], p=[0.97, 0.02, 0.01], size=n)
+    rows = []
+    for i, c in enumerate(cells):
+        row = {k: v for k, v in c.config.items() if k in schema.TRIAL_COLUMNS}
+        loss = float(base[int(c.pair_key[:8], 16) % n] * noise[i]) if status[i] == "ok" else None
+        row.update(cell_id=c.cell_id, pair_key=c.pair_key, status=str(status[i]),
+                   n_params=int(n_params[i]), n_train=int(n_train[i]), n_classes=10,
+                   train_loss=loss, val_loss=loss and loss * 1.3, val_acc=0.9, test_acc=0.9,
+                   wall_s=60.0, error=None if status[i] == "ok" else "synthetic failure")
+        rows.append(row)
+    for k in range(8):
+        pq.write_table(schema.conform(rows[k::8], schema.TRIALS), store.trials_dir / f"part{k}.parquet")
+    # curves for a few pairs only: the figure must pick among pairs that have them
+    for row in rows[:40]:
+        if row["status"] == "ok":
+            pq.write_table(schema.conform(curve(row), schema.EPOCHS),
+                           store.epochs_dir / f"{row['cell_id']}.parquet")
+    t0 = time.perf_counter()
+    res = analysis.write_figures(tmp_path)
+    took = time.perf_counter() - t0
+    print(f"\nwrite_figures on {n} cells: {took:.1f} s; notes: {res.notes}")
+    assert res.notes == []
+    assert took < 120
+    assert len(analysis.pairs(analysis.load(tmp_path))) > 3000
