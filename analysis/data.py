@@ -16,7 +16,7 @@ from study import schema
 from study.store import ReadReport, Store
 from sweep.params import ARCH_SPECIFIC
 
-from ._common import (METRICS, Q_LABELS, AnalysisError, add_q, arch_order, check_compare,
+from ._common import (METRICS, Q_LABELS, add_q, arch_order, check_compare,
                       check_store, dataset_label, dataset_order)
 
 # Grid parameters a cell shares with its twins (pair_key is a hash of exactly these).
@@ -67,7 +67,9 @@ def load_epochs(root: str | Path, cell_ids: Iterable[str] | None = None,
 
 
 def _variant(side: pd.DataFrame, cols: list[str]) -> pd.Series:
-    """'gate=full, gate_bias=-2.0' from the architecture-specific columns ('' if none)."""
+    """'gate=full, branches=4' from the architecture-specific columns that vary on this side
+    ('' if none does: one variant needs no name)."""
+    cols = [c for c in cols if side[c].nunique(dropna=False) > 1]
     out = pd.Series("", index=side.index, dtype=object)
     for c in cols:
         v = side[c]
@@ -85,7 +87,8 @@ def pairs(df: pd.DataFrame, a: str = "sequential", b: str = "parallel") -> pd.Da
       per side, with suffix `_a` (architecture `a`) or `_b` (architecture `b`): cell_id,
         architecture, n_params, filters_used, epochs_done, wall_s, q, q_bin, the metrics
         (train/val/test loss and accuracy), the architecture-specific parameters that side
-        has (e.g. gate_b), and `variant_a` / `variant_b`, a readable summary of those;
+        has (e.g. gate_b), and `variant_a` / `variant_b`, a readable summary of the ones
+        that vary on that side ('' when that side has a single variant);
       `<metric>_ratio` = b / a and `<metric>_diff` = b - a for every metric (ratio NaN where
         a is 0 or either side is missing);
       `q`, `q_bin`: side a's determination ratio and bin.

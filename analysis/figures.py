@@ -78,6 +78,8 @@ def analyse(root: str | Path, compare=("sequential", "parallel"),
     """Load the store, compute pairs / Table 2 / statistics and write the figures (all, or
     the stems in `only`)."""
     root = check_store(root)
+    if isinstance(compare, str) or len(compare) != 2:
+        raise AnalysisError(f"compare takes two architectures (a, b), got {compare!r}")
     a, b = compare
     check_compare(a, b)
     out_dir = root / "figures"
@@ -109,15 +111,17 @@ def analyse(root: str | Path, compare=("sequential", "parallel"),
             return
         try:
             fig = draw()
-        except NothingToPlot as e:
+        except AnalysisError as e:
+            if not isinstance(e, NothingToPlot):
+                raise
             notes.append(f"{stem}: skipped, {e}")
-            for ext in ("png", "pdf"):  # a stale figure from an earlier run would mislead
-                (out_dir / f"{stem}.{ext}").unlink(missing_ok=True)
-            return
-        except AnalysisError:
-            raise
+            fig = None
         except Exception as e:  # a bug in one figure must not cost the others
             notes.append(f"{stem}: could not be drawn ({type(e).__name__}: {e})")
+            fig = None
+        if fig is None:
+            for ext in ("png", "pdf"):  # a stale figure from an earlier run would mislead
+                (out_dir / f"{stem}.{ext}").unlink(missing_ok=True)
             return
         paths = _save(fig, out_dir, stem)
         res.pngs[stem] = paths[0]

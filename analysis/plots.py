@@ -63,6 +63,15 @@ def _need_pairs(pairs_df):
         raise NothingToPlot("no complete pairs (both twins finished with status ok)")
 
 
+def _auto_log(ax, values) -> None:
+    """Log y only where the values span more than a decade: below that, a log axis just
+    prints awkward labels like 5.3x10^-1."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size and v.min() > 0 and v.max() / v.min() > 10:
+        ax.set_yscale("log")
+
+
 def _empty_panel(ax, text="no data"):
     ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="0.4")
     ax.set_xticks([])
@@ -99,12 +108,12 @@ def plot_equivalence(pairs_df: pd.DataFrame, metrics=("train_loss", "val_loss"),
                 _empty_panel(ax, "no pairs")
                 ax.set_title(f"{dataset_label(ds)} · {PRETTY[m]}")
                 continue
-            for label in [*Q_LABELS, None]:
-                sel = keep & ((q == label) if label else q.isna())
-                if sel.any():
-                    ax.scatter(x[sel], y[sel], s=9, alpha=0.65, linewidths=0, rasterized=True,
-                               color=Q_COLORS.get(label, NO_Q_COLOR),
-                               label=f"Q∈{label}" if label else "Q unknown")
+            # One call, points in a fixed random order: no Q bin hides the others under it.
+            idx = np.flatnonzero(keep.to_numpy())
+            idx = idx[np.random.default_rng(0).permutation(idx.size)]
+            colors = [Q_COLORS.get(v, NO_Q_COLOR) for v in q.iloc[idx]]
+            ax.scatter(x.iloc[idx], y.iloc[idx], s=9, alpha=0.65, linewidths=0, c=colors,
+                       rasterized=True)
             lo = float(min(x[keep].min(), y[keep].min()))
             hi = float(max(x[keep].max(), y[keep].max()))
             pad = (hi / lo) ** 0.05 if use_log and lo > 0 else None
@@ -125,13 +134,18 @@ def plot_equivalence(pairs_df: pd.DataFrame, metrics=("train_loss", "val_loss"),
                     f"{b} better in {wins / n:.0%} ({wins}/{n})")
             if hidden:
                 text += f"\n{hidden} pair(s) with loss ≤ 0 not shown"
-            ax.text(0.03, 0.97, text, transform=ax.transAxes, va="top", fontsize=7.5,
+            # In the corner where b does worse, so the box covers the fewer points.
+            corner = (0.97, 0.03, "right", "bottom") if HIGHER_IS_BETTER[m] else (0.03, 0.97, "left", "top")
+            ax.text(corner[0], corner[1], text, transform=ax.transAxes, ha=corner[2],
+                    va=corner[3], fontsize=7.5, zorder=5,
                     bbox=dict(boxstyle="round,pad=0.3", fc="white", ec="0.8", alpha=0.9))
             ax.set_title(f"{dataset_label(ds)} · {PRETTY[m]}")
             ax.set_xlabel(f"{a} {PRETTY[m]}")
             ax.set_ylabel(f"{b} {PRETTY[m]}")
     handles = [Line2D([], [], ls="", marker="o", color=Q_COLORS[lbl], label=f"Q∈{lbl}")
                for lbl in Q_LABELS]
+    if q.isna().any():
+        handles.append(Line2D([], [], ls="", marker="o", color=NO_Q_COLOR, label="Q unknown"))
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles))
     return fig
 
@@ -154,9 +168,7 @@ def plot_table2(t2: pd.DataFrame, fig=None) -> Figure:
                 full[s["q_bin"].to_list()] = s[m].to_numpy(float)
                 ax.plot([xs[k] for k in full.index], full.to_numpy(), marker="o", ms=4,
                         color=arch_color(arch), label=arch)
-            vals = sub[m].to_numpy(float)
-            if np.all(vals[np.isfinite(vals)] > 0) and np.isfinite(vals).any():
-                ax.set_yscale("log")
+            _auto_log(ax, sub[m])
             ax.set_xticks(range(len(Q_LABELS)), [f"Q∈{x}" for x in Q_LABELS])
             ax.set_title(f"{dataset_label(ds)} · mean {PRETTY[m]}")
             ax.set_xlabel("determination ratio Q")
@@ -284,14 +296,13 @@ def plot_learning_curves(pairs_df: pd.DataFrame, epochs_df: pd.DataFrame, rows=N
                             label=f"{tag} {'train' if m == 'train_loss' else 'val'}")
                     drawn += 1
         ratio = p.get("val_loss_ratio", np.nan)
-        ax.set_title(f"{dataset_label(p['dataset'])} L={p.get('layers')} F={p.get('filters')} "
-                     f"K={p.get('kernel')}\npair {str(p['pair_key'])[:8]} · val {b}/{a} = {ratio:.3g}")
+        ax.set_title(f"{dataset_label(p['dataset'])} · layers {p.get('layers')}, filters "
+                     f"{p.get('filters')}, kernel {p.get('kernel')}\npair {str(p['pair_key'])[:8]}"
+                     f" · val loss ratio {ratio:.3g}")
         if not drawn:
             _empty_panel(ax, "no epoch records")
             continue
-        vals = np.concatenate([ln.get_ydata() for ln in ax.get_lines()])
-        if np.all(vals[np.isfinite(vals)] > 0):
-            ax.set_yscale("log")
+        _auto_log(ax, np.concatenate([ln.get_ydata() for ln in ax.get_lines()]))
         ax.set_xlabel("epoch")
         ax.set_ylabel("loss")
         ax.legend(fontsize=6.5)
@@ -310,19 +321,20 @@ def plot_zoo(df: pd.DataFrame, metric: str = "val_loss", fig=None) -> Figure:
         raise NothingToPlot(f"no finished (status ok) cell with n_params and {metric}")
     datasets = dataset_order(ok["dataset"])
     fig, axes = _figure(fig, 1, len(datasets), panel=(3.6, 3.0))
+    archs = arch_order(ok["architecture"])
     for ax, ds in zip(axes[0], datasets):
         sub = ok[ok["dataset"] == ds]
-        for arch in arch_order(sub["architecture"]):
+        for arch in archs:
             s = sub[sub["architecture"] == arch]
             ax.scatter(s["n_params"].astype(float), s[metric].astype(float), s=10, alpha=0.6,
-                       linewidths=0, color=arch_color(arch), label=f"{arch} ({len(s)})",
-                       rasterized=True)
+                       linewidths=0, color=arch_color(arch), rasterized=True)
         ax.set_xscale("log")
-        y = sub[metric].astype(float)
-        if (y > 0).all() and y.max() / y.min() > 20:
-            ax.set_yscale("log")
+        _auto_log(ax, sub[metric])
         ax.set_title(dataset_label(ds))
         ax.set_xlabel("parameters")
         ax.set_ylabel(f"final {PRETTY[metric]}")
-        ax.legend(fontsize=7, markerscale=1.5)
+    counts = ok["architecture"].value_counts()
+    handles = [Line2D([], [], ls="", marker="o", color=arch_color(x), label=f"{x} ({counts[x]})")
+               for x in archs]
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(4, len(handles)))
     return fig

@@ -30,6 +30,7 @@ th,td{border:1px solid #ddd;padding:.25em .55em;text-align:right;vertical-align:
 th{background:#f4f4f4} td.l,th.l{text-align:left}
 pre{background:#f7f7f7;border:1px solid #e3e3e3;padding:.8em;overflow:auto;font-size:.85em}
 figure{margin:1.2em 0} figure img{max-width:100%;height:auto;border:1px solid #eee}
+table.num td{white-space:nowrap}
 figcaption{font-size:.9em;color:#555} .note{color:#8a5a00} dl.kv{display:grid;
 grid-template-columns:max-content auto;gap:.2em 1.2em} dl.kv dt{font-weight:600} dl.kv dd{margin:0}
 """
@@ -60,12 +61,12 @@ def _duration(seconds: float) -> str:
             else f"{s:.1f} s") + f" ({seconds:,.0f} s)"
 
 
-def _table(headers: list[str], rows: list[list[str]], left: int = 1) -> str:
+def _table(headers: list[str], rows: list[list[str]], left: int = 1, cls: str = "") -> str:
     """rows hold already-escaped HTML; the first `left` columns are left-aligned."""
     th = "".join(f'<th class="{"l" if i < left else ""}">{h}</th>' for i, h in enumerate(headers))
     body = "".join("<tr>" + "".join(f'<td class="{"l" if i < left else ""}">{c}</td>'
                                     for i, c in enumerate(r)) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+    return f'<table class="{cls}"><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>'
 
 
 def _progress(res: Analysis) -> tuple[dict, str, str]:
@@ -102,9 +103,8 @@ signed-rank test on the log losses (does {b}'s loss tend to sit above or below {
 constant factor?), and the Holm column adjusts it for the number of tests in this table.</p>
 <p><b>What they do not show.</b> The pairs are the cells of a designed grid of settings, not a
 random sample from a population of networks or tasks: a p-value says how consistent the
-difference is across <i>this</i> grid, not that it would hold on other grids, datasets or seeds
-(each cell is trained once, so seed-to-seed noise is not separated from the architecture
-effect). A large p-value does not prove the architectures equivalent: absence of evidence is
+difference is across <i>this</i> grid, not that it would hold on other grids or datasets.
+{seeds} A large p-value does not prove the architectures equivalent: absence of evidence is
 not evidence of absence; equivalence would need a pre-chosen margin and an equivalence test (or
 read the interval of the median ratio against the margin you care about). Many tests are shown
 (per dataset and per Q bin, train and validation), so some small p-values are expected by
@@ -128,7 +128,13 @@ def _stats_html(res: Analysis) -> str:
     a, b = esc(res.a), esc(res.b)
     head = ["dataset", "Q bin", "loss", "pairs", f"mean {a}", f"mean {b}",
             f"median {b}/{a} [95% CI]", f"{b} wins [95% CI]", "Wilcoxon p", "Holm p"]
-    return _table(head, rows, left=3) + STATS_PARAGRAPH.format(a=a, b=b)
+    n_seeds = res.pairs["seed"].nunique() if "seed" in res.pairs else 1
+    seeds = ("Each setting was trained with one seed, so seed-to-seed noise is not separated "
+             "from the architecture effect." if n_seeds <= 1 else
+             f"Each setting was trained with {n_seeds} seeds and every seed counts as its own "
+             "pair, so pairs that share their settings are not independent; judge the gap "
+             "against the spread between seeds.")
+    return _table(head, rows, left=3, cls="num") + STATS_PARAGRAPH.format(a=a, b=b, seeds=seeds)
 
 
 def _table2_html(res: Analysis) -> str:
@@ -137,7 +143,7 @@ def _table2_html(res: Analysis) -> str:
         return '<p class="note">No finished cell with a known Q: no Table 2.</p>'
     rows = [[esc(idx), *[esc(c) for c in row]] for idx, row in
             zip(wide.index, wide.itertuples(index=False))]
-    return (_table([""] + [esc(c) for c in wide.columns], rows) +
+    return (_table([""] + [esc(c) for c in wide.columns], rows, cls="num") +
             "<p>Mean loss, train / validation, over the cells with status ok in each bin of "
             "Q = training examples × classes / parameters (– : no cell).</p>")
 

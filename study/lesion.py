@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from sweep.params import ARCH_SPECIFIC
 
 from . import data as _data
+from .errors import DatasetError
 from .models import build, model_kwargs
-from .store import Store
+from .store import Store, StoreError
 
 # Families whose blocks cannot be dropped or reordered meaningfully: why (becomes a note).
 SKIP = {
@@ -38,8 +39,9 @@ COLUMNS = ["cell_id", "architecture", "variant", "dataset", "layers", "filters",
            "loss_increase"]
 
 
-class LesionError(RuntimeError):
-    """Nothing to analyse, or the results folder cannot be used; one-line message."""
+class LesionError(StoreError):
+    """Nothing in the results folder can be lesioned; the one-line message says why.
+    (A StoreError, so the CLI reports it like any other problem with the folder.)"""
 
 
 def lesion_orders(n_blocks: int) -> list[tuple[str, int | None, list[int]]]:
@@ -132,7 +134,7 @@ def run_lesion(results_dir: str | Path, data_dir: str | Path | None = None,
         try:
             d = _data.load(config["dataset"], data_dir, val_fraction=config["val_fraction"],
                            max_train_examples=config.get("max_train_examples"), device=device)
-        except _data.DatasetError as e:
+        except DatasetError as e:
             bad_data[config["dataset"]] = str(e)
             notes.append(f"{config['dataset']} cells skipped: {e}")
             continue

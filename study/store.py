@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from . import schema
@@ -163,13 +164,24 @@ class Store:
     def _read(self, folder: Path, sch: pa.Schema, quarantine: bool,
               report: ReadReport | None) -> pa.Table:
         parts = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+        if not parts:
+            return sch.empty_table()
+        try:
+            # Fast path: one multi-threaded scan (thousands of one-row parts). Columns a
+            # part lacks (written before the schema grew) read as nulls.
+            return ds.dataset([str(p) for p in parts], schema=sch, format="parquet").to_table()
+        except (OSError, ValueError, pa.ArrowException):
+            pass  # some part is damaged or vanished: find out which, part by part
         tables = []
         for part in parts:
             try:
                 t = pq.read_table(part)
-                missing = set(sch.names) - set(t.column_names)
+                missing = {"cell_id"} - set(t.column_names)
                 if missing:
                     raise ValueError(f"missing columns {sorted(missing)}")
+                for f in sch:
+                    if f.name not in t.column_names:
+                        t = t.append_column(f, pa.nulls(len(t), f.type))
                 tables.append(t.select(sch.names).cast(sch))
             except FileNotFoundError:
                 continue  # replaced between listing and reading: a newer part is in place

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import html
 import json
-import math
 import os
 import re
 import shutil
@@ -25,7 +24,7 @@ import analysis
 from analysis.stats import holm, wilson_interval
 from study import schema
 from study.store import Store
-from sweep import load_spec, parse_spec
+from sweep import parse_spec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -473,11 +472,27 @@ def test_report_renders_in_headless_chromium(partial_report, tmp_path):
 
 
 # -- scale ---------------------------------------------------------------------------------------
+PAPER_SIZE = """
+[study]
+name = "scale"
+[grid]
+dataset = ["mnist", "cifar10"]
+architecture = ["sequential", "parallel"]
+layers = [1, 2, 3, 4, 6, 8]
+filters = [8, 16, 32, 64]
+kernel = [3, 5, 7]
+activation = ["relu", "tanh"]
+batch_norm = [false, true]
+lr = [3e-3, 1e-3, 3e-4]
+seed = [0, 1]
+"""
+
+
 def test_write_figures_at_paper_scale(tmp_path):
-    """6,912 cells (the paper preset), with noise. The rows go into a few multi-row parts,
+    """6,912 cells (the paper's count), with noise. The rows go into a few multi-row parts,
     which Store.read_trials reads like per-cell parts: this times the analysis itself, not
     the file-per-cell reading, which belongs to the store."""
-    spec = load_spec("paper")
+    spec = parse_spec(PAPER_SIZE)
     cells = spec.cells()
     assert len(cells) == 6912
     store = Store(tmp_path)

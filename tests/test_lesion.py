@@ -41,7 +41,8 @@ def _save_cell(root, cell, data):
         opt = torch.optim.AdamW(model.parameters(), lr=config["lr"])
         model.train()
         for i in range(0, len(data.train_x), config["batch_size"]):
-            x, y = data.train_x[i:i + 16], data.train_y[i:i + 16]
+            bs = config["batch_size"]
+            x, y = data.train_x[i:i + bs], data.train_y[i:i + bs]
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad()
             loss.backward()

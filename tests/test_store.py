@@ -107,3 +107,15 @@ def test_unwritable_folder_is_a_clear_error(tmp_path):
         store = Store(ro / "sub")
     with pytest.raises(StoreError, match="cannot write"):
         store.ensure_writable()
+
+
+def test_parts_written_before_the_schema_grew_still_read(tmp_path):
+    store = Store(tmp_path)
+    row = make_row()
+    store.write_result(row, [])
+    part = tmp_path / "trials" / f"{row['cell_id']}.parquet"
+    t = pq.read_table(part)
+    pq.write_table(t.drop(["weights_path", "pruned_branches"]), part)  # an older writer
+    df = store.read_trials(report=(rep := ReadReport()))
+    assert df["cell_id"].tolist() == [row["cell_id"]] and not rep.bad_parts
+    assert df["weights_path"].isna().all()

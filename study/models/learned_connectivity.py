@@ -41,6 +41,7 @@ class ConnectivityBlock(nn.Module):
         # mask[i, k]: how much branch i of this block wants output k of the previous block.
         self.mask = (nn.Parameter(torch.full((n_branches, n_branches), 1.0 / n_branches))
                      if with_mask else None)
+        self.cached_selection = None  # (mask version, rows, used): see selection()
 
 
 class LearnedConnectivityNet(ConvNet):
@@ -61,24 +62,41 @@ class LearnedConnectivityNet(ConvNet):
             for b in range(layers))
 
     # -- masks ------------------------------------------------------------------------------
+    @property
+    def learning_masks(self) -> bool:
+        return self.training and not self.frozen
+
     def binary_mask(self, block: ConnectivityBlock) -> torch.Tensor:
-        """The (C, C) 0/1 mask this forward pass uses (straight-through while learning)."""
+        """The (C, C) 0/1 mask of a forward pass: sampled with a straight-through gradient
+        while the masks learn, else the top-K."""
         m = block.mask
-        if self.training and not self.frozen:
+        if self.learning_masks:
             # A tiny floor keeps sampling K distinct entries possible when a row has fewer
             # than K non-zero entries.
             idx = torch.multinomial(m.detach() + 1e-6, self.active_inputs, replacement=False)
-        else:
-            idx = m.detach().topk(self.active_inputs, dim=1).indices
-        hard = torch.zeros_like(m).scatter_(1, idx, 1.0)
-        if self.training and not self.frozen:
-            # Straight-through: forward value exactly `hard`, gradient to the real mask.
-            return hard + (m - m.detach())
-        return hard
+            hard = torch.zeros_like(m).scatter_(1, idx, 1.0)
+            return hard + (m - m.detach())  # forward value exactly `hard`, gradient to m
+        idx = m.detach().topk(self.active_inputs, dim=1).indices
+        return torch.zeros_like(m).scatter_(1, idx, 1.0)
+
+    def selection(self, block: ConnectivityBlock) -> tuple[list[list[int]], list[int]]:
+        """Top-K as index lists: (inputs chosen by each branch, outputs anyone chose).
+
+        Cached per version of the mask tensor (bumped by every in-place change: optimiser
+        step, after_step, load_state_dict), so a GPU syncs once per mask change, not per pass.
+        """
+        key = block.mask._version
+        if block.cached_selection is None or block.cached_selection[0] != key:
+            rows = block.mask.detach().topk(self.active_inputs, dim=1).indices.cpu().tolist()
+            used = sorted({k for row in rows for k in row})
+            block.cached_selection = (key, rows, used)
+        return block.cached_selection[1], block.cached_selection[2]
 
     @torch.no_grad()
     def after_step(self) -> None:
         """Project every mask row back onto {m in [0,1]^C, sum m = 1}; call after each step."""
+        if self.frozen:
+            return  # frozen masks get no gradient and stay as they are
         for block in self.blocks[1:]:
             m = block.mask
             m.clamp_(0.0, 1.0)
@@ -94,11 +112,7 @@ class LearnedConnectivityNet(ConvNet):
     @property
     def pruned_branches(self) -> int:
         """Branches whose output no branch of the next block selects (under the top-K masks)."""
-        pruned = 0
-        for block in self.blocks[1:]:
-            idx = block.mask.detach().topk(self.active_inputs, dim=1).indices
-            pruned += self.n_branches - int(idx.unique().numel())
-        return pruned
+        return sum(self.n_branches - len(self.selection(block)[1]) for block in self.blocks[1:])
 
     # -- forward ----------------------------------------------------------------------------
     def body(self, x: torch.Tensor, order: list[int] | None = None) -> torch.Tensor:
@@ -109,13 +123,18 @@ class LearnedConnectivityNet(ConvNet):
         for block in self.blocks:
             if ys is None:
                 inputs = [s] * self.n_branches
-            else:
+            elif self.learning_masks:
+                # Dense products: the straight-through gradient of every mask entry, chosen or
+                # not, is <dL/du_i, y_k>; and no host sync on a GPU.
                 hard = self.binary_mask(block)
                 stacked = torch.stack(ys)  # (C, N, F, H, W)
-                selected = torch.einsum("ik,k...->i...", hard, stacked)
-                inputs = list(s + selected)
-                used = hard.detach().amax(dim=0)
-                s = s + torch.einsum("k,k...->...", used, stacked)
+                inputs = list(s + torch.einsum("ik,k...->i...", hard, stacked))
+                s = s + torch.einsum("k,k...->...", hard.detach().amax(dim=0), stacked)
+            else:
+                # Fixed top-K: add only the chosen outputs (C*K adds instead of a C*C product).
+                rows, used = self.selection(block)
+                inputs = [s + sum(ys[k] for k in row) for row in rows]
+                s = s + sum(ys[k] for k in used)
             ys = [f(u) for f, u in zip(block.branches, inputs)]
         return s if ys is None else s + torch.stack(ys).sum(dim=0)
 
