@@ -12,6 +12,7 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import NullFormatter
 
 from sweep.params import ARCHITECTURES
 
@@ -123,6 +124,9 @@ def plot_equivalence(pairs_df: pd.DataFrame, metrics=("train_loss", "val_loss"),
             if use_log:
                 ax.set_xscale("log")
                 ax.set_yscale("log")
+                # Minor labels on a short log range collide; the major ones suffice.
+                ax.xaxis.set_minor_formatter(NullFormatter())
+                ax.yaxis.set_minor_formatter(NullFormatter())
             ax.set_xlim(lo, hi)
             ax.set_ylim(lo, hi)
             ax.set_aspect("equal", adjustable="box")

@@ -161,7 +161,7 @@ def _figures(results, compare, pairs) -> list:
 
     paths = analysis.write_figures(results, compare=tuple(compare), pairs=pairs)
     for p in paths:
-        print(f"figure: {p}")
+        print(f"{'figure' if p.suffix in ('.png', '.pdf') else 'written'}: {p}")
     return paths
 
 
