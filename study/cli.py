@@ -183,6 +183,8 @@ def cmd_lesion(args) -> int:
 
     df, paths = run_lesion(args.results, data_dir=args.data_dir)
     print(f"lesions: {len(df)} evaluations")
+    for note in df.attrs.get("notes", []):
+        print(f"note: {note}")
     for p in paths:
         print(f"written: {p}")
     return 0

@@ -129,7 +129,12 @@ def run_lesion(results_dir: str | Path, data_dir: str | Path | None = None,
             continue
         if trial["dataset"] in bad_data:
             continue
-        model, saved_file = load_model(path, device)
+        try:
+            model, saved_file = load_model(path, device)
+        except Exception as e:  # truncated file, foreign format, mismatched state dict, ...
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            notes.append(f"cell {trial['cell_id']} skipped: cannot rebuild it from {path}: {first}")
+            continue
         config = saved_file["config"]
         try:
             d = _data.load(config["dataset"], data_dir, val_fraction=config["val_fraction"],

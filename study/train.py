@@ -142,6 +142,8 @@ def train_cell(config: dict, cell_id: str, opts: TrialOptions, attempt: int = 1,
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None and device.type == "cuda":
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         epochs = state["epochs"]
         start_epoch = state["epoch"] + 1
         wall_s = state["wall_s"]
@@ -187,6 +189,8 @@ def train_cell(config: dict, cell_id: str, opts: TrialOptions, attempt: int = 1,
         _save_checkpoint(ckpt_path, {
             "cell_id": cell_id, "epoch": epoch, "model": model.state_dict(),
             "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
+            # mask sampling (learned_connectivity) draws from the CUDA generator on a GPU
+            "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
             "epochs": epochs, "wall_s": wall_s})
         if report is not None:
             report({k: v for k, v in row.items() if k != "cell_id"})

@@ -51,7 +51,7 @@ PARAMS: dict[str, Param] = {
         Param("architecture", str, choices=ARCHITECTURES, help="model family"),
         Param("layers", int, minimum=1, help="conv layers inside the residual branches"),
         Param("filters", int, minimum=1, help="channels of every conv"),
-        Param("kernel", int, minimum=1, help="conv kernel size (odd keeps 'same' padding exact)"),
+        Param("kernel", int, minimum=1, help="conv kernel size ('same' padding, odd or even)"),
         Param("activation", str, default="relu", choices=ACTIVATIONS),
         Param("batch_norm", bool, default=False),
         Param("lr", float, default=1e-3, minimum=0.0),
@@ -66,7 +66,7 @@ PARAMS: dict[str, Param] = {
               architectures=tuple(a for a in ARCHITECTURES if a not in ("sequential",)),
               help="search the width so n_params is within 1% of the sequential twin"),
         # -- architecture-specific (zoo) parameters --
-        Param("gate", str, default="coupled", choices=("full", "coupled", "c_only", "t_only"),
+        Param("gate", str, default="coupled", choices=("full", "coupled", "c_only", "t_only", "residual"),
               architectures=("highway",)),
         Param("gate_bias", float, default=-2.0, architectures=("highway",)),
         Param("gate_kernel", int, default=1, minimum=1, architectures=("highway",)),

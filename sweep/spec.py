@@ -82,8 +82,14 @@ class Spec:
             cells = []
             for combo in itertools.product(*value_lists):
                 config = {"architecture": arch, **dict(zip(keys, combo))}
-                if arch == "learned_connectivity" and config.get("active_inputs") is None:
-                    config["active_inputs"] = max(1, config["branches"] // 2)
+                if arch == "learned_connectivity":
+                    if config.get("active_inputs") is None:
+                        config["active_inputs"] = max(1, config["branches"] // 2)
+                    elif config["active_inputs"] > config["branches"]:
+                        raise SpecError(
+                            f"spec error: active_inputs = {config['active_inputs']} exceeds "
+                            f"branches = {config['branches']} for learned_connectivity; "
+                            "a branch can sum at most all of the previous block's branches")
                 if any(_matches(config, ex) for ex in self.exclude):
                     continue
                 cells.append(Cell.from_config(config))

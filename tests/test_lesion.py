@@ -164,3 +164,13 @@ def test_rebuild_uses_filters_used(tmp_path):
     assert set(df["filters_used"]) == {width} and set(df["filters"]) == {8}
     intact = df[df["lesion"] == "intact"]["val_loss"].iloc[0]
     assert intact == pytest.approx(val_loss(model.eval(), data.val_x, data.val_y))
+
+
+def test_unreadable_weights_file_is_a_note_not_a_crash(tmp_path):
+    config = sweep.parse_spec(SPEC).cells()[0].config
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "bad.pt").write_bytes(b"not a torch file")
+    Store(tmp_path).write_result({**config, **_ids(config), "status": "ok",
+                                  "weights_path": "weights/bad.pt"}, epochs=[])
+    with pytest.raises(LesionError, match="cannot rebuild"):
+        run_lesion(tmp_path)

@@ -255,6 +255,23 @@ def test_match_params_off_keeps_the_width():
     assert match_width("parallel", {"layers": 2, "filters": 8, **COMMON}, 1, 10) == 8
 
 
+def test_match_params_search_leaves_the_seeded_init_alone():
+    # The width search builds on the meta device (no RNG draws) and is cached: a seeded
+    # build gives the same weights whether or not the search ran before in this process.
+    config = {"architecture": "deeply_fused", "layers": 3, "filters": 24, **COMMON,
+              "fuse_every": 2, "shallow": "conv", "match_params": True}
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(build_for_cell(config, 1, 10)[0].state_dict())
+    torch.manual_seed(0)
+    plain = build("deeply_fused", in_channels=1, n_classes=10,
+                  **{**{k: v for k, v in config.items() if k not in ("architecture", "match_params")},
+                     "filters": models[0]["head.weight"].shape[1]})
+    for sd in models[1:] + [plain.state_dict()]:
+        assert all(torch.equal(models[0][k], sd[k]) for k in sd)
+
+
 # -- every family learns ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def digits():

@@ -134,3 +134,9 @@ def test_sweep_imports_neither_torch_nor_ray():
             "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_active_inputs_cannot_exceed_branches():
+    with pytest.raises(SpecError, match="active_inputs = 5 exceeds branches = 4"):
+        parse_spec(BASE.replace('"parallel"]', '"learned_connectivity"]')
+                   + "[grid.learned_connectivity]\nbranches = 4\nactive_inputs = 5\n").cells()

@@ -138,3 +138,9 @@ def test_dataset_is_loaded_once_per_process():
     a = datasets.load("digits", None, 0.1, None)
     b = datasets.load("digits", None, 0.1, None)
     assert a is b
+
+
+def test_even_kernels_keep_the_shape():
+    for arch in ("sequential", "parallel"):
+        model, _ = build_for_cell({**BASE, "architecture": arch, "kernel": 4, "layers": 2}, 1, 10)
+        assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)

@@ -8,8 +8,8 @@ ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "sigmoid": nn.
 
 
 def conv_unit(filters: int, kernel: int, activation: str, batch_norm: bool) -> nn.Sequential:
-    """f(x) = act([BN](conv(x))): filters -> filters, 'same' padding."""
-    layers: list[nn.Module] = [nn.Conv2d(filters, filters, kernel, padding=kernel // 2,
+    """f(x) = act([BN](conv(x))): filters -> filters, 'same' padding (even kernels too)."""
+    layers: list[nn.Module] = [nn.Conv2d(filters, filters, kernel, padding="same",
                                          bias=not batch_norm)]
     if batch_norm:
         layers.append(nn.BatchNorm2d(filters))
@@ -29,7 +29,7 @@ class ConvNet(nn.Module):
                  activation: str):
         super().__init__()
         self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, filters, kernel, padding=kernel // 2),
+            nn.Conv2d(in_channels, filters, kernel, padding="same"),
             ACTIVATIONS[activation]())
         self.head = nn.Linear(filters, n_classes)
 
