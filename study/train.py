@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from . import __version__, data as datasets
 from .models import build_for_cell, n_params
 
-EVAL_BATCH = 2048
+# Evaluation batch: on a CPU large batches fall out of cache (2048 measured 2x slower than
+# 256 on MNIST-sized inputs); a GPU wants them large.
+EVAL_BATCH = {"cpu": 256, "cuda": 4096}
 
 
 @dataclass
@@ -83,12 +85,15 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
         return float("nan"), float("nan")
     was_training = model.training
     model.eval()
-    loss_sum, correct = 0.0, 0
-    for i in range(0, len(x), EVAL_BATCH):
-        logits = model(x[i:i + EVAL_BATCH])
-        yb = y[i:i + EVAL_BATCH]
-        loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
-        correct += (logits.argmax(1) == yb).sum().item()
+    loss_sum = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device, dtype=torch.long)
+    bs = EVAL_BATCH.get(x.device.type, 1024)
+    for i in range(0, len(x), bs):
+        logits = model(x[i:i + bs])
+        yb = y[i:i + bs]
+        loss_sum += F.cross_entropy(logits, yb, reduction="sum")
+        correct += (logits.argmax(1) == yb).sum()
+    loss_sum, correct = loss_sum.item(), correct.item()  # one device sync per split
     model.train(was_training)
     return loss_sum / len(x), correct / len(x)
 
