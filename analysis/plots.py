@@ -333,6 +333,7 @@ def plot_zoo(df: pd.DataFrame, metric: str = "val_loss", fig=None) -> Figure:
             ax.scatter(s["n_params"].astype(float), s[metric].astype(float), s=10, alpha=0.6,
                        linewidths=0, color=arch_color(arch), rasterized=True)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
         _auto_log(ax, sub[metric])
         ax.set_title(dataset_label(ds))
         ax.set_xlabel("parameters")
