@@ -99,21 +99,26 @@ def plan(spec: Spec, store: Store, retry_failed: bool = False) -> tuple[list[Cel
     return pending, counts
 
 
-def prepare(spec: Spec, store: Store) -> None:
-    """Checks that need no lock: folder writable, spec compatible with the saved one."""
-    store.ensure_writable()
+def preflight(spec: Spec, store: Store, opts: RunOptions) -> None:
+    """Checks that change nothing: the spec extends the saved one, the data is there (or is
+    downloaded), the folder is writable. A refusal leaves the store exactly as it was."""
+    from . import data as datasets
+
     if store.exists():
         old = parse_spec(store.spec_path.read_text(), origin=str(store.spec_path))
         spec.check_extends(old)
+    pending, _ = plan(spec, store, opts.retry_failed)
+    for name in sorted({c["dataset"] for c in pending}):
+        datasets.check_available(name, opts.data_dir, opts.download)
+    store.ensure_writable()
 
 
 def run_study(spec: Spec, opts: RunOptions, out=sys.stderr) -> RunSummary:
     """Run every pending cell of `spec` into the store at `opts.results_dir`."""
-    from . import data as datasets
     from .train import TrialOptions
 
     store = Store(opts.results_dir)
-    prepare(spec, store)
+    preflight(spec, store, opts)
     lock = DriverLock(store)
     stale = lock.acquire()
     try:
@@ -135,8 +140,6 @@ def run_study(spec: Spec, opts: RunOptions, out=sys.stderr) -> RunSummary:
             if not opts.quiet:
                 print(f"[study] nothing to run: all {total} cells are in {store.root}", file=out)
             return summary
-        for name in sorted({c["dataset"] for c in pending}):
-            datasets.check_available(name, opts.data_dir, opts.download)
 
         trial_opts = TrialOptions(
             results_dir=str(store.root.resolve()), study=spec.name,
