@@ -155,6 +155,7 @@ def train_cell(config: dict, cell_id: str, opts: TrialOptions, attempt: int = 1,
     resumed_from = start_epoch - 1
 
     n, bs = len(data.train_x), config["batch_size"]
+    check_each_batch = device.type == "cpu"
     diverged = None
     for epoch in range(start_epoch, config["epochs"] + 1):
         if _fault_matches(opts.inject_fault, config, epoch, attempt):
@@ -167,11 +168,16 @@ def train_cell(config: dict, cell_id: str, opts: TrialOptions, attempt: int = 1,
         perm = torch.randperm(n, generator=g).to(device)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
+        loss = torch.zeros(())
         for i in range(0, n, bs):
             idx = perm[i:i + bs]
             xb, yb = data.train_x[idx], data.train_y[idx]
             logits = model(xb)
             loss = F.cross_entropy(logits, yb)
+            # On a CPU checking every batch costs nothing, so a divergence stops at once; on a
+            # GPU that would sync every step, so the check waits for the epoch's end.
+            if check_each_batch and not math.isfinite(loss.item()):
+                break
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -180,7 +186,7 @@ def train_cell(config: dict, cell_id: str, opts: TrialOptions, attempt: int = 1,
             loss_sum += loss.detach() * len(idx)
             correct += (logits.argmax(1) == yb).sum()
         train_loss = loss_sum.item() / n  # one device sync per epoch, not per batch
-        if not math.isfinite(train_loss):
+        if not (math.isfinite(train_loss) and math.isfinite(loss.item())):
             diverged = f"non-finite training loss at epoch {epoch}"
             break
         val_loss, val_acc = evaluate(model, data.val_x, data.val_y)
