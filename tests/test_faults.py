@@ -158,7 +158,7 @@ def test_a_cell_raising_under_ray_is_retried_from_its_checkpoint(ray_session, tm
 def test_second_driver_refused_and_stale_lock_taken_over(tmp_path):
     spec_path = tmp_path / "slow.toml"
     spec_path.write_text(SLOW_SPEC.replace("layers = [1, 2, 3]", "layers = 1")
-                         .replace("filters = [4, 8]", "filters = 4").replace("epochs = 40", "epochs = 300")
+                         .replace("filters = [4, 8]", "filters = 4").replace("epochs = 40", "epochs = 600")
                          .replace("max_train_examples = 600", "max_train_examples = 200"))
     out = tmp_path / "res"
     first = subprocess.Popen(_cli("run", spec_path, "--results", out, "--executor", "local",
@@ -172,6 +172,10 @@ def test_second_driver_refused_and_stale_lock_taken_over(tmp_path):
         assert "started 20" in r.stderr and "Traceback" not in r.stderr
         r = run_cli("resume", out, "--executor", "local", "--no-figures")
         assert r.returncode == 3 and "in use by another driver" in r.stderr
+        # status sees the live driver and its cell in flight (from the lock and checkpoints)
+        _wait_for(lambda: Store(out).in_flight(), 60, "a checkpoint", first)
+        st = json.loads(run_cli("status", out, "--json").stdout)
+        assert st["running"] == 1 and st["driver"]["pid"] == first.pid and st["pending"] == 2, st
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
