@@ -89,10 +89,10 @@ def test_driver_sigkilled_mid_study_resumes_with_nothing_lost(tmp_path):
                       if (store.checkpoints_dir / f"{c}.pt").stat().st_size > 0]
             return (rows, flying) if rows and flying else None
         _wait_for(landed_and_in_flight, 240, "a landed row and a cell in flight", driver)
-        before = _parts(out / "trials")
         killed = kill_tree(driver.pid, marker=ray_tmp)  # the driver, Ray, its workers
         assert killed >= 2
         driver.wait(timeout=30)
+        before = _parts(out / "trials")  # every row written before the kill
     finally:
         kill_tree(driver.pid, marker=ray_tmp)
     interrupted = set(store.in_flight())
@@ -275,7 +275,7 @@ def test_worker_node_lost_mid_study(tmp_path):
 
         def two_nodes_ran_cells():
             df = store.read_trials()
-            return df["node_id"].nunique() >= 2 and len(df) < len(spec.cells()) - 2
+            return df["node_id"].nunique() >= 2 and len(df) <= len(spec.cells()) // 2
         _wait_for(two_nodes_ran_cells, 240, "cells from both nodes", driver)
         assert kill_tree(marker=f"{base}/w") >= 1  # the worker node's raylet and workers
         stdout, stderr = driver.communicate(timeout=400)
