@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
@@ -275,9 +276,10 @@ def test_worker_node_lost_mid_study(tmp_path):
 
         def two_nodes_ran_cells():
             df = store.read_trials()
-            return df["node_id"].nunique() >= 2 and len(df) <= len(spec.cells()) // 2
+            return df["node_id"].nunique() >= 2 and len(df) < len(spec.cells()) - 2
         _wait_for(two_nodes_ran_cells, 240, "cells from both nodes", driver)
         assert kill_tree(marker=f"{base}/w") >= 1  # the worker node's raylet and workers
+        killed_at = pd.Timestamp.now(tz="UTC")
         stdout, stderr = driver.communicate(timeout=400)
         assert driver.returncode == 0, stderr
     finally:
@@ -288,5 +290,5 @@ def test_worker_node_lost_mid_study(tmp_path):
     assert (df["status"] == "ok").all()
     assert df["node_id"].nunique() == 2 and (df["host"] == socket.gethostname()).all()
     # after the loss only the head node ran cells
-    last = df.sort_values("finished_at").tail(3)
-    assert last["node_id"].nunique() == 1
+    later = df[df["finished_at"] > killed_at + pd.Timedelta(seconds=1)]
+    assert len(later) >= 1 and later["node_id"].nunique() == 1
