@@ -8,12 +8,30 @@ import datetime as dt
 import json
 import logging
 import os
-import sys
 from typing import Callable
 
-from sweep import Cell
 
-from .train import TrialOptions, run_cell
+def _quiet_ray_env() -> None:
+    # Tune's per-trial CSV/JSON/TensorBoard loggers cost I/O per trial and duplicate what
+    # the Parquet store holds; our own progress line replaces Tune's table.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "1000")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_RESULT_BUFFER_LENGTH", "1")
+
+
+# Before Ray is imported: some of these are read at import time.
+_quiet_ray_env()
+
+import ray  # noqa: E402
+from ray import tune  # noqa: E402
+
+from sweep import Cell  # noqa: E402
+
+from .store import StoreError  # noqa: E402
+from .train import TrialOptions, run_cell  # noqa: E402
 
 Land = Callable[[dict, list[dict]], None]
 
@@ -51,31 +69,14 @@ def _decode(result: dict) -> tuple[dict, list[dict]]:
 
 def tune_trial(config: dict) -> None:
     """The Ray Tune function trainable: one cell, per-epoch reports, then the row."""
-    import ray
-    from ray import tune
-
     opts = TrialOptions(**config["opts"])
     node_id = ray.get_runtime_context().get_node_id()
     row, epochs = run_cell(config["cell"], opts, report=tune.report, node_id=node_id)
     tune.report({"final": 1, **_encode(row, epochs)})
 
 
-def _quiet_ray_env() -> None:
-    # Tune's per-trial CSV/JSON/TensorBoard loggers cost I/O per trial and duplicate what
-    # the Parquet store holds; our own progress line replaces Tune's table.
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "1000")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("TUNE_RESULT_BUFFER_LENGTH", "1")
-
-
 def ensure_ray(address: str | None, num_cpus: int | None = None) -> bool:
     """Connect to `address`, or start a local Ray in this process; True if we started it."""
-    _quiet_ray_env()
-    import ray
-
     if ray.is_initialized():
         return False
     kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
@@ -87,64 +88,47 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> bool:
     return True
 
 
-def _store_callback_class():
-    from ray import tune
+class StoreCallback(tune.Callback):
+    """Lands each finished cell in the store from the driver, as it finishes."""
 
-    global StoreCallback
-    if "StoreCallback" in globals():
-        return StoreCallback
+    def __init__(self, land: Land, progress, opts: TrialOptions, max_failures: int):
+        self.land, self.progress, self.opts, self.max_failures = land, progress, opts, max_failures
 
-    class StoreCallback(tune.Callback):
-        """Lands each finished cell in the store from the driver, as it finishes."""
+    def __getstate__(self):
+        # Tune pickles its callbacks with the experiment; ours hold the live driver
+        # (streams, the store) and are never restored from Tune's state: our store is.
+        return {}
 
-        def __init__(self, land: Land, progress, opts: TrialOptions, max_failures: int):
-            self.land, self.progress, self.opts, self.max_failures = land, progress, opts, max_failures
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.progress.running += 1
+        self.progress.tick()
 
-        def __getstate__(self):
-            # Tune pickles its callbacks with the experiment; ours hold the live driver
-            # (streams, the store) and are never restored from Tune's state: our store is.
-            return {}
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "row_json" in result:
+            self.land(*_decode(result))
+        self.progress.tick()
 
-        def on_trial_start(self, iteration, trials, trial, **info):
-            self.progress.running += 1
-            self.progress.tick()
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.progress.running = max(0, self.progress.running - 1)
 
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            if "row_json" in result:
-                self.land(*_decode(result))
-            self.progress.tick()
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self.progress.running = max(0, self.progress.running - 1)
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            # Ray gave up on the trial (its worker died more than max_failures times):
-            # record it as failed so the study goes on; --retry-failed runs it again.
-            self.progress.running = max(0, self.progress.running - 1)
-            cell = trial.config["cell"]
-            err = getattr(trial, "error_message", None) or "Ray trial failed (worker lost)"
-            lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
-            row = {**cell["config"], "cell_id": cell["cell_id"], "pair_key": cell["pair_key"],
-                   "study": self.opts.study, "status": "failed",
-                   "error": lines[-1] if lines else "Ray trial failed",
-                   "attempts": self.max_failures + 1, "epochs_done": 0}
-            self.land(row, [])
-
-    StoreCallback.__module__ = __name__
-    StoreCallback.__qualname__ = "StoreCallback"
-    return StoreCallback
+    def on_trial_error(self, iteration, trials, trial, **info):
+        # Ray gave up on the trial (its worker died more than max_failures times):
+        # record it as failed so the study goes on; --retry-failed runs it again.
+        self.progress.running = max(0, self.progress.running - 1)
+        cell = trial.config["cell"]
+        err = getattr(trial, "error_message", None) or "Ray trial failed (worker lost)"
+        lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+        row = {**cell["config"], "cell_id": cell["cell_id"], "pair_key": cell["pair_key"],
+               "study": self.opts.study, "status": "failed",
+               "error": lines[-1] if lines else "Ray trial failed",
+               "attempts": self.max_failures + 1, "epochs_done": 0}
+        self.land(row, [])
 
 
 def run_ray(pending: list[Cell], opts: TrialOptions, land: Land, progress, run_opts, store) -> None:
-    _quiet_ray_env()
     started = ensure_ray(run_opts.address)
     # Tune's end-of-run summary looks for the per-trial files we switched off above.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
-    import ray
-    from ray import tune
-
-    from .store import StoreError
-
     store_errors: list[StoreError] = []
 
     def land_or_stop(row: dict, epochs: list[dict]) -> None:
@@ -156,7 +140,7 @@ def run_ray(pending: list[Cell], opts: TrialOptions, land: Land, progress, run_o
             store_errors.append(e)
             raise
 
-    callback = _store_callback_class()(land_or_stop, progress, opts, run_opts.max_failures)
+    callback = StoreCallback(land_or_stop, progress, opts, run_opts.max_failures)
 
     resources = {"cpu": run_opts.cpus_per_trial, "gpu": run_opts.gpus_per_trial}
     trainable = tune.with_resources(tune_trial, resources)
