@@ -34,7 +34,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-failures", type=int, default=2,
                    help="retries of a cell that raises before it is recorded as failed")
     p.add_argument("--retry-failed", action="store_true", help="run cells recorded as failed again")
-    p.add_argument("--no-figures", action="store_true", help="skip drawing figures at the end")
+    p.add_argument("--no-figures", action="store_true",
+                   help="skip the figures, tables and report drawn at the end")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
@@ -118,7 +119,7 @@ def _run(spec, results: Path, args) -> int:
     print(f"trials: {store.trials_dir}")
     print(f"epochs: {store.epochs_dir}")
     if not args.no_figures:
-        _figures(results, ("sequential", "parallel"), None)
+        _outputs(results, ("sequential", "parallel"), None, report=True)
     return 1 if summary.failed else 0
 
 
@@ -156,25 +157,29 @@ def cmd_status(args) -> int:
     return 0
 
 
-def _figures(results, compare, pairs) -> list:
+def _outputs(results, compare, pairs, report: bool) -> None:
+    """Draw the figures and tables (and the report, which embeds them) and print the paths."""
     import analysis
 
-    paths = analysis.write_figures(results, compare=tuple(compare), pairs=pairs)
+    if report:
+        html = analysis.write_report(results, compare=tuple(compare), pairs=pairs)
+        paths = sorted(p for p in (Path(results) / "figures").iterdir() if p.is_file())
+    else:
+        paths = analysis.write_figures(results, compare=tuple(compare), pairs=pairs)
     for p in paths:
         print(f"{'figure' if p.suffix in ('.png', '.pdf') else 'written'}: {p}")
-    return paths
+    if report:
+        print(f"report: {html}")
 
 
 def cmd_figures(args) -> int:
     pairs = [p for p in args.pairs.split(",") if p] if args.pairs else None
-    _figures(Path(args.results), args.compare, pairs)
+    _outputs(Path(args.results), args.compare, pairs, report=False)
     return 0
 
 
 def cmd_report(args) -> int:
-    import analysis
-
-    print(f"report: {analysis.write_report(Path(args.results), compare=tuple(args.compare))}")
+    _outputs(Path(args.results), args.compare, None, report=True)
     return 0
 
 

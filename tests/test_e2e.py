@@ -52,6 +52,7 @@ def test_cli_run_plan_status_and_rerun(tiny_spec, tmp_path):
     assert "cells done" in r.stderr  # the progress line
     figures = [line.split(": ", 1)[1] for line in r.stdout.splitlines() if line.startswith("figure: ")]
     assert any(f.endswith(".png") for f in figures)
+    assert f"report: {out / 'report.html'}" in r.stdout and (out / "report.html").stat().st_size > 0
     assert all((tmp_path / f).exists() or __import__("pathlib").Path(f).exists() for f in figures)
 
     r = run_cli("plan", tiny_spec, "--results", out)
