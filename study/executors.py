@@ -8,6 +8,7 @@ import datetime as dt
 import json
 import logging
 import os
+import shutil
 from typing import Callable
 
 
@@ -169,5 +170,5 @@ def run_ray(pending: list[Cell], opts: TrialOptions, land: Land, progress, run_o
     finally:
         if started:
             ray.shutdown()
-        from .runner import clean_tune_dir
-        clean_tune_dir(store)
+        # Tune's own bookkeeping: our store is the record of the study.
+        shutil.rmtree(store.root / ".tune", ignore_errors=True)

@@ -7,7 +7,6 @@ folder for rows, and there is a single writer under the driver lock).
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -212,10 +211,6 @@ def status(store: Store) -> dict:
         "eta_compute_s": None if mean_s is None else mean_s * pending,
         "driver": holder if driver_alive else None,
     }
-
-
-def clean_tune_dir(store: Store) -> None:
-    shutil.rmtree(store.root / ".tune", ignore_errors=True)
 
 
 __all__ = ["RunOptions", "RunSummary", "run_study", "plan", "status"]

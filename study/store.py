@@ -211,10 +211,6 @@ class Store:
     def read_epochs(self, quarantine: bool = False, report: ReadReport | None = None) -> pd.DataFrame:
         return self._read(self.epochs_dir, schema.EPOCHS, quarantine, report).to_pandas()
 
-    def finished_ids(self, statuses=("ok", "diverged", "failed")) -> set[str]:
-        df = self.read_trials()
-        return set(df.loc[df["status"].isin(statuses), "cell_id"])
-
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)

@@ -13,7 +13,7 @@ import os
 import socket
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from . import __version__, data as datasets
 from .models import build_for_cell, n_params
+from .store import Store
 
 # Evaluation batch: on a CPU large batches fall out of cache (2048 measured 2x slower than
 # 256 on MNIST-sized inputs); a GPU wants them large.
@@ -42,7 +43,6 @@ class TrialOptions:
     # Test hook: "key=value[,key=value]@EPOCH[xTIMES]" raises in matching cells at EPOCH on
     # the first TIMES attempts (default: every attempt). Set from STUDY_INJECT_FAULT.
     inject_fault: str | None = None
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -138,7 +138,8 @@ def train_cell(config: dict, cell_id: str, opts: TrialOptions, attempt: int = 1,
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
 
-    ckpt_path = Path(opts.results_dir) / "checkpoints" / f"{cell_id}.pt"
+    store = Store(opts.results_dir)
+    ckpt_path = store.checkpoint_path(cell_id)
     ckpt_path.parent.mkdir(parents=True, exist_ok=True)
     epochs: list[dict] = []
     start_epoch, wall_s = 1, 0.0
@@ -223,9 +224,8 @@ def train_cell(config: dict, cell_id: str, opts: TrialOptions, attempt: int = 1,
     result["wall_s"] = wall_s + time.perf_counter() - t0
     result["status"] = "ok"
     if opts.save_weights:
-        wdir = Path(opts.results_dir) / "weights"
-        wdir.mkdir(parents=True, exist_ok=True)
-        if _save_checkpoint(wdir / f"{cell_id}.pt", {
+        store.weights_dir.mkdir(parents=True, exist_ok=True)
+        if _save_checkpoint(store.weights_path(cell_id), {
                 "state_dict": model.state_dict(), "config": config, "filters_used": filters_used,
                 "in_channels": data.in_channels, "n_classes": data.n_classes}):
             result["weights_path"] = f"weights/{cell_id}.pt"
@@ -259,11 +259,11 @@ def run_cell(cell: dict, opts: TrialOptions, report: Callable[[dict], None] | No
             break
         except Exception as e:  # noqa: BLE001 - any error of the cell's own is recorded
             last_error = _last_line(e)
-            if device_is_cuda() and "out of memory" in last_error.lower():
+            if torch.cuda.is_available() and "out of memory" in last_error.lower():
                 torch.cuda.empty_cache()
     if result is None:
         result = {"status": "failed", "error": last_error, "epochs_done": 0}
-        ckpt = _load_checkpoint(Path(opts.results_dir) / "checkpoints" / f"{cell_id}.pt", cell_id)
+        ckpt = _load_checkpoint(Store(opts.results_dir).checkpoint_path(cell_id), cell_id)
         if ckpt is not None:
             epochs = ckpt["epochs"]
             result["epochs_done"] = len(epochs)
@@ -273,7 +273,3 @@ def run_cell(cell: dict, opts: TrialOptions, report: Callable[[dict], None] | No
            "torch_version": torch.__version__, "project_version": __version__}
     row.setdefault("device", str(_pick_device(opts.device)))
     return row, epochs
-
-
-def device_is_cuda() -> bool:
-    return torch.cuda.is_available()

@@ -34,7 +34,11 @@ class ConvNet(nn.Module):
         self.head = nn.Linear(filters, n_classes)
 
     def body(self, x: torch.Tensor, order: list[int] | None = None) -> torch.Tensor:
-        raise NotImplementedError
+        """Apply the blocks one after another (families whose blocks hold the whole layer map:
+        plain, highway, deeply_fused); wirings that differ override this."""
+        for i in range(len(self.blocks)) if order is None else order:
+            x = self.blocks[i](x)
+        return x
 
     def forward(self, x: torch.Tensor, order: list[int] | None = None) -> torch.Tensor:
         h = self.body(self.stem(x), order)

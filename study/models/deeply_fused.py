@@ -52,11 +52,6 @@ class DeeplyFusedNet(ConvNet):
                         batch_norm, shallow)
             for b in range(n_blocks))
 
-    def body(self, x: torch.Tensor, order: list[int] | None = None) -> torch.Tensor:
-        for i in range(len(self.blocks)) if order is None else order:
-            x = self.blocks[i](x)
-        return x
-
 
 @register("deeply_fused")
 def deeply_fused(**kw) -> DeeplyFusedNet:

@@ -71,11 +71,6 @@ class HighwayNet(ConvNet):
             HighwayLayer(filters, kernel, activation, batch_norm, gate, gate_bias, gate_kernel)
             for _ in range(layers))
 
-    def body(self, x: torch.Tensor, order: list[int] | None = None) -> torch.Tensor:
-        for i in range(len(self.blocks)) if order is None else order:
-            x = self.blocks[i](x)
-        return x
-
 
 @register("highway")
 def highway(**kw) -> HighwayNet:

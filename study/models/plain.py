@@ -6,7 +6,6 @@ input past it.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 
 from . import register
@@ -19,11 +18,6 @@ class PlainNet(ConvNet):
         super().__init__(in_channels, n_classes, filters, kernel, activation)
         self.blocks = nn.ModuleList(conv_unit(filters, kernel, activation, batch_norm)
                                     for _ in range(layers))
-
-    def body(self, x: torch.Tensor, order: list[int] | None = None) -> torch.Tensor:
-        for i in range(len(self.blocks)) if order is None else order:
-            x = self.blocks[i](x)
-        return x
 
 
 @register("plain")
