@@ -22,7 +22,7 @@ from sweep.params import ARCH_SPECIFIC
 
 from . import data as _data
 from .errors import DatasetError
-from .models import build, model_kwargs
+from .models import build, image_size_for, model_kwargs
 from .store import Store, StoreError
 
 # Families whose blocks cannot be dropped or reordered meaningfully: why (becomes a note).
@@ -70,7 +70,8 @@ def load_model(path: Path, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
     """Rebuild a cell's model from its weights file (train.py's format) in eval mode."""
     saved = torch.load(path, map_location=device, weights_only=True)
     config = saved["config"]
-    kw = {**model_kwargs(config), "filters": int(saved["filters_used"])}
+    kw = {**model_kwargs(config), "filters": int(saved["filters_used"]),
+          "image_size": image_size_for(config, saved.get("image_size"))}
     model = build(config["architecture"], in_channels=int(saved["in_channels"]),
                   n_classes=int(saved["n_classes"]), **kw)
     model.load_state_dict(saved["state_dict"])

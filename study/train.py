@@ -134,7 +134,8 @@ def train_cell(config: dict, cell_id: str, opts: TrialOptions, attempt: int = 1,
                          config.get("max_train_examples"), device, opts.download)
 
     torch.manual_seed(config["seed"])  # same seed -> same initial weights for twins
-    model, filters_used = build_for_cell(config, data.in_channels, data.n_classes)
+    image_size = tuple(data.train_x.shape[-2:])
+    model, filters_used = build_for_cell(config, data.in_channels, data.n_classes, image_size)
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
 
@@ -227,7 +228,8 @@ def train_cell(config: dict, cell_id: str, opts: TrialOptions, attempt: int = 1,
         store.weights_dir.mkdir(parents=True, exist_ok=True)
         if _save_checkpoint(store.weights_path(cell_id), {
                 "state_dict": model.state_dict(), "config": config, "filters_used": filters_used,
-                "in_channels": data.in_channels, "n_classes": data.n_classes}):
+                "in_channels": data.in_channels, "n_classes": data.n_classes,
+                "image_size": list(image_size)}):
             result["weights_path"] = f"weights/{cell_id}.pt"
     return result, epochs
 

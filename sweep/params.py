@@ -20,6 +20,37 @@ ARCHITECTURES = (
     "learned_connectivity",
 )
 ACTIVATIONS = ("relu", "tanh", "gelu", "sigmoid")
+HEADS = ("flatten", "gap")
+POOLS = (1, 2, 4)
+
+
+@dataclass(frozen=True)
+class DatasetSize:
+    """What is known of a dataset without its files: the sizes `study plan` needs for Q."""
+    train: int  # full training split, before the validation split
+    test: int
+    classes: int
+    channels: int
+    height: int
+    width: int
+
+
+# digits has no official split: study/data.py holds out 1797 // 5 = 359 images for test.
+DATASET_SIZES: dict[str, DatasetSize] = {
+    "digits": DatasetSize(train=1438, test=359, classes=10, channels=1, height=8, width=8),
+    "mnist": DatasetSize(train=60_000, test=10_000, classes=10, channels=1, height=28, width=28),
+    "fashion_mnist": DatasetSize(train=60_000, test=10_000, classes=10, channels=1, height=28,
+                                 width=28),
+    "cifar10": DatasetSize(train=50_000, test=10_000, classes=10, channels=3, height=32, width=32),
+}
+
+
+def n_train_examples(dataset: str, val_fraction: float, max_train_examples: int | None) -> int:
+    """Training examples a cell gets: the split of study/data.py (round(n * val_fraction)
+    held out for validation), then capped at max_train_examples."""
+    n = DATASET_SIZES[dataset].train
+    n -= int(round(n * val_fraction))
+    return n if max_train_examples is None else min(n, max_train_examples)
 
 
 @dataclass(frozen=True)
@@ -54,6 +85,11 @@ PARAMS: dict[str, Param] = {
         Param("kernel", int, minimum=1, help="conv kernel size ('same' padding, odd or even)"),
         Param("activation", str, default="relu", choices=ACTIVATIONS),
         Param("batch_norm", bool, default=False),
+        Param("head", str, default="flatten", choices=HEADS,
+              help="classifier: flatten (conv features flattened into the linear layer) or "
+                   "gap (global average pool, then the linear layer)"),
+        Param("pool", int, default=2, choices=POOLS,
+              help="max-pool window (and stride) between the stem and the body; 1 = none"),
         Param("lr", float, default=1e-3, minimum=0.0),
         Param("weight_decay", float, default=1e-4, minimum=0.0),
         Param("batch_size", int, default=256, minimum=1),

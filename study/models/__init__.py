@@ -41,37 +41,61 @@ def n_params(model: nn.Module) -> int:
 
 
 # Keys of a cell's config that are model hyper-parameters (the rest is training set-up).
-COMMON_KEYS = ("layers", "filters", "kernel", "activation", "batch_norm")
+# head and pool shape the stem and classifier every family shares (common.ConvNet).
+COMMON_KEYS = ("layers", "filters", "kernel", "activation", "batch_norm", "head", "pool")
 
 
 def model_kwargs(config: dict) -> dict:
-    """A cell's config -> builder keyword arguments (common keys + its architecture's own)."""
+    """A cell's config -> builder keyword arguments (common keys + its architecture's own).
+
+    A common key missing from the config takes its default from the parameter table."""
     from sweep.params import PARAMS
 
-    kw = {k: config[k] for k in COMMON_KEYS}
+    kw = {k: config[k] if k in config else PARAMS[k].default for k in COMMON_KEYS}
     for name, p in PARAMS.items():
         if p.architectures is not None and name != "match_params" and name in config:
             kw[name] = config[name]
     return kw
 
 
-def build_for_cell(config: dict, in_channels: int, n_classes: int) -> tuple[nn.Module, int]:
+def image_size_for(config: dict, image_size=None) -> tuple[int, int]:
+    """The inputs' (height, width): as given, else the known size of the cell's dataset."""
+    if image_size is not None:
+        return int(image_size[0]), int(image_size[1])
+    from sweep.params import DATASET_SIZES
+
+    ds = DATASET_SIZES.get(config.get("dataset"))
+    if ds is None:
+        raise ValueError(f"image size of dataset {config.get('dataset')!r} unknown; "
+                         "pass image_size=(height, width)")
+    return ds.height, ds.width
+
+
+def build_for_cell(config: dict, in_channels: int, n_classes: int,
+                   image_size: tuple[int, int] | None = None) -> tuple[nn.Module, int]:
     """Build the model of one cell; returns (model, filters actually used).
 
+    `image_size` (height, width) defaults to the known size of the cell's dataset.
     With match_params the width is searched so that n_params is as close as integer widths
     allow to the `sequential` twin's (same layers, filters, kernel, ...): see `match_width`.
     """
     kw = model_kwargs(config)
+    kw["image_size"] = image_size_for(config, image_size)
     if config.get("match_params"):
         kw["filters"] = match_width(config["architecture"], kw, in_channels, n_classes)
     return build(config["architecture"], in_channels=in_channels, n_classes=n_classes, **kw), kw["filters"]
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=16384)
 def _count(name: str, in_channels: int, n_classes: int, kw_items: tuple) -> int:
     # Built on the meta device: shapes only, no memory, no initialisation work.
     with torch.device("meta"):
         return n_params(build(name, in_channels=in_channels, n_classes=n_classes, **dict(kw_items)))
+
+
+def count_params(name: str, kw: dict, in_channels: int, n_classes: int) -> int:
+    """n_params of build(name, **kw) without building it for real (cached)."""
+    return _count(name, in_channels, n_classes, tuple(sorted(kw.items())))
 
 
 def match_width(name: str, kw: dict, in_channels: int, n_classes: int) -> int:
@@ -82,8 +106,9 @@ def match_width(name: str, kw: dict, in_channels: int, n_classes: int) -> int:
     whose matched width is ~filters/sqrt(C)) may only get the closest count; ties go to the
     narrower width.
     """
+    skeleton = [k for k in ("image_size",) if k in kw]
     target = _count("sequential", in_channels, n_classes,
-                    tuple((k, kw[k]) for k in COMMON_KEYS))
+                    tuple(sorted((k, kw[k]) for k in (*COMMON_KEYS, *skeleton) if k in kw)))
 
     def count(width: int) -> int:
         return _count(name, in_channels, n_classes, tuple(sorted({**kw, "filters": width}.items())))

@@ -44,8 +44,9 @@ class FusionBlock(nn.Module):
 class DeeplyFusedNet(ConvNet):
     def __init__(self, in_channels: int, n_classes: int, layers: int, filters: int, kernel: int,
                  activation: str = "relu", batch_norm: bool = False, fuse_every: int = 2,
-                 shallow: str = "conv"):
-        super().__init__(in_channels, n_classes, filters, kernel, activation)
+                 shallow: str = "conv",
+                 **skeleton):
+        super().__init__(in_channels, n_classes, filters, kernel, activation, **skeleton)
         n_blocks = math.ceil(layers / fuse_every)
         self.blocks = nn.ModuleList(
             FusionBlock(min(fuse_every, layers - b * fuse_every), filters, kernel, activation,

@@ -64,8 +64,9 @@ class HighwayLayer(nn.Module):
 class HighwayNet(ConvNet):
     def __init__(self, in_channels: int, n_classes: int, layers: int, filters: int, kernel: int,
                  activation: str = "relu", batch_norm: bool = False, gate: str = "coupled",
-                 gate_bias: float = -2.0, gate_kernel: int = 1):
-        super().__init__(in_channels, n_classes, filters, kernel, activation)
+                 gate_bias: float = -2.0, gate_kernel: int = 1,
+                 **skeleton):
+        super().__init__(in_channels, n_classes, filters, kernel, activation, **skeleton)
         self.gate = gate
         self.blocks = nn.ModuleList(
             HighwayLayer(filters, kernel, activation, batch_norm, gate, gate_bias, gate_kernel)

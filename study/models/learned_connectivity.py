@@ -49,8 +49,9 @@ class LearnedConnectivityNet(ConvNet):
 
     def __init__(self, in_channels: int, n_classes: int, layers: int, filters: int, kernel: int,
                  activation: str = "relu", batch_norm: bool = False, branches: int = 4,
-                 active_inputs: int | None = None):
-        super().__init__(in_channels, n_classes, filters, kernel, activation)
+                 active_inputs: int | None = None,
+                 **skeleton):
+        super().__init__(in_channels, n_classes, filters, kernel, activation, **skeleton)
         k = max(1, branches // 2) if active_inputs is None else active_inputs
         if not 1 <= k <= branches:
             raise ValueError(f"learned_connectivity needs 1 <= active_inputs <= branches, "

@@ -53,8 +53,9 @@ class MergeAndRunBlock(nn.Module):
 
 class MergeAndRunNet(ConvNet):
     def __init__(self, in_channels: int, n_classes: int, layers: int, filters: int, kernel: int,
-                 activation: str = "relu", batch_norm: bool = False, branches: int = 2):
-        super().__init__(in_channels, n_classes, filters, kernel, activation)
+                 activation: str = "relu", batch_norm: bool = False, branches: int = 2,
+                 **skeleton):
+        super().__init__(in_channels, n_classes, filters, kernel, activation, **skeleton)
         self.n_streams = branches
         n_blocks = math.ceil(layers / branches)
         self.blocks = nn.ModuleList(

@@ -14,8 +14,9 @@ from .common import ConvNet, conv_unit
 
 class PlainNet(ConvNet):
     def __init__(self, in_channels: int, n_classes: int, layers: int, filters: int, kernel: int,
-                 activation: str = "relu", batch_norm: bool = False):
-        super().__init__(in_channels, n_classes, filters, kernel, activation)
+                 activation: str = "relu", batch_norm: bool = False,
+                 **skeleton):
+        super().__init__(in_channels, n_classes, filters, kernel, activation, **skeleton)
         self.blocks = nn.ModuleList(conv_unit(filters, kernel, activation, batch_norm)
                                     for _ in range(layers))
 

@@ -15,8 +15,9 @@ from .common import ConvNet, conv_unit
 
 class ResidualNet(ConvNet):
     def __init__(self, in_channels: int, n_classes: int, layers: int, filters: int, kernel: int,
-                 activation: str = "relu", batch_norm: bool = False, wiring: str = "sequential"):
-        super().__init__(in_channels, n_classes, filters, kernel, activation)
+                 activation: str = "relu", batch_norm: bool = False, wiring: str = "sequential",
+                 **skeleton):
+        super().__init__(in_channels, n_classes, filters, kernel, activation, **skeleton)
         self.wiring = wiring
         self.blocks = nn.ModuleList(conv_unit(filters, kernel, activation, batch_norm)
                                     for _ in range(layers))
