@@ -100,6 +100,9 @@ def cmd_plan(args) -> int:
     print(f"results: {store.root}: {len(df)} done ({counts.get('ok', 0)} ok, "
           f"{counts.get('failed', 0)} failed, {counts.get('diverged', 0)} diverged), "
           f"{len(cells) - len(df)} pending")
+    from .coverage import format_coverage, q_coverage
+
+    print("\n".join(format_coverage(q_coverage(cells))))
     return 0
 
 

@@ -13,13 +13,18 @@ import torch
 import torch.nn as nn
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+# Families built from exactly the same modules as another (only the wiring differs): their
+# parameter counts are the other's, so counting (study plan's Q coverage) builds one of them.
+_PARAMS_LIKE: dict[str, str] = {}
 
 
-def register(name: str):
+def register(name: str, params_like: str | None = None):
     def deco(builder):
         if name in _REGISTRY:
             raise ValueError(f"architecture {name!r} is registered twice")
         _REGISTRY[name] = builder
+        if params_like is not None:
+            _PARAMS_LIKE[name] = params_like
         return builder
     return deco
 
@@ -95,7 +100,7 @@ def _count(name: str, in_channels: int, n_classes: int, kw_items: tuple) -> int:
 
 def count_params(name: str, kw: dict, in_channels: int, n_classes: int) -> int:
     """n_params of build(name, **kw) without building it for real (cached)."""
-    return _count(name, in_channels, n_classes, tuple(sorted(kw.items())))
+    return _count(_PARAMS_LIKE.get(name, name), in_channels, n_classes, tuple(sorted(kw.items())))
 
 
 def match_width(name: str, kw: dict, in_channels: int, n_classes: int) -> int:

@@ -39,6 +39,6 @@ def sequential(**kw) -> ResidualNet:
     return ResidualNet(wiring="sequential", **kw)
 
 
-@register("parallel")
+@register("parallel", params_like="sequential")
 def parallel(**kw) -> ResidualNet:
     return ResidualNet(wiring="parallel", **kw)
