@@ -11,6 +11,9 @@ from study.models import build, build_for_cell, list_models, match_width, n_para
 from study.models.merge_and_run import merge_matrix
 
 COMMON = dict(kernel=3, activation="relu", batch_norm=False)
+# The stem and head every family shares; 8x8 inputs as in digits.
+SKELETON = dict(head="flatten", pool=2, image_size=(8, 8))
+STEMS_AND_HEADS = [(h, p) for h in ("flatten", "gap") for p in (1, 2, 4)]
 VARIANTS = [("sequential", {}), ("parallel", {}), ("plain", {}),
             *[("highway", {"gate": g}) for g in ("full", "coupled", "c_only", "t_only")],
             ("merge_and_run", {}), ("deeply_fused", {}), ("deeply_fused", {"shallow": "identity"}),
@@ -20,7 +23,7 @@ VARIANTS = [("sequential", {}), ("parallel", {}), ("plain", {}),
 def _net(name, layers=3, filters=4, in_channels=1, seed=0, **extra):
     torch.manual_seed(seed)
     return build(name, in_channels=in_channels, n_classes=10, layers=layers, filters=filters,
-                 **COMMON, **extra)
+                 **COMMON, **{**SKELETON, **extra})
 
 
 def _x(n=5, c=1, hw=8, seed=1):
@@ -35,7 +38,7 @@ def test_every_architecture_is_registered():
 
 def test_unknown_name_raises_keyerror_listing_known():
     with pytest.raises(KeyError) as e:
-        build("resnet", in_channels=1, n_classes=10, layers=1, filters=4, **COMMON)
+        build("resnet", in_channels=1, n_classes=10, layers=1, filters=4, **COMMON, **SKELETON)
     for name in list_models():
         assert name in str(e.value)
 
@@ -56,14 +59,42 @@ def test_sequential_and_parallel_have_identical_n_params(layers):
     assert n_params(_net("sequential", layers)) == n_params(_net("parallel", layers))
 
 
-def test_sequential_and_parallel_coincide_at_one_layer():
-    x = _x()
-    assert torch.equal(_net("sequential", 1, seed=3)(x), _net("parallel", 1, seed=3)(x))
+@pytest.mark.parametrize("head,pool", STEMS_AND_HEADS)
+def test_sequential_and_parallel_coincide_at_one_layer(head, pool):
+    x = _x(hw=28)
+    kw = dict(head=head, pool=pool, image_size=(28, 28))
+    deep, shallow = _net("sequential", 1, seed=3, **kw), _net("parallel", 1, seed=3, **kw)
+    for a, b in zip(deep.state_dict().values(), shallow.state_dict().values()):
+        assert torch.equal(a, b)
+    assert torch.equal(deep(x), shallow(x))
+
+
+@pytest.mark.parametrize("head,pool", STEMS_AND_HEADS)
+@pytest.mark.parametrize("name,extra", VARIANTS)
+def test_every_family_shares_stem_and_head(name, extra, head, pool):
+    # Same stem and classifier in every family, so n_params differs only by the body.
+    kw = dict(head=head, pool=pool, image_size=(28, 28), filters=4)
+    net, ref = _net(name, **extra, **kw), _net("sequential", **kw)
+    assert n_params(net.stem) == n_params(ref.stem) and n_params(net.head) == n_params(ref.head)
+    side = 28 // pool
+    assert net.head.in_features == (4 * side * side if head == "flatten" else 4)
+    assert net(_x(hw=28)).shape == (5, 10)
+
+
+def test_pool_and_head_validation():
+    with pytest.raises(ValueError, match="unknown head 'avg'; known: flatten, gap"):
+        _net("sequential", head="avg")
+    with pytest.raises(ValueError, match="image_size"):
+        _net("sequential", image_size=None)
+    with pytest.raises(ValueError, match="smaller pool"):
+        _net("sequential", pool=4, image_size=(2, 2))
 
 
 # -- highway ----------------------------------------------------------------------------------
-def test_highway_residual_gate_is_the_residual_layer():
-    seq, hw = _net("sequential", 3, seed=5), _net("highway", 3, seed=5, gate="residual")
+@pytest.mark.parametrize("head,pool", STEMS_AND_HEADS)
+def test_highway_residual_gate_is_the_residual_layer(head, pool):
+    kw = dict(head=head, pool=pool)
+    seq, hw = _net("sequential", 3, seed=5, **kw), _net("highway", 3, seed=5, gate="residual", **kw)
     assert n_params(hw) == n_params(seq)
     hw.stem.load_state_dict(seq.stem.state_dict())
     hw.head.load_state_dict(seq.head.state_dict())
@@ -115,10 +146,12 @@ def test_merge_matrix_is_idempotent():
         assert torch.allclose(m @ m, m, atol=1e-7)
 
 
-def test_merge_and_run_block_with_zero_branches_is_the_idempotent_merge():
+@pytest.mark.parametrize("head,pool", STEMS_AND_HEADS)
+def test_merge_and_run_block_with_zero_branches_is_the_idempotent_merge(head, pool):
     k = 3
-    net = _net("merge_and_run", layers=6, branches=k)
-    assert len(net.blocks) == 2 and n_params(net) == n_params(_net("sequential", 6))
+    kw = dict(head=head, pool=pool)
+    net = _net("merge_and_run", layers=6, branches=k, **kw)
+    assert len(net.blocks) == 2 and n_params(net) == n_params(_net("sequential", 6, **kw))
     block = net.blocks[0]
     with torch.no_grad():
         for p in block.branches.parameters():
@@ -131,6 +164,13 @@ def test_merge_and_run_block_with_zero_branches_is_the_idempotent_merge():
     flat = torch.cat([s.reshape(-1) for s in streams])
     got = torch.cat([o.reshape(-1) for o in once])
     assert torch.allclose(merge_matrix(k, streams[0].numel()) @ flat, got, atol=1e-6)
+    # With every branch zero the whole body is the merge applied again and again: K copies
+    # of the stem output, summed.
+    with torch.no_grad():
+        for p in net.blocks.parameters():
+            p.zero_()
+    x = _x()
+    assert torch.allclose(net.body(net.stem(x)), k * net.stem(x), atol=1e-6)
 
 
 def test_merge_and_run_uneven_layers_keep_sequential_budget():
@@ -151,7 +191,7 @@ def test_deeply_fused_is_a_residual_net_with_long_branches(shallow):
         for f in block.deep:
             branch = f(branch)
         h = branch + (h if shallow == "identity" else block.shallow(h))
-    expect = net.head(h.mean(dim=(2, 3)))
+    expect = net.head(net.features(h))
     assert torch.allclose(net(x), expect, atol=1e-6)
     if shallow == "identity":
         assert n_params(net) == n_params(_net("sequential", 5))
@@ -162,7 +202,7 @@ def _resnext(net, x):
     h = net.stem(x)
     for block in net.blocks:
         h = h + sum(f(h) for f in block.branches)
-    return net.head(h.mean(dim=(2, 3)))
+    return net.head(net.features(h))
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -219,15 +259,16 @@ def test_learned_connectivity_rejects_k_above_c():
 # -- match_params -----------------------------------------------------------------------------
 def _matched(base, name, extra, in_channels=3):
     config = {"architecture": name, **base, **extra, "match_params": True}
-    model, width = build_for_cell(config, in_channels, 10)
-    assert model.head.in_features == width
+    model, width = build_for_cell(config, in_channels, 10, image_size=(8, 8))
+    assert model.stem[0].out_channels == width
     return model, width
 
 
 @pytest.mark.parametrize("name,extra", VARIANTS[1:])
 def test_match_params_within_one_percent(name, extra):
-    # At width 128 an integer width step is fine enough for 1 % in every family.
-    base = dict(layers=4, filters=128, **COMMON)
+    # At width 128 an integer width step is fine enough for 1 % in every family (GAP head:
+    # learned_connectivity's matched width ~64 with a flattened head steps by ~1.2 %).
+    base = dict(layers=4, filters=128, **COMMON, **{**SKELETON, "head": "gap"})
     target = n_params(build("sequential", in_channels=3, n_classes=10, **base))
     model, width = _matched(base, name, extra)
     assert abs(n_params(model) - target) <= 0.01 * target, width
@@ -237,7 +278,7 @@ def test_match_params_within_one_percent(name, extra):
 @pytest.mark.parametrize("name,extra", VARIANTS[1:])
 def test_match_params_picks_the_closest_width(name, extra, layers, filters):
     # Narrow nets cannot always reach 1 %: then the closest integer width is the answer.
-    base = dict(layers=layers, filters=filters, **COMMON)
+    base = dict(layers=layers, filters=filters, **COMMON, **SKELETON)
     target = n_params(build("sequential", in_channels=3, n_classes=10, **base))
     model, width = _matched(base, name, extra)
     err = abs(n_params(model) - target)
@@ -249,25 +290,26 @@ def test_match_params_picks_the_closest_width(name, extra, layers, filters):
 
 def test_match_params_off_keeps_the_width():
     config = {"architecture": "highway", "layers": 2, "filters": 8, **COMMON, "gate": "full",
-              "gate_bias": -2.0, "gate_kernel": 1, "match_params": False}
-    model, width = build_for_cell(config, 1, 10)
-    assert width == 8 and model.head.in_features == 8
-    assert match_width("parallel", {"layers": 2, "filters": 8, **COMMON}, 1, 10) == 8
+              "gate_bias": -2.0, "gate_kernel": 1, "match_params": False, "dataset": "digits"}
+    model, width = build_for_cell(config, 1, 10)  # image size: digits' known 8x8
+    assert width == 8 and model.head.in_features == 8 * 4 * 4  # default pool 2, flattened
+    assert match_width("parallel", {"layers": 2, "filters": 8, **COMMON, **SKELETON}, 1, 10) == 8
 
 
 def test_match_params_search_leaves_the_seeded_init_alone():
     # The width search builds on the meta device (no RNG draws) and is cached: a seeded
     # build gives the same weights whether or not the search ran before in this process.
     config = {"architecture": "deeply_fused", "layers": 3, "filters": 24, **COMMON,
-              "fuse_every": 2, "shallow": "conv", "match_params": True}
+              "fuse_every": 2, "shallow": "conv", "match_params": True, "dataset": "digits"}
     models = []
     for _ in range(2):
         torch.manual_seed(0)
         models.append(build_for_cell(config, 1, 10)[0].state_dict())
     torch.manual_seed(0)
     plain = build("deeply_fused", in_channels=1, n_classes=10,
-                  **{**{k: v for k, v in config.items() if k not in ("architecture", "match_params")},
-                     "filters": models[0]["head.weight"].shape[1]})
+                  **{**{k: v for k, v in config.items()
+                        if k not in ("architecture", "match_params", "dataset")},
+                     "image_size": (8, 8), "filters": models[0]["stem.0.weight"].shape[0]})
     for sd in models[1:] + [plain.state_dict()]:
         assert all(torch.equal(models[0][k], sd[k]) for k in sd)
 
@@ -284,20 +326,20 @@ def digits():
 
 @pytest.mark.parametrize("name,extra", VARIANTS)
 def test_trains_on_digits_above_chance(digits, name, extra):
-    # Short training must beat chance (0.1) clearly. The shared skeleton (GAP straight into a
-    # linear head) learns slowly: one epoch at lr 3e-3 / batch 64 (18 steps) leaves every
-    # family at the majority class, so this uses AdamW lr 1e-2, batch 16, 3 epochs (~220 steps).
+    # Short training must beat chance (0.1) clearly: with the default stem and head (max-pool
+    # 2, flattened features) two epochs at lr 3e-3, batch 32 (~90 steps) are plenty.
     torch.manual_seed(0)
-    model = build(name, in_channels=1, n_classes=10, layers=2, filters=8, **COMMON, **extra)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    epochs = 3
+    model = build(name, in_channels=1, n_classes=10, layers=2, filters=8, **COMMON, **SKELETON,
+                  **extra)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    epochs = 2
     for epoch in range(1, epochs + 1):
         if hasattr(model, "on_epoch_start"):
             model.on_epoch_start(epoch, epochs)
         model.train()
         perm = torch.randperm(len(digits.train_x))
-        for i in range(0, len(perm), 16):
-            idx = perm[i:i + 16]
+        for i in range(0, len(perm), 32):
+            idx = perm[i:i + 32]
             loss = F.cross_entropy(model(digits.train_x[idx]), digits.train_y[idx])
             opt.zero_grad()
             loss.backward()
@@ -307,4 +349,4 @@ def test_trains_on_digits_above_chance(digits, name, extra):
     model.eval()
     with torch.no_grad():
         acc = (model(digits.val_x).argmax(1) == digits.val_y).float().mean().item()
-    assert acc > 0.2, f"{name} {extra}: val acc {acc:.3f}"
+    assert acc > 0.7, f"{name} {extra}: val acc {acc:.3f}"
