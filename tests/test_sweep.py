@@ -140,3 +140,86 @@ def test_active_inputs_cannot_exceed_branches():
     with pytest.raises(SpecError, match="active_inputs = 5 exceeds branches = 4"):
         parse_spec(BASE.replace('"parallel"]', '"learned_connectivity"]')
                    + "[grid.learned_connectivity]\nbranches = 4\nactive_inputs = 5\n").cells()
+
+
+# -- stem and head parameters ------------------------------------------------------------------
+def test_head_and_pool_defaults_and_errors_name_the_allowed_values():
+    c = parse_spec(BASE).cells()[0]
+    assert c["head"] == "flatten" and c["pool"] == 2
+    with pytest.raises(SpecError, match="'grid.head' = 'avg' is not allowed; allowed values: flatten, gap"):
+        parse_spec(BASE + "head = 'avg'\n")
+    with pytest.raises(SpecError, match="'grid.pool' = 3 is not allowed; allowed values: 1, 2, 4"):
+        parse_spec(BASE + "pool = [2, 3]\n")
+    with pytest.raises(SpecError, match="'grid.pool' must be int"):
+        parse_spec(BASE + "pool = 'max'\n")
+
+
+def test_head_and_pool_enter_cell_id_and_pair_key():
+    base = parse_spec(BASE).cells()
+    for extra in ("head = 'gap'\n", "pool = 4\n"):
+        other = parse_spec(BASE + extra).cells()
+        assert not {c.cell_id for c in base} & {c.cell_id for c in other}
+        assert not {c.pair_key for c in base} & {c.pair_key for c in other}
+    # Swept, they multiply the cells; twins still pair within each (head, pool).
+    cells = parse_spec(BASE + "head = ['flatten', 'gap']\npool = [1, 2, 4]\n").cells()
+    assert len(cells) == 4 * 6 and len({c.pair_key for c in cells}) == 2 * 6
+    # The default spelled out is the same cell.
+    spelled = parse_spec(BASE + "head = 'flatten'\npool = 2\n").cells()
+    assert [c.cell_id for c in spelled] == [c.cell_id for c in base]
+
+
+def test_paper_preset_fixes_head_and_sweeps_pool():
+    spec = load_spec("paper")
+    assert spec.grid["head"] == ["flatten"] and spec.grid["pool"] == [1, 2, 4]
+    layers_1 = {c.pair_key for c in spec.cells() if c["layers"] == 1}
+    assert len(layers_1) == 576  # the header's count of one-network "pairs"
+
+
+# -- Q coverage in `study plan` ------------------------------------------------------------------
+# Hand-computed (sequential = parallel; filters 4, kernel 3, 1,000 training examples, 10 classes):
+#   stem  in*4*9 + 4          mnist (1 channel, 28x28) 40, cifar10 (3 channels, 32x32) 112
+#   body  per layer 4*4*9 + 4 = 148
+#   head  flatten: 4*(side/pool)^2*10 + 10, gap: 4*10 + 10 = 50
+#   mnist:   pool 1 31,370 -> n 31,558 / 31,706, Q 0.32     [0,1)
+#            pool 2  7,850 -> n  8,038 /  8,186, Q 1.24/1.22 [1,3)
+#            pool 4  1,970 -> n  2,158 /  2,306, Q 4.6/4.3  [3,10)
+#            gap        50 -> n    238 /    386, Q 42/26    [10,inf)  (x 3 pools)
+#   cifar10: pool 1 40,970 -> n 41,230 / 41,378, Q 0.24     [0,1)
+#            pool 2 10,250 -> n 10,510 / 10,658, Q 0.95     [0,1)
+#            pool 4  2,570 -> n  2,830 /  2,978, Q 3.5/3.4  [3,10)
+#            gap        50 -> n    310 /    458             [10,inf)  (x 3 pools)
+COVERAGE_SPEC = """
+[grid]
+dataset = ["mnist", "cifar10"]
+architecture = ["sequential", "parallel"]
+layers = [1, 2]
+filters = 4
+kernel = 3
+pool = [1, 2, 4]
+head = ["flatten", "gap"]
+max_train_examples = 1000
+"""
+
+
+def test_plan_prints_the_q_coverage_per_dataset(tmp_path):
+    spec = tmp_path / "cov.toml"
+    spec.write_text(COVERAGE_SPEC)
+    out = subprocess.run([sys.executable, "-m", "study.cli", "plan", str(spec), "--results",
+                          str(tmp_path / "res")], capture_output=True, text=True, check=True).stdout
+    lines = out.splitlines()
+    block = lines[lines.index(next(x for x in lines if x.startswith("Q coverage"))):]
+    assert block[1].split() == (
+        "mnist 24 cells, 1,000 train x 10 classes: [0,1) 4 (17%) [1,3) 4 (17%) "
+        "[3,10) 4 (17%) [10,inf) 12 (50%); n_params 238-31,706").split()
+    assert block[2].split() == (
+        "cifar10 24 cells, 1,000 train x 10 classes: [0,1) 8 (33%) [1,3) 0 (0%) "
+        "[3,10) 4 (17%) [10,inf) 12 (50%); n_params 310-41,378").split()
+
+
+def test_coverage_counts_training_examples_from_known_sizes():
+    from sweep.params import n_train_examples
+
+    assert n_train_examples("mnist", 0.1, None) == 54_000
+    assert n_train_examples("cifar10", 0.1, None) == 45_000
+    assert n_train_examples("fashion_mnist", 0.2, 5000) == 5000
+    assert n_train_examples("digits", 0.1, None) == 1294  # 1,797 - 359 test - 144 validation
