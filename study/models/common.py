@@ -4,8 +4,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from sweep.params import HEADS
+
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "sigmoid": nn.Sigmoid}
-HEADS = ("flatten", "gap")
 
 
 def conv_unit(filters: int, kernel: int, activation: str, batch_norm: bool) -> nn.Sequential:
