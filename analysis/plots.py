@@ -65,9 +65,14 @@ def _names(pairs_df: pd.DataFrame) -> tuple[str, str]:
     return str(pairs_df["architecture_a"].iloc[0]), str(pairs_df["architecture_b"].iloc[0])
 
 
-def _need_pairs(pairs_df):
+def _need_pairs(pairs_df) -> pd.DataFrame:
+    """The pairs of two different networks (same-network controls left out), or raise."""
+    if pairs_df is not None and "same_network" in pairs_df.columns:
+        pairs_df = pairs_df[~pairs_df["same_network"].astype(bool)]
     if pairs_df is None or pairs_df.empty:
-        raise NothingToPlot("no complete pairs (both twins finished with status ok)")
+        raise NothingToPlot("no complete pairs of two different networks (both twins finished "
+                            "with status ok)")
+    return pairs_df
 
 
 def _plain(v: float, _pos=None) -> str:
@@ -145,7 +150,7 @@ def plot_equivalence(pairs_df: pd.DataFrame, metrics=("train_loss", "val_loss"),
     """b's metric against a's, one panel per dataset (rows) x metric (columns), colour = Q bin,
     y = x line, with the median ratio b/a and the share of pairs b wins annotated.
     Losses default to log-log axes, accuracies to linear ones."""
-    _need_pairs(pairs_df)
+    pairs_df = _need_pairs(pairs_df)
     metrics = [m for m in metrics if pairs_df[m + "_a"].notna().any()]
     if not metrics:
         raise NothingToPlot("no pair has these metrics recorded")
@@ -220,8 +225,7 @@ def plot_table2(t2: pd.DataFrame, fig=None) -> Figure:
     n_arch = max(len(t2.loc[t2["dataset"] == d, "architecture"].unique()) for d in datasets)
     fig, axes = _figure(fig, len(datasets), len(metrics),
                         panel=(3.9, 0.75 + 0.42 * n_arch))
-    cmap = colormaps["viridis_r"].copy()
-    cmap.set_bad("0.92")
+    cmap = colormaps["viridis_r"].with_extremes(bad="0.92")
     for r, ds in enumerate(datasets):
         sub = t2[t2["dataset"] == ds]
         archs = arch_order(sub["architecture"])
@@ -278,7 +282,7 @@ def plot_ratio_distribution(pairs_df: pd.DataFrame, metrics=("train_loss", "val_
                             fig=None) -> Figure:
     """Histogram of log10(b/a) per dataset (rows) x metric (cols), with the median and its
     bootstrap 95% interval (fixed seed)."""
-    _need_pairs(pairs_df)
+    pairs_df = _need_pairs(pairs_df)
     a, b = _names(pairs_df)
     datasets = dataset_order(pairs_df["dataset"])
     fig, axes = _figure(fig, len(datasets), len(metrics), panel=(3.4, 2.5))
@@ -323,7 +327,7 @@ def plot_factor_effects(pairs_df: pd.DataFrame, factors=None, metrics=("train_lo
     """Median log10(b/a) against each swept factor, one panel per factor; colour = dataset,
     solid = validation, dashed = training loss. Error bars: percentile-bootstrap 95% interval
     of the median (fixed seed) over the pairs at that level; n pairs in each panel's title."""
-    _need_pairs(pairs_df)
+    pairs_df = _need_pairs(pairs_df)
     a, b = _names(pairs_df)
     factors = swept_factors(pairs_df) if factors is None else list(factors)
     if not factors:
@@ -379,7 +383,7 @@ def plot_learning_curves(pairs_df: pd.DataFrame, epochs_df: pd.DataFrame, rows=N
                          fig=None) -> Figure:
     """Train (dashed) and validation (solid) loss per epoch of both twins of each chosen pair
     (`rows`: index labels of pairs_df; default all rows), one panel per pair."""
-    _need_pairs(pairs_df)
+    pairs_df = _need_pairs(pairs_df)
     a, b = _names(pairs_df)
     chosen = pairs_df if rows is None else pairs_df.loc[list(rows)]
     if chosen.empty:
