@@ -21,7 +21,8 @@ from .stats import stats as _stats
 FIGURES = {
     "equivalence_loss": "Final train and validation loss of {b} (y) against {a} (x), one dot per "
                         "pair of cells with equal settings (n = {n} pairs), colour = Q bin; "
-                        "dashed: y = x. Log-log axes.",
+                        "dashed: y = x; panel titles: median ratio {b}/{a} and the pairs {b} "
+                        "wins. Log-log axes.",
     "table2": "Table 2 as a figure: mean train and validation loss per architecture (rows) and "
               "Q bin (columns); each cell gives the mean and n, the number of finished cells "
               "averaged; one log colour scale per dataset; grey '–': no cell in that bin.",

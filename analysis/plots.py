@@ -82,8 +82,20 @@ def _plain(v: float, _pos=None) -> str:
     return f"{v:.2g}" if v < 1e-3 or v >= 1e4 else f"{v:.3g}".rstrip("0").rstrip(".")
 
 
+def _si(t: float) -> str:
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if t >= div:
+            return f"{t / div:g}{suffix}"
+    return f"{t:g}"
+
+
 def tick_labels(ticks) -> list[str]:
-    """Plain labels with just enough significant digits that no two are equal."""
+    """Plain labels with just enough significant digits that no two are equal (1k, 20k, 1M
+    for counts)."""
+    if len(ticks) and min(ticks) >= 1000 and all(float(t).is_integer() for t in ticks):
+        labels = [_si(t) for t in ticks]
+        if len(set(labels)) == len(labels):
+            return labels
     for d in range(2, 8):
         labels = [f"{t:.{d}g}" for t in ticks]
         if len(set(labels)) == len(labels):
@@ -97,13 +109,13 @@ def nice_log_ticks(lo: float, hi: float, most: int = 6) -> list[float]:
     apart (a range of a few per cent still gets labelled ticks)."""
     if not (np.isfinite(lo) and np.isfinite(hi) and 0 < lo < hi):
         return [lo] if np.isfinite(lo) and lo > 0 else []
-    for subs in ((1.0,), (1.0, 2.0, 5.0), tuple(np.arange(1, 10.0))):
+    for subs in ((1.0, 2.0, 5.0), (1.0,), tuple(np.arange(1, 10.0))):
         ticks = [m * 10.0 ** k for k in range(int(np.floor(np.log10(lo))) - 1,
                                                   int(np.ceil(np.log10(hi))) + 1)
                  for m in subs if lo <= m * 10.0 ** k <= hi]
         if 2 <= len(ticks) <= most:
             return ticks
-        if len(ticks) > most:
+        if len(ticks) > most and subs == (1.0,):
             return ticks[::-(-len(ticks) // most)]
     inner = np.geomspace(lo, hi, 4)[1:-1]  # two, away from the edges: labels never collide
     for d in range(1, 8):
@@ -197,7 +209,7 @@ def plot_equivalence(pairs_df: pd.DataFrame, metrics=("train_loss", "val_loss"),
             wins = int(((yb > xa) if HIGHER_IS_BETTER[m] else (yb < xa)).sum())
             n = int(keep.sum())
             # The numbers go in the title, never over the data.
-            text = f"median ratio {b}/{a} {ratio.median():.4g} · {b} better in {wins}/{n}"
+            text = f"median ratio {ratio.median():.3g}; {b} better in {wins}/{n}"
             if hidden:
                 text += f"; {hidden} with loss ≤ 0 not shown"
             ax.set_title(f"{dataset_label(ds)} · {PRETTY[m]} (n = {n} pairs)\n{text}",
@@ -400,8 +412,6 @@ def plot_learning_curves(pairs_df: pd.DataFrame, epochs_df: pd.DataFrame, rows=N
     fig, axes = _figure(fig, nrows, ncols, panel=(3.4, 2.7))
     # Title each panel by the settings that tell the pairs apart (never by a hash).
     factors = [f for f in swept_factors(pairs_df) if f in chosen.columns]
-    if len(chosen) > 1:
-        factors = [f for f in factors if chosen[f].nunique(dropna=False) > 1] or factors
     for ax, (_, p) in zip(axes.flat, chosen.iterrows()):
         drawn = 0
         for side, arch in (("a", a), ("b", b)):
@@ -468,7 +478,7 @@ def plot_zoo(df: pd.DataFrame, metric: str = "val_loss", fig=None) -> Figure:
                        linewidths=0, color=arch_color(arch), rasterized=True)
         log_axis(ax, "x", sub["n_params"].astype(float))
         _auto_log(ax, sub[metric])
-        ax.set_title(dataset_label(ds))
+        ax.set_title(f"{dataset_label(ds)} (n = {len(sub)} cells)")
         ax.set_xlabel("parameters")
         ax.set_ylabel(f"final {PRETTY[metric]}")
     counts = ok["architecture"].value_counts()
