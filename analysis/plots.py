@@ -313,7 +313,7 @@ def plot_ratio_distribution(pairs_df: pd.DataFrame, metrics=("train_loss", "val_
             med = float(np.median(lr))
             lo, hi = bootstrap_median_ci(lr)
             ax.axvline(0, color="0.2", lw=0.8, ls="--")
-            ax.axvspan(lo, hi, color="crimson", alpha=0.2, lw=0, label="95% CI of the median")
+            ax.axvspan(lo, hi, color="crimson", alpha=0.2, lw=0, zorder=0)  # behind the bars
             ax.axvline(med, color="crimson", lw=1.2, label="median")
             ax.set_title(f"{dataset_label(ds)} · {PRETTY[m]} (n = {lr.size} pairs)\n"
                          f"median {b}/{a} {10**med:.3g} [{10**lo:.3g}, {10**hi:.3g}]",

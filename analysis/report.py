@@ -199,9 +199,9 @@ def _headline(res: Analysis) -> str:
             bits.append("Reliably (interval of the median ratio excluding 1 and Holm-adjusted "
                         "Wilcoxon p &lt; 0.05): " + "; ".join(reliable) + ". ")
         else:
-            bits.append("In no Q bin is either architecture reliably better (no bin has an "
-                        "interval of the median ratio excluding 1 together with a Holm-adjusted "
-                        "Wilcoxon p &lt; 0.05). ")
+            bits.append("Neither architecture is reliably better, over all pairs or in any Q bin "
+                        "(none has an interval of the median ratio excluding 1 together with a "
+                        "Holm-adjusted Wilcoxon p &lt; 0.05). ")
         out.append("".join(bits))
     n_seeds = res.pairs["seed"].nunique() if "seed" in res.pairs and len(res.pairs) else 1
     out.append("These numbers describe this grid of settings"
@@ -233,14 +233,17 @@ def _controls_html(res: Analysis) -> str:
         return (f"<p>No same-network {esc(res.a)}/{esc(res.b)} pair in this grid (no cell is the "
                 "same network as its twin), so there is no built-in control.</p>")
     c = res.all_pairs[res.all_pairs["same_network"].astype(bool)]
+    from .data import swept_factors
+    factors = swept_factors(res.all_pairs)[:4]
     rows = []
     for r in c.head(50).itertuples(index=False):
-        rows.append([esc(dataset_label(r.dataset)), esc(str(r.pair_key)[:8]),
-                     esc(getattr(r, "layers", "")), _num(r.val_loss_a, ".6g"),
+        setting = ", ".join(f"{f.removesuffix('_b').removesuffix('_a')} {getattr(r, f)}"
+                            for f in factors)
+        rows.append([esc(dataset_label(r.dataset)), esc(setting), _num(r.val_loss_a, ".6g"),
                      _num(r.val_loss_b, ".6g"), _num(r.test_acc_a, ".6g"), _num(r.test_acc_b, ".6g"),
                      "recorded once" if (isinstance(r.same_network_as_a, str)
                                          or isinstance(r.same_network_as_b, str)) else "trained twice"])
-    head = ["dataset", "pair", "layers", f"val loss {esc(res.a)}", f"val loss {esc(res.b)}",
+    head = ["dataset", "settings", f"val loss {esc(res.a)}", f"val loss {esc(res.b)}",
             f"test acc {esc(res.a)}", f"test acc {esc(res.b)}", "how"]
     more = f"<p>… and {len(c) - 50} more.</p>" if len(c) > 50 else ""
     return (f"<p>{_control_sentence(res)}</p>" + _table(head, rows, left=2, cls="num") + more +

@@ -504,7 +504,7 @@ def test_report_leads_with_its_headline(full, tmp_path):
                "[0.900, 0.900] on training loss and 0.900 [0.900, 0.900] on validation loss" in head
     assert "parallel reached the lower validation loss in 4 of 4 pairs" in head
     # 4 pairs of one sign: p = 0.125 before Holm, so nothing is called reliable
-    assert "In no Q bin is either architecture reliably better" in head
+    assert "Neither architecture is reliably better, over all pairs or in any Q bin" in head
     assert "4 same-network pairs, all identical: the pairing works" in head
     assert "neither prove the two architectures equivalent" in head
     assert text.index("<h2>Headline</h2>") < text.index("<h2>Table 2")
