@@ -317,7 +317,8 @@ def status(store: Store) -> dict:
     in_flight = [c for c in store.in_flight() if c in cells]
     running = len(in_flight) if driver_alive else 0
     done = int(len(df))
-    ok_wall = df.loc[df["status"] == "ok", "wall_s"]
+    trained = df[df["same_network_as"].isna()]  # a twin's row copies its cell's time
+    ok_wall = trained.loc[trained["status"] == "ok", "wall_s"]
     mean_s = float(ok_wall.mean()) if len(ok_wall) else None
     pending = len(cells) - done
     return {
@@ -325,7 +326,7 @@ def status(store: Store) -> dict:
         "ok": int(by.get("ok", 0)), "failed": int(by.get("failed", 0)),
         "diverged": int(by.get("diverged", 0)), "pending": pending, "running": running,
         "interrupted": len(in_flight) - running,
-        "compute_s": float(df["wall_s"].fillna(0).sum()),
+        "compute_s": float(trained["wall_s"].fillna(0).sum()),
         "mean_cell_s": mean_s,
         "eta_compute_s": None if mean_s is None else mean_s * pending,
         "driver": holder if driver_alive else None,

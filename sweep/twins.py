@@ -7,7 +7,7 @@ statistic that counts them as a deep/shallow comparison counts a network against
 
 Each rule below names a condition under which an architecture *is* the `sequential` residual
 stack at the same shared settings. Every rule is checked with torch in
-tests/test_models.py::test_same_network_rules_are_bit_identical (losses and every weight
+tests/test_twins.py::test_same_network_rules_are_bit_identical (losses and every weight
 after AdamW steps, with and without batch norm); claim nothing here that test does not cover.
 
 `network_id(config)` is the cell_id of the canonical cell: for a cell a rule matches, the
