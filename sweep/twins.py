@@ -23,16 +23,16 @@ from .params import ARCH_SPECIFIC, PARAMS
 
 # architecture -> (condition on the cell's config, why it is the sequential stack)
 SAME_AS_SEQUENTIAL: dict[str, tuple[Callable[[dict], bool], str]] = {
-    "parallel": (lambda c: c["layers"] == 1,
+    "parallel": (lambda c: c.get("layers") == 1,
                  "x + f(x) with one branch: the parallel sum of one branch is the stack"),
     "highway": (lambda c: c.get("gate") == "residual",
                 "gate residual fixes T = C = 1: H(x)*1 + x*1 = x + f(x) in every layer"),
     "merge_and_run": (lambda c: c.get("branches") == 1,
                       "one stream: the merge is the identity, each block is x + f(x)"),
     "deeply_fused": (lambda c: c.get("shallow") == "identity"
-                     and (c.get("fuse_every") == 1 or c["layers"] == 1),
+                     and (c.get("fuse_every") == 1 or c.get("layers") == 1),
                      "identity shallow net and one conv per block: x + f(x) per block"),
-    "learned_connectivity": (lambda c: c.get("branches") == 1 and c["layers"] == 1,
+    "learned_connectivity": (lambda c: c.get("branches") == 1 and c.get("layers") == 1,
                              "one block of one branch and no mask: x + f(x)"),
 }
 CANONICAL = "sequential"
