@@ -16,6 +16,12 @@ Three layers (as in rliable):
                                       params such as gate_b, ``variant_b``), ``<metric>_ratio``
                                       = b/a and ``<metric>_diff`` = b-a, ``q``/``q_bin`` of a;
                                       a cell paired with several variants gives a row each;
+                                      ``same_network``: one network on both sides (sweep.twins
+                                      rule or the same_network_as marker);
+   ``evidence(pairs_df)`` / ``controls(pairs_df)``  the pairs of two different networks / the
+                                      same-network pairs; ``control_summary`` counts how many
+                                      controls came out identical (statistics and pair figures
+                                      use the evidence only);
    ``table2(df)``                    mean train/val loss per dataset x architecture x Q bin
                                       (``table2_wide``/``table2_markdown``: the paper's layout);
    ``stats(pairs_df)``               per dataset and dataset x Q bin, train and val loss:
@@ -33,8 +39,8 @@ Both writers raise ``AnalysisError`` (one-line message) for a folder that is not
 store or an unknown architecture; a figure that cannot be drawn is a note, never a crash.
 """
 from ._common import Q_LABELS, AnalysisError, NothingToPlot, add_q
-from .data import (load, load_epochs, pairs, swept_factors, table2, table2_markdown,
-                   table2_wide)
+from .data import (control_summary, controls, evidence, load, load_epochs, network_ids, pairs,
+                   swept_factors, table2, table2_markdown, table2_wide)
 from .figures import FigureResult, write_figures
 from .plots import (plot_equivalence, plot_factor_effects, plot_learning_curves,
                     plot_ratio_distribution, plot_table2, plot_zoo)
@@ -42,6 +48,7 @@ from .report import write_report
 from .stats import bootstrap_median_ci, stats, wilson_interval
 
 __all__ = ["AnalysisError", "NothingToPlot", "Q_LABELS", "add_q", "load", "load_epochs", "pairs",
+           "evidence", "controls", "control_summary", "network_ids",
            "swept_factors", "table2", "table2_wide", "table2_markdown", "stats",
            "wilson_interval", "bootstrap_median_ci", "plot_equivalence", "plot_table2",
            "plot_ratio_distribution", "plot_factor_effects", "plot_learning_curves", "plot_zoo",

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 
 from study import schema
 from study.store import ReadReport, Store
+from sweep import twins
 from sweep.params import ARCH_SPECIFIC
 
 from ._common import (METRICS, Q_LABELS, add_q, arch_order, check_compare,
@@ -24,7 +25,7 @@ SHARED_PARAMS = [c for c in schema.PARAM_COLUMNS
                  if c != "architecture" and c not in ARCH_SPECIFIC]
 # Columns that differ between the two sides of a pair and get the _a / _b suffix.
 SIDE_COLUMNS = ["cell_id", "architecture", "n_params", "filters_used", "epochs_done",
-                "wall_s", "q", "q_bin", *METRICS]
+                "wall_s", "q", "q_bin", "network_id", "same_network_as", *METRICS]
 PAIR_METRICS = METRICS
 
 
@@ -98,6 +99,9 @@ def pairs(df: pd.DataFrame, a: str = "sequential", b: str = "parallel") -> pd.Da
     if "q" not in df.columns:
         df = add_q(df)
     ok = df[df["status"] == "ok"]
+    ok = ok.assign(network_id=network_ids(ok))
+    if "same_network_as" not in ok.columns:  # a frame from before the column existed
+        ok = ok.assign(same_network_as=None)
     sides = []
     for arch, suf in ((a, "_a"), (b, "_b")):
         side = ok[ok["architecture"] == arch]
@@ -118,6 +122,10 @@ def pairs(df: pd.DataFrame, a: str = "sequential", b: str = "parallel") -> pd.Da
         merged[m + "_ratio"] = (vb / va.where(va != 0)).replace([np.inf, -np.inf], np.nan)
     merged["q"] = merged["q_a"]
     merged["q_bin"] = merged["q_bin_a"]
+    # One network on both sides (by the marker a run wrote, or by the rule for older stores).
+    merged["same_network"] = ((merged["network_id_a"] == merged["network_id_b"])
+                              | (merged["same_network_as_a"] == merged["cell_id_b"])
+                              | (merged["same_network_as_b"] == merged["cell_id_a"]))
     lead = ["pair_key", *SHARED_PARAMS]
     merged = merged[lead + [c for c in merged.columns if c not in lead]]
     order = {d: i for i, d in enumerate(dataset_order(merged["dataset"]))}
@@ -125,6 +133,51 @@ def pairs(df: pd.DataFrame, a: str = "sequential", b: str = "parallel") -> pd.Da
               .sort_values(["_d", "pair_key", "cell_id_b"], kind="stable")
               .drop(columns="_d").reset_index(drop=True))
     return merged
+
+
+def network_ids(df: pd.DataFrame) -> pd.Series:
+    """Each row's network identity (sweep.twins.network_id of its config): rows with equal ids
+    are one network trained once (or, in a store from before the rule, trained twice)."""
+    if df.empty:
+        return pd.Series([], index=df.index, dtype=object)
+    cols = [c for c in schema.PARAM_COLUMNS if c in df.columns]
+    return pd.Series([twins.network_id(twins.config_from_row(r))
+                      for r in df[cols].to_dict("records")], index=df.index, dtype=object)
+
+
+def evidence(pairs_df: pd.DataFrame) -> pd.DataFrame:
+    """The pairs that compare two different networks (what statistics and figures use)."""
+    if "same_network" not in pairs_df.columns:
+        return pairs_df
+    return pairs_df[~pairs_df["same_network"].astype(bool)]
+
+
+def controls(pairs_df: pd.DataFrame) -> pd.DataFrame:
+    """The same-network pairs: one network on both sides, so every number must be equal."""
+    if "same_network" not in pairs_df.columns:
+        return pairs_df.iloc[0:0]
+    return pairs_df[pairs_df["same_network"].astype(bool)]
+
+
+CONTROL_METRICS = ("train_loss", "val_loss", "test_loss", "train_acc", "val_acc", "test_acc")
+
+
+def control_summary(pairs_df: pd.DataFrame) -> dict:
+    """n same-network pairs, how many have bit-identical metrics on both sides, and the
+    pair_keys of those that do not (a broken pairing or a non-deterministic run)."""
+    c = controls(pairs_df)
+    same = pd.Series(True, index=c.index)
+    for m in CONTROL_METRICS:
+        if m + "_a" in c.columns:
+            va, vb = c[m + "_a"].astype(float), c[m + "_b"].astype(float)
+            same &= (va == vb) | (va.isna() & vb.isna())
+    copied = c["same_network_as_a"].notna() | c["same_network_as_b"].notna()
+    return {"n": int(len(c)), "identical": int(same.sum()),
+            "recorded_once": int(copied.sum()),
+            "differing": list(c.loc[~same, "pair_key"].astype(str)),
+            "max_abs_diff": float(np.nanmax(np.abs(
+                c["val_loss_a"].astype(float) - c["val_loss_b"].astype(float))))
+            if len(c) and c["val_loss_a"].notna().any() else 0.0}
 
 
 def swept_factors(pairs_df: pd.DataFrame) -> list[str]:
@@ -138,21 +191,22 @@ def swept_factors(pairs_df: pd.DataFrame) -> list[str]:
 
 
 # -- Table 2 ---------------------------------------------------------------------------------
-def table2(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean train and validation loss per dataset x architecture x Q bin over 'ok' cells.
+def table2(df: pd.DataFrame, metrics=("train_loss", "val_loss")) -> pd.DataFrame:
+    """Mean train and validation loss (or `metrics`) per dataset x architecture x Q bin over
+    'ok' cells.
 
-    Tidy: columns dataset, architecture, q_bin, n (cells averaged), train_loss, val_loss; one
-    row per combination that has at least one cell. Every architecture present is included.
+    Tidy: columns dataset, architecture, q_bin, n (cells averaged), then the metrics; one
+    row per combination that has at least one cell. Every architecture present is included;
+    a same-network twin counts under both architectures (it is both networks).
     """
     if "q_bin" not in df.columns:
         df = add_q(df)
     ok = df[(df["status"] == "ok") & df["q_bin"].notna()]
-    cols = ["dataset", "architecture", "q_bin", "n", "train_loss", "val_loss"]
+    cols = ["dataset", "architecture", "q_bin", "n", *metrics]
     if ok.empty:
         return pd.DataFrame(columns=cols)
     t = (ok.groupby(["dataset", "architecture", "q_bin"], observed=True)
-         .agg(n=("cell_id", "size"), train_loss=("train_loss", "mean"),
-              val_loss=("val_loss", "mean"))
+         .agg(n=("cell_id", "size"), **{m: (m, "mean") for m in metrics})
          .reset_index())
     t["q_bin"] = t["q_bin"].astype(str)
     t = t.assign(_d=t["dataset"].map({d: i for i, d in enumerate(dataset_order(t["dataset"]))}),
@@ -170,12 +224,17 @@ def fmt_loss(v: float) -> str:
     return f"{v:.5f}"
 
 
-def table2_wide(t2: pd.DataFrame) -> pd.DataFrame:
-    """Table 2 in the paper's layout: index 'DATASET arch', columns 'Q∈bin', cells 'train / val'."""
+def table2_wide(t2: pd.DataFrame, with_n: bool = False) -> pd.DataFrame:
+    """Table 2 in the paper's layout: index 'DATASET arch', columns 'Q∈bin', cells 'train / val'
+    (the two metric columns of t2 after n; ' (n = k)' appended with `with_n`)."""
     cols = [f"Q∈{q}" for q in Q_LABELS]
     if t2.empty:
         return pd.DataFrame(columns=cols)
-    cell = t2["train_loss"].map(fmt_loss) + " / " + t2["val_loss"].map(fmt_loss)
+    m1, m2 = [c for c in t2.columns if c not in ("dataset", "architecture", "q_bin", "n")][:2]
+    fmt = fmt_loss if m1.endswith("_loss") else (lambda v: "–" if not np.isfinite(v) else f"{v:.4f}")
+    cell = t2[m1].map(fmt) + " / " + t2[m2].map(fmt)
+    if with_n:
+        cell = cell + " (n = " + t2["n"].astype(int).astype(str) + ")"
     label = t2["dataset"].map(dataset_label) + " " + t2["architecture"]
     wide = (pd.DataFrame({"row": label, "q": "Q∈" + t2["q_bin"], "cell": cell})
             .pivot(index="row", columns="q", values="cell"))

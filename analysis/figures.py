@@ -16,18 +16,31 @@ from . import plots
 from ._common import AnalysisError, NothingToPlot, check_compare, check_store
 from .stats import stats as _stats
 
-# stem -> what the figure shows (used for notes and the report's captions)
+# stem -> one-line caption: what each mark, bar and band is ({a}, {b}: the architectures,
+# {n}: complete pairs that compare two different networks, {cells}: finished cells).
 FIGURES = {
-    "equivalence_loss": "Equivalence scatter: {b} against {a}, train and validation loss",
-    "table2": "Table 2 as a figure: mean loss per Q bin and architecture",
-    "ratio_distribution": "Distribution of log10({b}/{a}) loss ratios",
-    "factor_effects": "Loss ratio {b}/{a} against each swept grid axis",
-    "learning_curves": "Learning curves of chosen pairs",
-    "equivalence_accuracy": "Equivalence scatter: {b} against {a}, validation and test accuracy",
-    "zoo": "Final validation loss against parameter count, every architecture",
+    "equivalence_loss": "Final train and validation loss of {b} (y) against {a} (x), one dot per "
+                        "pair of cells with equal settings (n = {n} pairs), colour = Q bin; "
+                        "dashed: y = x; panel titles: median ratio {b}/{a} and the pairs {b} "
+                        "wins. Log-log axes.",
+    "table2": "Table 2 as a figure: mean train and validation loss per architecture (rows) and "
+              "Q bin (columns); each cell gives the mean and n, the number of finished cells "
+              "averaged; one log colour scale per dataset; grey '–': no cell in that bin.",
+    "ratio_distribution": "Histogram of log10({b}/{a}) of the final loss over n = {n} pairs; "
+                          "red line: median, red band: its percentile-bootstrap 95% interval "
+                          "(2,000 resamples); dashed: equal loss.",
+    "factor_effects": "Median log10({b}/{a}) loss ratio at each value of each swept grid axis; "
+                      "error bars: percentile-bootstrap 95% interval of that median over the "
+                      "pairs at that value (n = {n} pairs in all); dashed: equal loss.",
+    "learning_curves": "Learning curves of the pairs with the largest, smallest and median "
+                       "validation-loss ratio: train (dashed) and validation (solid) loss per "
+                       "epoch, {a} and {b} in their colours; log loss axis.",
+    "equivalence_accuracy": "Final validation and test accuracy of {b} (y) against {a} (x), one "
+                            "dot per pair (n = {n} pairs), colour = Q bin; dashed: y = x. "
+                            "Linear axes.",
+    "zoo": "Final validation loss against parameter count of every finished cell (n = {cells}), "
+           "colour = architecture (cells per architecture in the legend); log-log axes.",
 }
-
-
 class FigureResult(list):
     """The paths written (a list of Path), with `.notes`: why any figure was skipped."""
 
@@ -43,11 +56,14 @@ class Analysis:
     a: str
     b: str
     trials: pd.DataFrame
-    pairs: pd.DataFrame
+    pairs: pd.DataFrame  # evidence: pairs of two different networks
     table2: pd.DataFrame
     stats: pd.DataFrame
     bad_parts: list[str]
     notes: list[str] = field(default_factory=list)
+    all_pairs: pd.DataFrame | None = None  # evidence and same-network controls
+    controls: dict = field(default_factory=dict)  # data.control_summary
+    table2_acc: pd.DataFrame | None = None
     pngs: dict[str, Path] = field(default_factory=dict)  # stem -> PNG written
     files: list[Path] = field(default_factory=list)
 
@@ -90,11 +106,20 @@ def analyse(root: str | Path, compare=("sequential", "parallel"),
 
     report = ReadReport()
     df = _data.load(root, report)
-    pdf = _data.pairs(df, a, b)
+    all_pairs = _data.pairs(df, a, b)
+    # Same-network pairs are controls, not evidence: out of every statistic and pair figure.
+    pdf = _data.evidence(all_pairs)
     t2 = _data.table2(df)
     res = Analysis(root=root, a=a, b=b, trials=df, pairs=pdf, table2=t2,
-                   stats=_stats(pdf), bad_parts=list(report.bad_parts))
+                   stats=_stats(pdf), bad_parts=list(report.bad_parts), all_pairs=all_pairs,
+                   controls=_data.control_summary(all_pairs),
+                   table2_acc=_data.table2(df, ("train_acc", "val_acc")))
     notes = res.notes
+    ctl = res.controls
+    if ctl["n"] and ctl["identical"] < ctl["n"]:
+        notes.append(f"{ctl['n'] - ctl['identical']} of {ctl['n']} same-network {a}/{b} pairs "
+                     "differ although both sides are one network: the pairing or the run is "
+                     "broken (pairs " + ", ".join(k[:8] for k in ctl["differing"][:5]) + ")")
     notes += [f"unreadable part skipped (left in place): {x}" for x in report.bad_parts]
     ok = df[df["status"] == "ok"]
     for arch in (a, b):

@@ -12,7 +12,9 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import NullFormatter
+from matplotlib.colors import LogNorm
+from matplotlib.ticker import (FixedFormatter, FixedLocator, FuncFormatter, LogLocator,
+                               NullFormatter)
 
 from sweep.params import ARCHITECTURES
 
@@ -20,6 +22,10 @@ from ._common import (HIGHER_IS_BETTER, PRETTY, Q_LABELS, NothingToPlot, arch_or
                       dataset_label, dataset_order)
 from .data import swept_factors
 from .stats import bootstrap_median_ci
+
+# The one axis rule of every figure: a loss axis is logarithmic in every panel (losses span
+# decades across a grid, and a ratio is a distance on a log axis); an accuracy axis is linear.
+AXIS_RULE = "Every loss axis is logarithmic, every accuracy axis linear."
 
 # The look of every figure, applied once by the report layer (matplotlib.rc_context).
 STYLE = {
@@ -59,18 +65,89 @@ def _names(pairs_df: pd.DataFrame) -> tuple[str, str]:
     return str(pairs_df["architecture_a"].iloc[0]), str(pairs_df["architecture_b"].iloc[0])
 
 
-def _need_pairs(pairs_df):
+def _need_pairs(pairs_df) -> pd.DataFrame:
+    """The pairs of two different networks (same-network controls left out), or raise."""
+    if pairs_df is not None and "same_network" in pairs_df.columns:
+        pairs_df = pairs_df[~pairs_df["same_network"].astype(bool)]
     if pairs_df is None or pairs_df.empty:
-        raise NothingToPlot("no complete pairs (both twins finished with status ok)")
+        raise NothingToPlot("no complete pairs of two different networks (both twins finished "
+                            "with status ok)")
+    return pairs_df
+
+
+def _plain(v: float, _pos=None) -> str:
+    """Tick label without powers of ten: 0.05, 0.2, 1, 2 (readable on short log ranges)."""
+    if v <= 0:
+        return ""
+    return f"{v:.2g}" if v < 1e-3 or v >= 1e4 else f"{v:.3g}".rstrip("0").rstrip(".")
+
+
+def _si(t: float) -> str:
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if t >= div:
+            return f"{t / div:g}{suffix}"
+    return f"{t:g}"
+
+
+def tick_labels(ticks) -> list[str]:
+    """Plain labels with just enough significant digits that no two are equal (1k, 20k, 1M
+    for counts)."""
+    if len(ticks) and min(ticks) >= 1000 and all(float(t).is_integer() for t in ticks):
+        labels = [_si(t) for t in ticks]
+        if len(set(labels)) == len(labels):
+            return labels
+    for d in range(2, 8):
+        labels = [f"{t:.{d}g}" for t in ticks]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [f"{t:.8g}" for t in ticks]
+
+
+def nice_log_ticks(lo: float, hi: float, most: int = 6) -> list[float]:
+    """Two to `most` readable tick values in [lo, hi] for a log scale: 1-2-5 steps (finer on
+    a short range), else evenly spaced values rounded to the fewest digits that keep them
+    apart (a range of a few per cent still gets labelled ticks)."""
+    if not (np.isfinite(lo) and np.isfinite(hi) and 0 < lo < hi):
+        return [lo] if np.isfinite(lo) and lo > 0 else []
+    for subs in ((1.0, 2.0, 5.0), (1.0,), tuple(np.arange(1, 10.0))):
+        ticks = [m * 10.0 ** k for k in range(int(np.floor(np.log10(lo))) - 1,
+                                                  int(np.ceil(np.log10(hi))) + 1)
+                 for m in subs if lo <= m * 10.0 ** k <= hi]
+        if 2 <= len(ticks) <= most:
+            return ticks
+        if len(ticks) > most and subs == (1.0,):
+            return ticks[::-(-len(ticks) // most)]
+    inner = np.geomspace(lo, hi, 4)[1:-1]  # two, away from the edges: labels never collide
+    for d in range(1, 8):
+        ticks = sorted({float(f"{v:.{d}g}") for v in inner})
+        ticks = [t for t in ticks if lo <= t <= hi]
+        if len(ticks) >= 2:
+            return ticks
+    return list(inner)
+
+
+def log_axis(ax, which: str = "y", values=None) -> None:
+    """Make an axis logarithmic with labelled ticks (at least two, see nice_log_ticks) taken
+    from `values` (the data or the limits), unlabelled minor ticks between."""
+    axis = ax.yaxis if which == "y" else ax.xaxis
+    (ax.set_yscale if which == "y" else ax.set_xscale)("log")
+    v = np.asarray([] if values is None else values, dtype=float)
+    v = v[np.isfinite(v) & (v > 0)]
+    if v.size == 0:
+        return
+    lo, hi = float(v.min()), float(v.max())
+    if hi <= lo * 1.000001:
+        lo, hi = lo / 1.05, hi * 1.05
+    ticks = nice_log_ticks(lo, hi)
+    axis.set_major_locator(FixedLocator(ticks))
+    axis.set_major_formatter(FixedFormatter(tick_labels(ticks)))
+    axis.set_minor_locator(LogLocator(base=10, subs=tuple(np.arange(2, 10.0)), numticks=12))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def _auto_log(ax, values) -> None:
-    """Log y only where the values span more than a decade: below that, a log axis just
-    prints awkward labels like 5.3x10^-1."""
-    v = np.asarray(values, dtype=float)
-    v = v[np.isfinite(v)]
-    if v.size and v.min() > 0 and v.max() / v.min() > 10:
-        ax.set_yscale("log")
+    """Loss axes follow AXIS_RULE: always logarithmic (kept under its old name for callers)."""
+    log_axis(ax, "y", values)
 
 
 def _empty_panel(ax, text="no data"):
@@ -85,7 +162,7 @@ def plot_equivalence(pairs_df: pd.DataFrame, metrics=("train_loss", "val_loss"),
     """b's metric against a's, one panel per dataset (rows) x metric (columns), colour = Q bin,
     y = x line, with the median ratio b/a and the share of pairs b wins annotated.
     Losses default to log-log axes, accuracies to linear ones."""
-    _need_pairs(pairs_df)
+    pairs_df = _need_pairs(pairs_df)
     metrics = [m for m in metrics if pairs_df[m + "_a"].notna().any()]
     if not metrics:
         raise NothingToPlot("no pair has these metrics recorded")
@@ -122,11 +199,8 @@ def plot_equivalence(pairs_df: pd.DataFrame, metrics=("train_loss", "val_loss"),
                                                         hi + 0.03 * (hi - lo + 1e-12))
             ax.plot([lo, hi], [lo, hi], color="0.2", lw=0.8, ls="--", zorder=0)
             if use_log:
-                ax.set_xscale("log")
-                ax.set_yscale("log")
-                # Minor labels on a short log range collide; the major ones suffice.
-                ax.xaxis.set_minor_formatter(NullFormatter())
-                ax.yaxis.set_minor_formatter(NullFormatter())
+                log_axis(ax, "x", [lo, hi])
+                log_axis(ax, "y", [lo, hi])
             ax.set_xlim(lo, hi)
             ax.set_ylim(lo, hi)
             ax.set_aspect("equal", adjustable="box")
@@ -134,16 +208,12 @@ def plot_equivalence(pairs_df: pd.DataFrame, metrics=("train_loss", "val_loss"),
             xa, yb = x[keep], y[keep]
             wins = int(((yb > xa) if HIGHER_IS_BETTER[m] else (yb < xa)).sum())
             n = int(keep.sum())
-            text = (f"median {b}/{a} = {ratio.median():.3g}\n"
-                    f"{b} better in {wins / n:.0%} ({wins}/{n})")
+            # The numbers go in the title, never over the data.
+            text = f"median ratio {ratio.median():.3g}; {b} better in {wins}/{n}"
             if hidden:
-                text += f"\n{hidden} pair(s) with loss ≤ 0 not shown"
-            # In the corner where b does worse, so the box covers the fewer points.
-            corner = (0.97, 0.03, "right", "bottom") if HIGHER_IS_BETTER[m] else (0.03, 0.97, "left", "top")
-            ax.text(corner[0], corner[1], text, transform=ax.transAxes, ha=corner[2],
-                    va=corner[3], fontsize=7.5, zorder=5,
-                    bbox=dict(boxstyle="round,pad=0.3", fc="white", ec="0.8", alpha=0.9))
-            ax.set_title(f"{dataset_label(ds)} · {PRETTY[m]}")
+                text += f"; {hidden} with loss ≤ 0 not shown"
+            ax.set_title(f"{dataset_label(ds)} · {PRETTY[m]} (n = {n} pairs)\n{text}",
+                         fontsize=8)
             ax.set_xlabel(f"{a} {PRETTY[m]}")
             ax.set_ylabel(f"{b} {PRETTY[m]}")
     handles = [Line2D([], [], ls="", marker="o", color=Q_COLORS[lbl], label=f"Q∈{lbl}")
@@ -156,29 +226,67 @@ def plot_equivalence(pairs_df: pd.DataFrame, metrics=("train_loss", "val_loss"),
 
 # -- (2) Table 2 as a figure -----------------------------------------------------------------
 def plot_table2(t2: pd.DataFrame, fig=None) -> Figure:
-    """Mean loss against Q bin, one line per architecture; rows = datasets, cols = train/val."""
+    """Table 2 as a table-figure: per dataset (rows of panels) a heat map of mean train loss
+    and one of mean validation loss side by side (rows = architectures, columns = Q bins), each
+    cell printed with its value and n (cells averaged); one logarithmic colour scale per
+    dataset, shared by its train and validation panels; a bin without cells is grey, '–'."""
     if t2 is None or t2.empty:
         raise NothingToPlot("no finished (status ok) cell with a known Q")
+    metrics = [c for c in t2.columns if c not in ("dataset", "architecture", "q_bin", "n")][:2]
     datasets = dataset_order(t2["dataset"])
-    fig, axes = _figure(fig, len(datasets), 2, panel=(3.4, 2.7))
-    xs = {lbl: i for i, lbl in enumerate(Q_LABELS)}
+    n_arch = max(len(t2.loc[t2["dataset"] == d, "architecture"].unique()) for d in datasets)
+    fig, axes = _figure(fig, len(datasets), len(metrics),
+                        panel=(3.9, 0.75 + 0.42 * n_arch))
+    cmap = colormaps["viridis_r"].with_extremes(bad="0.92")
     for r, ds in enumerate(datasets):
         sub = t2[t2["dataset"] == ds]
-        for c, m in enumerate(("train_loss", "val_loss")):
+        archs = arch_order(sub["architecture"])
+        vals = sub[metrics].to_numpy(float)
+        vals = vals[np.isfinite(vals) & (vals > 0)]
+        lo, hi = (vals.min(), vals.max()) if vals.size else (1e-3, 1.0)
+        if hi <= lo * 1.0001:
+            lo, hi = lo / 1.5, hi * 1.5
+        norm = LogNorm(lo, hi)  # one scale for the dataset's train and validation panels
+        im = None
+        for c, m in enumerate(metrics):
             ax = axes[r, c]
-            for arch in arch_order(sub["architecture"]):
-                s = sub[sub["architecture"] == arch]
-                full = pd.Series(np.nan, index=list(Q_LABELS))
-                full[s["q_bin"].to_list()] = s[m].to_numpy(float)
-                ax.plot([xs[k] for k in full.index], full.to_numpy(), marker="o", ms=4,
-                        color=arch_color(arch), label=arch)
-            _auto_log(ax, sub[m])
+            grid = np.full((len(archs), len(Q_LABELS)), np.nan)
+            ns = np.zeros_like(grid, dtype=int)
+            for row in sub.itertuples(index=False):
+                i, j = archs.index(row.architecture), Q_LABELS.index(row.q_bin)
+                grid[i, j], ns[i, j] = getattr(row, m), row.n
+            shown = np.ma.masked_invalid(np.where(grid > 0, grid, np.nan))
+            im = ax.imshow(shown, cmap=cmap, norm=norm, aspect="auto")
+            for i in range(len(archs)):
+                for j in range(len(Q_LABELS)):
+                    v = grid[i, j]
+                    if not np.isfinite(v):
+                        ax.text(j, i, "–", ha="center", va="center", fontsize=8, color="0.4")
+                        continue
+                    rgba = cmap(norm(v)) if v > 0 else (1, 1, 1, 1)
+                    dark = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] < 0.5
+                    ax.text(j, i, f"{_cell(v)}\nn={ns[i, j]}", ha="center", va="center",
+                            fontsize=7, color="white" if dark else "black", linespacing=1.1)
             ax.set_xticks(range(len(Q_LABELS)), [f"Q∈{x}" for x in Q_LABELS])
-            ax.set_title(f"{dataset_label(ds)} · mean {PRETTY[m]}")
-            ax.set_xlabel("determination ratio Q")
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=max(1, len(labels)))
+            ax.set_yticks(range(len(archs)), archs)
+            ax.tick_params(length=0)
+            ax.grid(False)
+            for sp in ax.spines.values():
+                sp.set_visible(False)
+            ax.set_title(f"{dataset_label(ds)} · mean {PRETTY.get(m, m)}")
+        if im is not None:
+            cb = fig.colorbar(im, ax=list(axes[r]), shrink=0.9, pad=0.02)
+            cb.set_label(f"{dataset_label(ds)} mean {'loss' if metrics[0].endswith('loss') else 'value'}",
+                         fontsize=7.5)
+            ticks = nice_log_ticks(lo, hi)
+            cb.set_ticks(ticks, labels=tick_labels(ticks))
+            cb.ax.yaxis.set_minor_locator(LogLocator(base=10, subs=(), numticks=1))
+            cb.ax.yaxis.set_minor_formatter(NullFormatter())
     return fig
+
+
+def _cell(v: float) -> str:
+    return f"{v:.2e}" if 0 < abs(v) < 1e-3 else f"{v:.4f}" if abs(v) < 10 else f"{v:.3g}"
 
 
 # -- (3) distribution of log ratios ----------------------------------------------------------
@@ -186,7 +294,7 @@ def plot_ratio_distribution(pairs_df: pd.DataFrame, metrics=("train_loss", "val_
                             fig=None) -> Figure:
     """Histogram of log10(b/a) per dataset (rows) x metric (cols), with the median and its
     bootstrap 95% interval (fixed seed)."""
-    _need_pairs(pairs_df)
+    pairs_df = _need_pairs(pairs_df)
     a, b = _names(pairs_df)
     datasets = dataset_order(pairs_df["dataset"])
     fig, axes = _figure(fig, len(datasets), len(metrics), panel=(3.4, 2.5))
@@ -205,12 +313,18 @@ def plot_ratio_distribution(pairs_df: pd.DataFrame, metrics=("train_loss", "val_
             med = float(np.median(lr))
             lo, hi = bootstrap_median_ci(lr)
             ax.axvline(0, color="0.2", lw=0.8, ls="--")
-            ax.axvspan(lo, hi, color="crimson", alpha=0.2, lw=0)
-            ax.axvline(med, color="crimson", lw=1.2)
-            ax.text(0.97, 0.95, f"median {b}/{a} = {10**med:.3g}\n95% CI [{10**lo:.3g}, {10**hi:.3g}]"
-                    f"\nn = {lr.size}", transform=ax.transAxes, ha="right", va="top", fontsize=7.5)
+            ax.axvspan(lo, hi, color="crimson", alpha=0.2, lw=0, zorder=0)  # behind the bars
+            ax.axvline(med, color="crimson", lw=1.2, label="median")
+            ax.set_title(f"{dataset_label(ds)} · {PRETTY[m]} (n = {lr.size} pairs)\n"
+                         f"median {b}/{a} {10**med:.3g} [{10**lo:.3g}, {10**hi:.3g}]",
+                         fontsize=8)
             ax.set_xlabel(f"log10({b} / {a})")
             ax.set_ylabel("pairs")
+    handles = [Line2D([], [], color="crimson", lw=1.2, label="median"),
+               Line2D([], [], color="crimson", alpha=0.3, lw=6,
+                      label="bootstrap 95% interval of the median"),
+               Line2D([], [], color="0.2", lw=0.8, ls="--", label=f"{b} = {a}")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=3)
     return fig
 
 
@@ -222,9 +336,10 @@ def _levels(s: pd.Series) -> list:
 
 def plot_factor_effects(pairs_df: pd.DataFrame, factors=None, metrics=("train_loss", "val_loss"),
                         fig=None) -> Figure:
-    """Median log10(b/a) (bars: interquartile range) against each swept factor, one panel per
-    factor; colour = dataset, solid = validation, dashed = training loss."""
-    _need_pairs(pairs_df)
+    """Median log10(b/a) against each swept factor, one panel per factor; colour = dataset,
+    solid = validation, dashed = training loss. Error bars: percentile-bootstrap 95% interval
+    of the median (fixed seed) over the pairs at that level; n pairs in each panel's title."""
+    pairs_df = _need_pairs(pairs_df)
     a, b = _names(pairs_df)
     factors = swept_factors(pairs_df) if factors is None else list(factors)
     if not factors:
@@ -249,16 +364,25 @@ def plot_factor_effects(pairs_df: pd.DataFrame, factors=None, metrics=("train_lo
                 line += 1
                 if frame.empty:
                     continue
-                qs = frame.groupby("f")["y"].quantile([0.25, 0.5, 0.75]).unstack()
-                x = np.array([pos[v] for v in qs.index]) + off
-                ax.errorbar(x, qs[0.5], yerr=[qs[0.5] - qs[0.25], qs[0.75] - qs[0.5]],
+                lv, med, lo, hi = [], [], [], []
+                for v, g in frame.groupby("f")["y"]:
+                    ci = bootstrap_median_ci(g.to_numpy())
+                    lv.append(v)
+                    med.append(float(np.median(g)))
+                    lo.append(ci[0])
+                    hi.append(ci[1])
+                med, lo, hi = map(np.asarray, (med, lo, hi))
+                x = np.array([pos[v] for v in lv]) + off
+                ax.errorbar(x, med, yerr=[med - lo, hi - med],
                             color=dataset_color(di), ls=styles.get(m, "-"), marker="o", ms=3,
                             lw=1, capsize=2, label=f"{dataset_label(ds)} {PRETTY[m]}")
         ax.axhline(0, color="0.2", lw=0.8, ls="--", zorder=0)
         ax.set_xticks(range(len(levels)), [str(v) for v in levels])
         name = f[:-2] + f" ({a if f.endswith('_a') else b})" if f[-2:] in ("_a", "_b") else f
-        ax.set_title(name)
-        ax.set_ylabel(f"log10({b}/{a})")
+        n = int(pairs_df[f].notna().sum())
+        ax.set_title(f"{name} (n = {n} pairs)")
+        ax.set_xlabel(name)
+        ax.set_ylabel(f"median log10({b}/{a})")
     for ax in list(axes.flat)[len(factors):]:
         ax.set_visible(False)
     handles, labels = axes.flat[0].get_legend_handles_labels()
@@ -271,7 +395,7 @@ def plot_learning_curves(pairs_df: pd.DataFrame, epochs_df: pd.DataFrame, rows=N
                          fig=None) -> Figure:
     """Train (dashed) and validation (solid) loss per epoch of both twins of each chosen pair
     (`rows`: index labels of pairs_df; default all rows), one panel per pair."""
-    _need_pairs(pairs_df)
+    pairs_df = _need_pairs(pairs_df)
     a, b = _names(pairs_df)
     chosen = pairs_df if rows is None else pairs_df.loc[list(rows)]
     if chosen.empty:
@@ -286,6 +410,8 @@ def plot_learning_curves(pairs_df: pd.DataFrame, epochs_df: pd.DataFrame, rows=N
     ncols = min(3, len(chosen))
     nrows = -(-len(chosen) // ncols)
     fig, axes = _figure(fig, nrows, ncols, panel=(3.4, 2.7))
+    # Title each panel by the settings that tell the pairs apart (never by a hash).
+    factors = [f for f in swept_factors(pairs_df) if f in chosen.columns]
     for ax, (_, p) in zip(axes.flat, chosen.iterrows()):
         drawn = 0
         for side, arch in (("a", a), ("b", b)):
@@ -300,19 +426,37 @@ def plot_learning_curves(pairs_df: pd.DataFrame, epochs_df: pd.DataFrame, rows=N
                             label=f"{tag} {'train' if m == 'train_loss' else 'val'}")
                     drawn += 1
         ratio = p.get("val_loss_ratio", np.nan)
-        ax.set_title(f"{dataset_label(p['dataset'])} · layers {p.get('layers')}, filters "
-                     f"{p.get('filters')}, kernel {p.get('kernel')}\npair {str(p['pair_key'])[:8]}"
-                     f" · val loss ratio {ratio:.3g}")
+        ax.set_title(f"{dataset_label(p['dataset'])} · {_settings(p, factors)}\n"
+                     f"val loss {b}/{a} = {ratio:.3g}", fontsize=8)
         if not drawn:
             _empty_panel(ax, "no epoch records")
             continue
         _auto_log(ax, np.concatenate([ln.get_ydata() for ln in ax.get_lines()]))
         ax.set_xlabel("epoch")
         ax.set_ylabel("loss")
-        ax.legend(fontsize=6.5)
     for ax in list(axes.flat)[len(chosen):]:
         ax.set_visible(False)
+    # One legend under the panels: nothing drawn over the curves.
+    seen: dict[str, object] = {}
+    for ax in axes.flat:
+        for h, lbl in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(lbl, h)
+    if seen:
+        fig.legend(list(seen.values()), list(seen), loc="outside lower center",
+                   ncols=min(4, len(seen)))
     return fig
+
+
+def _settings(p: pd.Series, factors: list[str]) -> str:
+    """'layers 2, filters 8, kernel 5' from a pair row (variant columns named plainly)."""
+    parts = []
+    for f in factors[:5]:
+        name = f[:-2] if f[-2:] in ("_a", "_b") else f
+        v = p.get(f)
+        if v is None or (isinstance(v, float) and np.isnan(v)):
+            continue
+        parts.append(f"{name} {v:g}" if isinstance(v, float) else f"{name} {v}")
+    return ", ".join(parts) or "single setting"
 
 
 # -- (7) the zoo --------------------------------------------------------------------------------
@@ -332,10 +476,9 @@ def plot_zoo(df: pd.DataFrame, metric: str = "val_loss", fig=None) -> Figure:
             s = sub[sub["architecture"] == arch]
             ax.scatter(s["n_params"].astype(float), s[metric].astype(float), s=10, alpha=0.6,
                        linewidths=0, color=arch_color(arch), rasterized=True)
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())
+        log_axis(ax, "x", sub["n_params"].astype(float))
         _auto_log(ax, sub[metric])
-        ax.set_title(dataset_label(ds))
+        ax.set_title(f"{dataset_label(ds)} (n = {len(sub)} cells)")
         ax.set_xlabel("parameters")
         ax.set_ylabel(f"final {PRETTY[metric]}")
     counts = ok["architecture"].value_counts()

@@ -17,6 +17,7 @@ from sweep import SpecError, parse_spec
 
 from ._common import PRETTY, AnalysisError, dataset_label
 from .data import table2_wide
+from .plots import AXIS_RULE
 from .figures import FIGURES, Analysis, analyse
 
 MAX_FAILED_ROWS = 500  # a report stays readable; the store has every row
@@ -31,7 +32,9 @@ th{background:#f4f4f4} td.l,th.l{text-align:left}
 pre{background:#f7f7f7;border:1px solid #e3e3e3;padding:.8em;overflow:auto;font-size:.85em}
 figure{margin:1.2em 0} figure img{max-width:100%;height:auto;border:1px solid #eee}
 table.num td{white-space:nowrap}
-figcaption{font-size:.9em;color:#555} .note{color:#8a5a00} dl.kv{display:grid;
+figcaption{font-size:.9em;color:#555} .headline{font-size:1.05em;background:#f6f8fb;
+border-left:4px solid #4a6fa5;padding:.6em 1em} .alarm{color:#b00020;font-weight:700}
+.ok{color:#1b5e20} .note{color:#8a5a00} dl.kv{display:grid;
 grid-template-columns:max-content auto;gap:.2em 1.2em} dl.kv dt{font-weight:600} dl.kv dd{margin:0}
 """
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
@@ -96,7 +99,8 @@ def _progress(res: Analysis) -> tuple[dict, str, str]:
 
 STATS_PARAGRAPH = """
 <p><b>What these numbers show.</b> Each row compares {b} with {a} on the pairs of cells that
-share every setting except the architecture. <i>median {b}/{a}</i> is the typical loss ratio
+share every setting except the architecture and are two different networks (the same-network
+pairs, one network on both sides, are the control below and count in no row). <i>median {b}/{a}</i> is the typical loss ratio
 (below 1: {b} lower) with a bootstrap 95% interval; <i>{b} wins</i> is the share of pairs where
 {b} reached the lower loss, with a Wilson 95% interval; the p-value is a paired Wilcoxon
 signed-rank test on the log losses (does {b}'s loss tend to sit above or below {a}'s by a
@@ -137,15 +141,147 @@ def _stats_html(res: Analysis) -> str:
     return _table(head, rows, left=3, cls="num") + STATS_PARAGRAPH.format(a=a, b=b, seeds=seeds)
 
 
-def _table2_html(res: Analysis) -> str:
-    wide = table2_wide(res.table2)
+def _table2_html(t2: pd.DataFrame, what: str = "loss") -> str:
+    wide = table2_wide(t2, with_n=True)
     if wide.empty:
-        return '<p class="note">No finished cell with a known Q: no Table 2.</p>'
+        return f'<p class="note">No finished cell with a known Q: no Table 2 of {what}.</p>'
     rows = [[esc(idx), *[esc(c) for c in row]] for idx, row in
             zip(wide.index, wide.itertuples(index=False))]
     return (_table([""] + [esc(c) for c in wide.columns], rows, cls="num") +
-            "<p>Mean loss, train / validation, over the cells with status ok in each bin of "
-            "Q = training examples × classes / parameters (– : no cell).</p>")
+            f"<p>Mean {what}, train / validation, over the cells with status ok in each bin of "
+            "Q = training examples × classes / parameters; n = cells averaged (– : no cell). "
+            "A same-network twin is both architectures and counts in both rows.</p>")
+
+
+def _reliable(r) -> bool:
+    """A difference we call reliable: the bootstrap interval of the median ratio excludes 1
+    and the Holm-adjusted Wilcoxon p is below 0.05."""
+    return (np.isfinite(r.ratio_ci_low) and np.isfinite(r.p_holm) and r.p_holm < 0.05
+            and (r.ratio_ci_high < 1 or r.ratio_ci_low > 1))
+
+
+def _headline(res: Analysis) -> str:
+    """The report's first paragraph: per dataset the median ratio of train and validation
+    loss with its interval, the win rate, and the Q bins where one side is reliably better."""
+    a, b = esc(res.a), esc(res.b)
+    s = res.stats
+    ctl = res.controls or {}
+    out = []
+    if s.empty:
+        out.append(f"No complete {a}/{b} pairs of two different networks yet: no comparison "
+                   "to report.")
+    for ds in dict.fromkeys(s["dataset"]) if not s.empty else []:
+        rows = {(r.q_bin, r.metric): r for r in s[s["dataset"] == ds].itertuples(index=False)}
+        tr, va = rows.get(("all", "train_loss")), rows.get(("all", "val_loss"))
+        if va is None:
+            continue
+        bits = [f"<b>{esc(dataset_label(ds))}</b> ({va.n} pairs): the median {b}/{a} loss "
+                "ratio is "]
+        if tr is not None:
+            bits.append(f"{_num(tr.median_ratio, '.3f')} [{_num(tr.ratio_ci_low, '.3f')}, "
+                        f"{_num(tr.ratio_ci_high, '.3f')}] on training loss and ")
+        bits.append(f"{_num(va.median_ratio, '.3f')} [{_num(va.ratio_ci_low, '.3f')}, "
+                    f"{_num(va.ratio_ci_high, '.3f')}] on validation loss (bootstrap 95% "
+                    f"intervals); {b} reached the lower validation loss in {va.b_wins} of "
+                    f"{va.n} pairs ({_num(va.win_rate_b * 100, '.0f')}%, Wilson 95% interval "
+                    f"{_num(va.win_ci_low * 100, '.0f')}–{_num(va.win_ci_high * 100, '.0f')}%)"
+                    + (f" and the lower training loss in {tr.b_wins} of {tr.n}" if tr is not None
+                       else "") + ". ")
+        reliable = []
+        for (q, m), r in rows.items():
+            if _reliable(r):
+                better = b if r.median_ratio < 1 else a
+                where = "over all its pairs" if q == "all" else f"in Q∈{esc(q)}"
+                reliable.append(f"{better} has the lower {esc(PRETTY.get(m, m))} {where} "
+                                f"(median ratio {_num(r.median_ratio, '.3f')}, "
+                                f"Holm p = {_num(r.p_holm, '.2g')})")
+        if reliable:
+            bits.append("Reliably (interval of the median ratio excluding 1 and Holm-adjusted "
+                        "Wilcoxon p &lt; 0.05): " + "; ".join(reliable) + ". ")
+        else:
+            bits.append("Neither architecture is reliably better, over all pairs or in any Q bin "
+                        "(none has an interval of the median ratio excluding 1 together with a "
+                        "Holm-adjusted Wilcoxon p &lt; 0.05). ")
+        out.append("".join(bits))
+    n_seeds = res.pairs["seed"].nunique() if "seed" in res.pairs and len(res.pairs) else 1
+    out.append("These numbers describe this grid of settings"
+               + (" with one seed per setting" if n_seeds <= 1 else f" with {n_seeds} seeds")
+               + "; they neither prove the two architectures equivalent nor carry over to other "
+               "grids or datasets (see “What they do not show” below).")
+    if ctl.get("n"):
+        out.append(_control_sentence(res))
+    return '<p class="headline">' + " ".join(out) + "</p>"
+
+
+def _control_sentence(res: Analysis) -> str:
+    ctl = res.controls
+    a, b = esc(res.a), esc(res.b)
+    n, same = ctl["n"], ctl["identical"]
+    if same == n:
+        return (f'<span class="ok">{n} same-network pair{"s" if n != 1 else ""}, all identical: '
+                "the pairing works.</span> (One network on both sides, e.g. "
+                f"{a} and {b} at one layer; shown as a control, left out of every statistic.)")
+    return (f'<span class="alarm">WARNING: {n - same} of {n} same-network pairs are NOT '
+            f"identical although {a} and {b} are one network there: the pairing or the training "
+            "is not deterministic, so no difference in this report can be trusted until this is "
+            "explained.</span>")
+
+
+def _controls_html(res: Analysis) -> str:
+    ctl = res.controls or {}
+    if not ctl.get("n"):
+        return (f"<p>No same-network {esc(res.a)}/{esc(res.b)} pair in this grid (no cell is the "
+                "same network as its twin), so there is no built-in control.</p>")
+    c = res.all_pairs[res.all_pairs["same_network"].astype(bool)]
+    from .data import swept_factors
+    factors = swept_factors(res.all_pairs)[:4]
+    rows = []
+    for r in c.head(50).itertuples(index=False):
+        setting = ", ".join(f"{f.removesuffix('_b').removesuffix('_a')} {getattr(r, f)}"
+                            for f in factors)
+        rows.append([esc(dataset_label(r.dataset)), esc(setting), _num(r.val_loss_a, ".6g"),
+                     _num(r.val_loss_b, ".6g"), _num(r.test_acc_a, ".6g"), _num(r.test_acc_b, ".6g"),
+                     "recorded once" if (isinstance(r.same_network_as_a, str)
+                                         or isinstance(r.same_network_as_b, str)) else "trained twice"])
+    head = ["dataset", "settings", f"val loss {esc(res.a)}", f"val loss {esc(res.b)}",
+            f"test acc {esc(res.a)}", f"test acc {esc(res.b)}", "how"]
+    more = f"<p>… and {len(c) - 50} more.</p>" if len(c) > 50 else ""
+    return (f"<p>{_control_sentence(res)}</p>" + _table(head, rows, left=2, cls="num") + more +
+            "<p>A same-network pair has one network on both sides (the grid's rule in "
+            "sweep/twins.py, or the column same_network_as). A study run trains it once and "
+            "records it under both cells; in a store that trained both, equal numbers show that "
+            "the two sides really see the same weights and batches.</p>")
+
+
+def _environment_html(res: Analysis) -> str:
+    df = res.trials
+    if df.empty:
+        return "<p>No finished cell: nothing recorded.</p>"
+    trained = df[df["same_network_as"].isna()] if "same_network_as" in df else df
+
+    def counts(col: str) -> str:
+        if col not in df:
+            return "unknown"
+        v = trained[col].fillna("").astype(str).replace("", "(not recorded)").value_counts()
+        return ", ".join(f"{esc(k)} ({n:,} cells)" for k, n in v.items()) or "unknown"
+
+    wall = float(pd.to_numeric(trained["wall_s"], errors="coerce").sum())
+    start = pd.to_datetime(df["started_at"], utc=True, errors="coerce").min()
+    end = pd.to_datetime(df["finished_at"], utc=True, errors="coerce").max()
+    kv = [("torch", counts("torch_version")), ("project (study)", counts("project_version")),
+          ("devices", counts("device")), ("hosts", counts("host")),
+          ("Ray nodes", f"{trained['node_id'].replace('', np.nan).nunique():,}"
+           if "node_id" in df else "unknown"),
+          ("compute time", esc(_duration(wall)) + f" over {len(trained):,} trained cells"
+           + (f" ({len(df) - len(trained):,} same-network twins recorded without training)"
+              if len(df) > len(trained) else "")),
+          ("first start, last finish", esc(f"{start:%Y-%m-%d %H:%M} – {end:%Y-%m-%d %H:%M} UTC")
+           if pd.notna(start) and pd.notna(end) else "unknown")]
+    import matplotlib
+    import pyarrow
+    kv.append(("report drawn with", esc(f"pandas {pd.__version__}, pyarrow {pyarrow.__version__}, "
+                                        f"matplotlib {matplotlib.__version__}")))
+    return '<dl class="kv">' + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in kv) + "</dl>"
 
 
 def _failed_html(df: pd.DataFrame) -> str:
@@ -171,7 +307,8 @@ def render(res: Analysis) -> str:
     counts, source, spec_note = _progress(res)
     name = meta.get("name") or res.root.name
     df = res.trials
-    wall = float(pd.to_numeric(df["wall_s"], errors="coerce").sum()) if len(df) else 0.0
+    trained = df[df["same_network_as"].isna()] if "same_network_as" in df else df
+    wall = float(pd.to_numeric(trained["wall_s"], errors="coerce").sum()) if len(df) else 0.0
     a, b = esc(res.a), esc(res.b)
 
     def c(k):
@@ -181,16 +318,22 @@ def render(res: Analysis) -> str:
           ("created", esc(meta.get("created_at", ""))), ("compared", f"{a} (a) vs {b} (b)"),
           ("cells in the grid", c("grid")), ("done (ok)", c("ok")), ("failed", c("failed")),
           ("diverged", c("diverged")), ("running", c("running")), ("pending", c("pending")),
-          ("complete pairs", f"{len(res.pairs):,}"), ("compute time", esc(_duration(wall)))]
+          ("complete pairs", f"{len(res.pairs):,} of different networks"
+           + (f" + {res.controls['n']:,} same-network controls" if res.controls.get("n") else "")),
+          ("compute time", esc(_duration(wall)))]
     if counts.get("outside_spec"):
         kv.append(("rows outside the current spec", c("outside_spec")))
     notes = list(res.notes) + ([spec_note] if spec_note else [])
     figs = []
+    n_cells = int((df["status"] == "ok").sum()) if len(df) else 0
     for stem, caption in FIGURES.items():
         if stem in res.pngs:
-            cap = esc(caption.format(a=res.a, b=res.b))
-            figs.append(f"<figure>{_img(res.pngs[stem], cap)}<figcaption>{cap}"
-                        f" (figures/{esc(stem)}.png, .pdf)</figcaption></figure>")
+            num = len(figs) + 1
+            cap = esc(caption.format(a=res.a, b=res.b, n=f"{len(res.pairs):,}",
+                                     cells=f"{n_cells:,}"))
+            figs.append(f'<figure id="fig{num}">{_img(res.pngs[stem], f"Figure {num}. {cap}")}'
+                        f"<figcaption><b>Figure {num}.</b> {cap} (figures/{esc(stem)}.png, .pdf)"
+                        "</figcaption></figure>")
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
@@ -200,16 +343,25 @@ def render(res: Analysis) -> str:
         f"<h1>Study report: {esc(name)}</h1>",
         f"<p>{esc(meta.get('description', ''))}</p>" if meta.get("description") else "",
         f"<p>Generated {stamp}.</p>",
+        "<h2>Headline</h2>", _headline(res),
         "<h2>Progress</h2><dl class=\"kv\">" + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in kv)
         + "</dl>",
     ]
     if notes:
         parts.append("<h2>Notes</h2><ul>" + "".join(f'<li class="note">{esc(n)}</li>' for n in notes)
                      + "</ul>")
-    parts += ["<h2>Table 2: mean loss by Q bin</h2>", _table2_html(res),
+    parts += ["<h2>Table 2: mean loss by Q bin</h2>", _table2_html(res.table2),
+              "<h2>Table 2 of accuracy: mean accuracy by Q bin</h2>",
+              _table2_html(res.table2_acc if res.table2_acc is not None else pd.DataFrame(),
+                           "accuracy"),
               f"<h2>Statistics: {b} vs {a}</h2>", _stats_html(res),
-              "<h2>Figures</h2>", "".join(figs) or '<p class="note">No figure could be drawn.</p>',
+              "<h2>Same-network pairs: the control</h2>", _controls_html(res),
+              "<h2>Figures</h2>",
+              f"<p>{esc(AXIS_RULE)} n is the number of pairs (or cells) each figure shows.</p>"
+              if figs else "",
+              "".join(figs) or '<p class="note">No figure could be drawn.</p>',
               "<h2>Failed and diverged cells</h2>", _failed_html(df),
+              "<h2>Environment</h2>", _environment_html(res),
               "<h2>Spec</h2>", f"<pre>{esc(source)}</pre>" if source else "<p>(no spec.toml)</p>",
               "</body></html>"]
     return "\n".join(p for p in parts if p)

@@ -96,7 +96,8 @@ STATS_COLUMNS = ["a", "b", "dataset", "q_bin", "metric", "n", "mean_a", "mean_b"
 
 
 def stats(pairs_df: pd.DataFrame, metrics=("train_loss", "val_loss")) -> pd.DataFrame:
-    """Paired comparison of b against a, per dataset (q_bin 'all') and per dataset x Q bin.
+    """Paired comparison of b against a, per dataset (q_bin 'all') and per dataset x Q bin,
+    over the pairs of two different networks (same-network pairs are left out).
 
     For each group and loss metric:
       n              pairs with both losses finite;
@@ -111,6 +112,9 @@ def stats(pairs_df: pd.DataFrame, metrics=("train_loss", "val_loss")) -> pd.Data
       p_holm         Holm-adjusted p_value over all rows of the table.
     """
     rows = []
+    if pairs_df is not None and "same_network" in pairs_df.columns:
+        # one network on both sides is a control, not a comparison (see data.controls)
+        pairs_df = pairs_df[~pairs_df["same_network"].astype(bool)]
     if pairs_df is None or pairs_df.empty:
         return pd.DataFrame(columns=STATS_COLUMNS)
     a = str(pairs_df["architecture_a"].iloc[0])

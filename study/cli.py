@@ -36,6 +36,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retry-failed", action="store_true", help="run cells recorded as failed again")
     p.add_argument("--no-figures", action="store_true",
                    help="skip the figures, tables and report drawn at the end")
+    p.add_argument("--redraw", action="store_true",
+                   help="draw the figures and report even when no cell ran")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
@@ -86,12 +88,7 @@ def cmd_plan(args) -> int:
         print(f"  {k:<20} {len(v):>3} x  {', '.join(map(str, v))}")
     fixed = {k: v[0] for k, v in spec.grid.items() if len(v) == 1}
     print("fixed: " + ", ".join(f"{k}={v}" for k, v in fixed.items()))
-    groups: dict[str, set] = {}
-    for c in cells:
-        groups.setdefault(c.pair_key, set()).add(c["architecture"])
-    ds_pairs = sum(1 for a in groups.values() if {"sequential", "parallel"} <= a)
-    print(f"cells: {len(cells)}   deep/shallow pairs: {ds_pairs}   "
-          f"pair groups: {sum(1 for a in groups.values() if len(a) > 1)}")
+    _print_counts(cells)
     store = Store(_results_dir(args, spec))
     df = store.read_trials()
     ids = {c.cell_id for c in cells}
@@ -106,6 +103,36 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def _print_counts(cells) -> None:
+    """The grid's counts, each with what it means (pairs, groups, same-network twins)."""
+    from sweep import twins
+
+    groups: dict[str, dict] = {}
+    for c in cells:
+        groups.setdefault(c.pair_key, {}).setdefault(c["architecture"], []).append(c)
+    nets = twins.groups(cells)
+    same = {c.cell_id for g in nets.values() for c in g if len(g) > 1} - {
+        twins.trained_cell(g).cell_id for g in nets.values()}
+    nid = {c.cell_id: twins.network_id(c.config) for c in cells}
+    ds = [(s, p) for a in groups.values() for s in a.get("sequential", [])
+          for p in a.get("parallel", [])]
+    ds_same = sum(1 for s, p in ds if nid[s.cell_id] == nid[p.cell_id])
+    multi = sum(1 for a in groups.values() if len(a) > 1)
+    print(f"cells: {len(cells)} in the grid, {len(nets)} distinct networks to train")
+    if same:
+        print(f"  same-network twins: {len(same)} cells are bit for bit the network of another "
+              "cell (e.g. parallel at layers 1 is sequential);")
+        print("    each such network is trained once and recorded under both cells, "
+              "marked in column same_network_as")
+    print(f"deep/shallow pairs: {len(ds)}  (a sequential and a parallel cell with every other "
+          "setting equal: one comparison each)")
+    if ds_same:
+        print(f"  of which {ds_same} are same-network pairs: controls that must come out "
+              f"identical, left out of the statistics ({len(ds) - ds_same} pairs are evidence)")
+    print(f"pair groups: {multi}  (settings shared by cells of two or more architectures; a "
+          "group counts once however many architectures it holds)")
+
+
 def _run(spec, results: Path, args) -> int:
     from .runner import RunOptions, run_study
 
@@ -117,11 +144,19 @@ def _run(spec, results: Path, args) -> int:
     summary = run_study(spec, opts)
     store = Store(results)
     print(f"ran {summary.ran} cells ({summary.ok} ok, {summary.failed} failed, "
-          f"{summary.diverged} diverged) in {summary.wall_s:.1f} s; "
-          f"{summary.already_done + summary.ran} of {summary.total} cells done")
+          f"{summary.diverged} diverged) in {summary.wall_s:.1f} s"
+          + (f", recorded {summary.copied} same-network twins without training"
+             if summary.copied else "")
+          + f"; {summary.already_done + summary.ran + summary.copied} of {summary.total} cells done")
     print(f"trials: {store.trials_dir}")
     print(f"epochs: {store.epochs_dir}")
-    if not args.no_figures:
+    report = Path(results) / "report.html"
+    if args.no_figures:
+        pass
+    elif summary.ran == summary.copied == 0 and report.is_file() and not args.redraw:
+        # Nothing new in the store: the figures and report on disk are up to date.
+        print(f"report: {report} (unchanged: nothing ran; --redraw draws it again)")
+    else:
         _outputs(results, ("sequential", "parallel"), None, report=True)
     return 1 if summary.failed else 0
 

@@ -43,10 +43,17 @@ class RunSummary:
     diverged: int = 0
     wall_s: float = 0.0
     quarantined: list[str] = field(default_factory=list)
+    copied: int = 0  # same-network twins recorded from their trained cell, not trained
 
 
 class Progress:
-    """One progress line: cells done/total, running, failed, ETA (every few seconds)."""
+    """One progress line: cells done/total, running, failed, ETA (every few seconds).
+
+    The ETA is measured from the first landed cell on (start-up, data loading and the first
+    cell's compile/warm-up are not a rate), shown only once a few cells have landed since,
+    and as a range that narrows as more land (~ 1/sqrt(cells) relative spread).
+    """
+    MIN_CELLS_FOR_ETA = 3
 
     def __init__(self, total: int, done: int, out=sys.stderr, quiet: bool = False,
                  every_s: float = 5.0, heartbeat: Callable[[], None] | None = None):
@@ -56,17 +63,30 @@ class Progress:
         self.out, self.quiet, self.every_s = out, quiet, every_s
         self.last = 0.0
         self.heartbeat = heartbeat
+        self.t_first: float | None = None  # when the first cell of this run landed
+        self.done_first = done
+
+    def eta(self) -> str:
+        left = self.total - self.done
+        if left <= 0:
+            return "0s"
+        k = self.done - self.done_first
+        if self.t_first is None or k < self.MIN_CELLS_FOR_ETA:
+            return "after a few cells"
+        est = (time.time() - self.t_first) / k * left
+        spread = 1 / k ** 0.5
+        return f"{_fmt_s(est * (1 - spread))}-{_fmt_s(est * (1 + spread))}"
 
     def line(self) -> str:
-        ran = self.done - self.done0
         elapsed = time.time() - self.t0
-        left = self.total - self.done
-        eta = "?" if ran == 0 else _fmt_s(elapsed / ran * left)
         return (f"[study] {self.done}/{self.total} cells done, {self.running} running, "
-                f"{self.failed} failed, {self.diverged} diverged, elapsed {_fmt_s(elapsed)}, ETA {eta}")
+                f"{self.failed} failed, {self.diverged} diverged, elapsed {_fmt_s(elapsed)}, "
+                f"ETA {self.eta()}")
 
     def tick(self, force: bool = False) -> None:
         now = time.time()
+        if self.t_first is None and self.done > self.done0:
+            self.t_first, self.done_first = now, self.done
         if force or now - self.last >= self.every_s:
             self.last = now
             if self.heartbeat:
@@ -96,6 +116,91 @@ def plan(spec: Spec, store: Store, retry_failed: bool = False) -> tuple[list[Cel
         if s is None or (s == "failed" and retry_failed):
             pending.append(c)
     return pending, counts
+
+
+# -- same-network twins (sweep.twins): trained once, recorded under every cell_id ----------
+def same_network_plan(cells: list[Cell], pending: list[Cell]
+                      ) -> tuple[list[Cell], dict[str, list[Cell]], list[tuple[Cell, str]]]:
+    """Split the pending cells by network identity.
+
+    Returns (cells to train, {trained cell_id: its pending twins, recorded when it lands},
+    [(pending twin, cell_id of a cell of the same network already in the store)]).
+    """
+    from sweep import twins
+
+    pending_ids = {c.cell_id for c in pending}
+    train_ids, twins_of, copies = set(pending_ids), {}, []
+    for group in twins.groups(cells).values():
+        todo = [c for c in group if c.cell_id in pending_ids]
+        if len(group) < 2 or not todo:
+            continue
+        done = [c for c in group if c.cell_id not in pending_ids]
+        if done:
+            source = twins.trained_cell(done)
+            copies += [(c, source.cell_id) for c in todo]
+            train_ids -= {c.cell_id for c in todo}
+            continue
+        rep = twins.trained_cell(todo)
+        twins_of[rep.cell_id] = [c for c in todo if c is not rep]
+        train_ids -= {c.cell_id for c in twins_of[rep.cell_id]}
+    return [c for c in pending if c.cell_id in train_ids], twins_of, copies
+
+
+def twin_result(row: dict, epochs: list[dict], twin: Cell) -> tuple[dict, list[dict]]:
+    """The trained cell's row and curve under the twin's identity, marked as a copy."""
+    from sweep.params import PARAMS
+
+    out = dict(row)
+    out.update({name: twin.config.get(name) for name in PARAMS})
+    out.update(cell_id=twin.cell_id, pair_key=twin.pair_key,
+               same_network_as=row.get("same_network_as") or row["cell_id"],
+               weights_path=None)  # the weights file holds the trained cell's module layout
+    return out, [{**e, "cell_id": twin.cell_id} for e in epochs]
+
+
+def record_copies(store: Store, copies: list[tuple[Cell, str]]) -> int:
+    """Write the rows of twins whose network is already in the store (a resume after a
+    crash between the two writes, or an extension): read the source rows, write copies."""
+    sources = {src for _, src in copies}
+    trials = store.read_trials(report=ReadReport())
+    trials = trials[trials["cell_id"].isin(sources)]
+    epochs = store.read_epochs(report=ReadReport())
+    epochs = epochs[epochs["cell_id"].isin(sources)]
+    n = 0
+    for twin, src in copies:
+        hit = trials[trials["cell_id"] == src]
+        if hit.empty:
+            continue  # unreadable since plan: the twin stays pending for the next run
+        row = _python_row(hit.iloc[0].to_dict())
+        ep = epochs[epochs["cell_id"] == src].sort_values("epoch").to_dict("records")
+        store.write_result(*twin_result(row, ep, twin))
+        n += 1
+    return n
+
+
+def _python_row(raw: dict) -> dict:
+    """A pandas row back to the values the schema takes (pandas turns int columns with nulls
+    into floats and nulls into NaN/NaT)."""
+    import pandas as pd
+    import pyarrow as pa
+
+    from . import schema
+
+    out = {}
+    for f in schema.TRIALS:
+        v = raw.get(f.name)
+        if v is None or (v is pd.NaT) or (not pa.types.is_floating(f.type)
+                                          and isinstance(v, float) and v != v):
+            out[f.name] = None
+        elif pa.types.is_integer(f.type):
+            out[f.name] = int(v)
+        elif pa.types.is_boolean(f.type):
+            out[f.name] = bool(v)
+        elif pa.types.is_timestamp(f.type):
+            out[f.name] = pd.Timestamp(v).to_pydatetime()
+        else:
+            out[f.name] = v
+    return out
 
 
 def preflight(spec: Spec, store: Store, opts: RunOptions) -> None:
@@ -132,11 +237,17 @@ def run_study(spec: Spec, opts: RunOptions, out=sys.stderr) -> RunSummary:
                   "its cell will run again", file=out)
         store.save_spec(spec.source, spec.name, spec.origin)
         pending, counts = plan(spec, store, opts.retry_failed)
+        pending, twins_of, copies = same_network_plan(spec.cells(), pending)
         total = len(spec.cells())
         done = sum(counts.values()) - (counts["failed"] if opts.retry_failed else 0)
         summary = RunSummary(total=total, already_done=done, quarantined=report.bad_parts)
-        if not pending:
+        if copies:  # the trained cell landed earlier, its twin's row did not: no training
+            summary.copied += record_copies(store, copies)
             if not opts.quiet:
+                print(f"[study] recorded {summary.copied} same-network twin(s) from cells "
+                      "already in the store, without training", file=out)
+        if not pending:
+            if not opts.quiet and not copies:
                 print(f"[study] nothing to run: all {total} cells are in {store.root}", file=out)
             return summary
 
@@ -148,10 +259,14 @@ def run_study(spec: Spec, opts: RunOptions, out=sys.stderr) -> RunSummary:
             save_weights=spec.save_weights,
             device="auto" if (opts.gpus_per_trial or opts.executor == "local") else "cpu",
             inject_fault=os.environ.get("STUDY_INJECT_FAULT") or None)
-        progress = Progress(total, done, out=out, quiet=opts.quiet, heartbeat=lock.heartbeat)
+        progress = Progress(total, done + summary.copied, out=out, quiet=opts.quiet,
+                            heartbeat=lock.heartbeat)
+        n_twins = sum(map(len, twins_of.values()))
         if not opts.quiet:
-            print(f"[study] {spec.name}: {len(pending)} of {total} cells to run "
-                  f"({done} already in {store.root}), executor {opts.executor}", file=out, flush=True)
+            print(f"[study] {spec.name}: {len(pending)} of {total} cells to train"
+                  + (f" (+{n_twins} same-network twins recorded from them)" if n_twins else "")
+                  + f" ({done} already in {store.root}), executor {opts.executor}",
+                  file=out, flush=True)
         t0 = time.time()
 
         def land(row: dict, epochs: list[dict]) -> None:
@@ -164,6 +279,10 @@ def run_study(spec: Spec, opts: RunOptions, out=sys.stderr) -> RunSummary:
                 setattr(progress, st, getattr(progress, st) + 1)
                 if not opts.quiet:
                     print(f"[study] cell {row['cell_id']} {st}: {row.get('error')}", file=out)
+            for twin in twins_of.get(row["cell_id"], ()):
+                store.write_result(*twin_result(row, epochs, twin))
+                summary.copied += 1
+                progress.done += 1
             progress.tick()
 
         if opts.executor == "local":
@@ -198,7 +317,8 @@ def status(store: Store) -> dict:
     in_flight = [c for c in store.in_flight() if c in cells]
     running = len(in_flight) if driver_alive else 0
     done = int(len(df))
-    ok_wall = df.loc[df["status"] == "ok", "wall_s"]
+    trained = df[df["same_network_as"].isna()]  # a twin's row copies its cell's time
+    ok_wall = trained.loc[trained["status"] == "ok", "wall_s"]
     mean_s = float(ok_wall.mean()) if len(ok_wall) else None
     pending = len(cells) - done
     return {
@@ -206,7 +326,7 @@ def status(store: Store) -> dict:
         "ok": int(by.get("ok", 0)), "failed": int(by.get("failed", 0)),
         "diverged": int(by.get("diverged", 0)), "pending": pending, "running": running,
         "interrupted": len(in_flight) - running,
-        "compute_s": float(df["wall_s"].fillna(0).sum()),
+        "compute_s": float(trained["wall_s"].fillna(0).sum()),
         "mean_cell_s": mean_s,
         "eta_compute_s": None if mean_s is None else mean_s * pending,
         "driver": holder if driver_alive else None,

@@ -18,6 +18,9 @@ PARAM_FIELDS = [pa.field(name, _ARROW[p.type]) for name, p in PARAMS.items()]
 TRIAL_FIELDS = PARAM_FIELDS + [
     pa.field("cell_id", pa.string(), nullable=False),
     pa.field("pair_key", pa.string(), nullable=False),
+    # cell_id of the cell actually trained when this cell is the same network as that one
+    # (sweep.twins: e.g. parallel at layers 1); its numbers are copied, not measured again.
+    pa.field("same_network_as", pa.string()),
     pa.field("study", pa.string()),
     pa.field("status", pa.string(), nullable=False),  # one of STATUSES
     pa.field("n_params", pa.int64()),

@@ -7,6 +7,7 @@ cells matching all of their keys.
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import itertools
 import json
@@ -23,6 +24,27 @@ STUDY_KEYS = {"name": str, "description": str, "save_weights": bool}
 
 class SpecError(ValueError):
     """A user error in a spec: the message is one line that says what to change."""
+
+
+# Names users bring from other tools, which string similarity alone would not find.
+ALIASES = {"learning_rate": "lr", "learningrate": "lr", "wd": "weight_decay",
+           "depth": "layers", "n_layers": "layers", "num_layers": "layers", "width": "filters",
+           "channels": "filters", "n_filters": "filters", "kernel_size": "kernel",
+           "arch": "architecture", "model": "architecture", "bs": "batch_size",
+           "n_epochs": "epochs", "num_epochs": "epochs", "bn": "batch_norm",
+           "batchnorm": "batch_norm", "act": "activation", "data": "dataset"}
+
+
+def did_you_mean(word, candidates) -> str:
+    """' (did you mean 'lr'?)' for the closest candidate, or '' when none is close."""
+    names = [str(c) for c in candidates]
+    w = str(word)
+    hit = ALIASES.get(w.lower())
+    if hit not in names:
+        close = difflib.get_close_matches(w, names, n=1, cutoff=0.6) or difflib.get_close_matches(
+            w.lower(), [n.lower() for n in names], n=1, cutoff=0.6)
+        hit = next((n for n in names if close and n.lower() == close[0].lower()), None)
+    return f" (did you mean '{hit}'?)" if hit else ""
 
 
 def _hash(config: dict) -> str:
@@ -167,7 +189,8 @@ def _check_value(p: Param, value: Any, where: str) -> Any:
     if not ok:
         raise SpecError(f"spec error: '{where}' must be {t.__name__} (or a list of them), got {value!r}")
     if p.choices is not None and value not in p.choices:
-        raise SpecError(f"spec error: '{where}' = {value!r} is not allowed; allowed values: "
+        raise SpecError(f"spec error: '{where}' = {value!r} is not allowed"
+                        f"{did_you_mean(value, p.choices)}; allowed values: "
                         + ", ".join(map(str, p.choices)))
     if p.minimum is not None and value < p.minimum:
         raise SpecError(f"spec error: '{where}' = {value!r} is below its minimum {p.minimum}")
@@ -189,7 +212,9 @@ def _values(p: Param, raw: Any, where: str) -> list:
 
 
 def _unknown(key: str, where: str, allowed) -> SpecError:
-    return SpecError(f"spec error: unknown key '{where}{key}'; allowed keys: " + ", ".join(allowed))
+    allowed = list(allowed)
+    return SpecError(f"spec error: unknown key '{where}{key}'{did_you_mean(key, allowed)}; "
+                     "allowed keys: " + ", ".join(allowed))
 
 
 def parse_spec(text: str, origin: str = "<string>") -> Spec:
@@ -222,7 +247,8 @@ def parse_spec(text: str, origin: str = "<string>") -> Spec:
     for key, value in grid_raw.items():
         if isinstance(value, dict):
             if key not in ARCHITECTURES:
-                raise SpecError(f"spec error: [grid.{key}] is not an architecture; a sub-table of "
+                raise SpecError(f"spec error: [grid.{key}] is not an architecture"
+                                f"{did_you_mean(key, ARCHITECTURES)}; a sub-table of "
                                 f"[grid] holds one architecture's own axes; architectures: "
                                 + ", ".join(ARCHITECTURES))
             sub = {}
@@ -293,5 +319,6 @@ def load_spec(path_or_preset: str | Path) -> Spec:
     if name in preset_names():
         text = resources.files("sweep.presets").joinpath(f"{name}.toml").read_text()
         return parse_spec(text, origin=f"preset:{name}")
-    raise SpecError(f"no spec file or preset named '{name}'; presets: " + ", ".join(preset_names())
+    raise SpecError(f"no spec file or preset named '{name}'{did_you_mean(name, preset_names())}; "
+                    "presets: " + ", ".join(preset_names())
                     + " (or give the path of a .toml spec file)")

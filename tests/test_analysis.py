@@ -24,7 +24,7 @@ import analysis
 from analysis.stats import holm, wilson_interval
 from study import schema
 from study.store import Store
-from sweep import parse_spec
+from sweep import parse_spec, twins
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,16 +56,21 @@ def seq_losses(cfg) -> tuple[float, float]:
     return train, 2 * train + 0.01 * cfg["layers"]
 
 
-def make_row(cell, status="ok", factor=0.9, error=None) -> dict:
+def make_row(cell, status="ok", factor=0.9, error=None, mark=True) -> dict:
+    """parallel = factor x sequential, except where the two are one network (layers 1): there
+    the numbers are equal, and the row is marked as a run records it (unless mark=False, a
+    store written before the marker existed)."""
     cfg = cell.config
     train, val = seq_losses(cfg)
-    par = cfg["architecture"] != "sequential"
+    twin = twins.network_id(cfg) != cell.cell_id
+    par = cfg["architecture"] != "sequential" and not twin
     if par:
         train, val = factor * train, factor * val
     row = {k: v for k, v in cfg.items() if k in schema.TRIAL_COLUMNS}
     row.update(cell_id=cell.cell_id, pair_key=cell.pair_key, status=status, study="tiny",
                n_params=N_PARAMS[(cfg["layers"], cfg["filters"])], n_train=N_TRAIN,
-               n_classes=N_CLASSES, epochs_done=3, wall_s=2.5, error=error)
+               n_classes=N_CLASSES, epochs_done=3, wall_s=2.5, error=error,
+               same_network_as=twins.network_id(cfg) if twin and mark else None)
     if status == "ok":
         row.update(train_loss=train, val_loss=val, test_loss=val * 1.01,
                    train_acc=0.9, val_acc=0.85 if par else 0.80, test_acc=0.84 if par else 0.79)
@@ -169,13 +174,19 @@ def test_load_epochs_all_and_selected(full):
 
 def test_pairs_give_back_the_known_ratio(full):
     root, rows = full
-    p = analysis.pairs(analysis.load(root))
-    assert len(p) == 12 and p["pair_key"].is_unique
+    every = analysis.pairs(analysis.load(root))
+    assert len(every) == 12 and every["pair_key"].is_unique
+    # layers 1: one network on both sides, a control; the other 8 pairs are evidence
+    assert list(every["same_network"]) == list(every["layers"] == 1)
+    assert np.allclose(every.loc[every["same_network"], "val_loss_ratio"], 1.0)
+    p = analysis.evidence(every)
+    assert len(p) == 8 and (p["layers"] > 1).all()
     assert (p["architecture_a"] == "sequential").all() and (p["architecture_b"] == "parallel").all()
     for m in ("train_loss", "val_loss", "test_loss"):
         assert np.allclose(p[m + "_ratio"], 0.9)
         assert np.allclose(p[m + "_diff"], -0.1 * p[m + "_a"])
     assert np.allclose(p["val_acc_diff"], 0.05) and np.allclose(p["test_acc_ratio"], 0.84 / 0.79)
+    p = every
     assert (p["q"] == p["q_a"]).all()
     assert [str(x) for x in p["q_bin"]] == [Q_BIN[(l, f)] for l, f in zip(p["layers"], p["filters"])]
     # the shared settings once, the per-side ones suffixed
@@ -250,15 +261,60 @@ def test_stats_give_back_ratio_and_win_rate(full):
     assert np.allclose(s["ratio_ci_low"], 0.9) and np.allclose(s["ratio_ci_high"], 0.9)
     assert (s["win_rate_b"] == 1.0).all() and (s["ties"] == 0).all()
     per_ds = s[s["q_bin"] == "all"]
-    assert sorted(per_ds["dataset"].unique()) == ["digits", "mnist"] and (per_ds["n"] == 6).all()
-    # Exact two-sided signed-rank p for 6 differences of one sign: 2 / 2**6.
-    assert np.allclose(per_ds["p_value"], 2 / 64)
-    # Wilson interval of 6/6: [6 / (6 + z^2), 1].
+    # 6 pairs per dataset, 2 of them (layers 1) one network: 4 comparisons, no ties
+    assert sorted(per_ds["dataset"].unique()) == ["digits", "mnist"] and (per_ds["n"] == 4).all()
+    # Exact two-sided signed-rank p for 4 differences of one sign: 2 / 2**4.
+    assert np.allclose(per_ds["p_value"], 2 / 16)
+    # Wilson interval of 4/4: [4 / (4 + z^2), 1].
     z2 = 1.959963984540054 ** 2
-    assert np.allclose(per_ds["win_ci_low"], 6 / (6 + z2)) and np.allclose(per_ds["win_ci_high"], 1)
+    assert np.allclose(per_ds["win_ci_low"], 4 / (4 + z2)) and np.allclose(per_ds["win_ci_high"], 1)
     by_bin = s[(s["q_bin"] != "all") & (s["dataset"] == "digits") & (s["metric"] == "val_loss")]
-    assert dict(zip(by_bin["q_bin"], by_bin["n"])) == {"[0,1)": 1, "[1,3)": 2, "[3,10)": 1, "[10,inf)": 2}
+    # [0,1) held only the layers-1 control (1, 4): no comparison there
+    assert dict(zip(by_bin["q_bin"], by_bin["n"])) == {"[1,3)": 1, "[3,10)": 1, "[10,inf)": 2}
     assert (s["p_holm"] >= s["p_value"]).all()
+
+
+def test_same_network_pairs_are_controls_not_evidence(full):
+    """The hand-made store: 12 pairs, 4 of them at layers 1 (one network, equal numbers)."""
+    root, rows = full
+    every = analysis.pairs(analysis.load(root))
+    ctl = analysis.control_summary(every)
+    assert ctl == {"n": 4, "identical": 4, "recorded_once": 4, "differing": [], "max_abs_diff": 0.0}
+    assert len(analysis.controls(every)) == 4 and len(analysis.evidence(every)) == 8
+    s = analysis.stats(every)  # given every pair, statistics still count the evidence only
+    assert (s.loc[s["q_bin"] == "all", "n"] == 4).all() and (s["ties"] == 0).all()
+    # the win rate is 4/4 per dataset, not 4/6 with two ties
+    assert (s.loc[s["q_bin"] == "all", "win_rate_b"] == 1.0).all()
+
+
+def test_twins_found_by_rule_in_a_store_without_the_marker(tmp_path):
+    """A store written before same_network_as: the rule still finds the same-network pairs;
+    and when they differ (a broken pairing) every output says so."""
+    build(tmp_path / "old", keep=lambda c: c["dataset"] == "digits")
+    for part in (tmp_path / "old" / "trials").glob("*.parquet"):
+        t = pq.read_table(part)
+        pq.write_table(t.drop(["same_network_as"]), part)  # the old schema
+    every = analysis.pairs(analysis.load(tmp_path / "old"))
+    ctl = analysis.control_summary(every)
+    assert (ctl["n"], ctl["identical"], ctl["recorded_once"]) == (2, 2, 0)
+
+    spec = parse_spec(TINY)
+    store = Store(tmp_path / "broken")
+    store.ensure_writable()
+    store.save_spec(TINY, spec.name, "tests")
+    for c in spec.cells():
+        if c["dataset"] == "digits":
+            row = make_row(c, mark=False)
+            if c["architecture"] == "parallel" and c["layers"] == 1:
+                row["val_loss"] *= 1.5  # one network, different numbers: must be flagged
+            store.write_result(row, curve(row))
+    every = analysis.pairs(analysis.load(tmp_path / "broken"))
+    ctl = analysis.control_summary(every)
+    assert (ctl["n"], ctl["identical"], len(ctl["differing"])) == (2, 0, 2)
+    text = analysis.write_report(tmp_path / "broken").read_text()
+    assert "WARNING: 2 of 2 same-network pairs are NOT identical" in text
+    notes = (tmp_path / "broken" / "figures" / "NOTES.txt").read_text()
+    assert "2 of 2 same-network sequential/parallel pairs differ" in notes
 
 
 def test_wilson_and_holm_known_values():
@@ -297,7 +353,7 @@ def test_learning_curves_for_chosen_pairs_and_unknown_keys(full, tmp_path):
     root, rows = full
     work = tmp_path / "copy"
     shutil.copytree(root, work)
-    key = rows[0]["pair_key"]
+    key = next(r["pair_key"] for r in rows if r["layers"] > 1)  # layers 1: controls only
     res = analysis.write_figures(work, pairs=[key[:10], "ffff0000nothere"], only="learning_curves")
     assert (work / "figures" / "learning_curves.png").stat().st_size > 0
     assert any("ffff0000nothere" in n for n in res.notes)
@@ -318,6 +374,42 @@ def test_plot_functions_return_figures(full):
         assert isinstance(fig, Figure) and fig.axes
     reused = Figure()
     assert analysis.plot_zoo(df, fig=reused) is reused
+
+
+def test_every_figure_function_on_a_store_with_missing_bins(tmp_path):
+    """Only filters 8: Q bins [0,1) and [3,10) hold no cell. Every function still draws, the
+    Table 2 heat map marks the empty bins, and every log axis carries at least two labels."""
+    build(tmp_path, keep=lambda c: c["filters"] == 8)
+    df = analysis.load(tmp_path)
+    assert set(df["q_bin"].astype(str)) == {"[1,3)", "[10,inf)"}
+    p = analysis.pairs(df)
+    t2 = analysis.table2(df)
+    figs = {"equivalence": analysis.plot_equivalence(p), "table2": analysis.plot_table2(t2),
+            "ratio": analysis.plot_ratio_distribution(p), "factors": analysis.plot_factor_effects(p),
+            "curves": analysis.plot_learning_curves(p, analysis.load_epochs(tmp_path),
+                                                    rows=analysis.evidence(p).index[:2]),
+            "zoo": analysis.plot_zoo(df),
+            "accuracy": analysis.plot_table2(analysis.table2(df, ("train_acc", "val_acc")))}
+    for name, fig in figs.items():
+        fig.canvas.draw()
+        for ax in fig.axes:
+            for axis in (ax.xaxis, ax.yaxis):
+                if axis.get_scale() == "log":
+                    labels = [t.get_text() for t in axis.get_ticklabels() if t.get_text()]
+                    assert len(labels) >= 2, (name, labels)
+    heat = figs["table2"]
+    texts = [t.get_text() for ax in heat.axes for t in ax.texts]
+    # 2 datasets x 2 architectures x 2 empty bins x (train, val) panels
+    assert texts.count("–") == 16
+    assert sum("n=" in t for t in texts) == 16  # every filled cell says its n
+    # one rule: every loss axis log (equivalence, curves, zoo), accuracy axes linear
+    assert {ax.get_xscale() for ax in figs["equivalence"].axes if ax.get_xlabel()} == {"log"}
+    assert {ax.get_yscale() for ax in figs["curves"].axes if ax.get_visible()} == {"log"}
+    assert {ax.get_xscale() for ax in analysis.plot_equivalence(p, ("val_acc", "test_acc")).axes
+            if ax.get_xlabel()} == {"linear"}
+    # learning curves are titled by the settings, never by a hash
+    titles = [ax.get_title() for ax in figs["curves"].axes if ax.get_visible() and ax.get_title()]
+    assert titles and all("pair " not in t and "layers" in t for t in titles)
 
 
 def test_partial_store_gives_every_figure_or_a_note(partial, partial_report):
@@ -391,10 +483,41 @@ def test_report_is_self_contained(partial, partial_report):
     for label, value in (("cells in the grid", grid), ("done (ok)", ok), ("failed", 2),
                          ("diverged", 1), ("running", 1), ("pending", grid - len(rows) - 1)):
         assert f"<dt>{label}</dt><dd>{value}</dd>" in text, label
-    assert "compute time" in text and f"({len(rows) * 2.5:,.0f} s)" in text
+    # a same-network twin's row copies its trained cell's time: counted once
+    trained = [r for r in rows if not r.get("same_network_as")]
+    assert len(trained) < len(rows)
+    assert "compute time" in text and f"({len(trained) * 2.5:,.0f} s)" in text
     assert "DIGITS sequential" in text and "Wilcoxon" in text
     assert "not evidence of absence" in text and "Holm" in text
     assert 'name = &quot;tiny&quot;' in text  # the spec source, escaped
+
+
+def test_report_leads_with_its_headline(full, tmp_path):
+    root, rows = full
+    work = tmp_path / "copy"
+    shutil.copytree(root, work)
+    text = analysis.write_report(work).read_text()
+    head = text[text.index("<h2>Headline</h2>"):text.index("<h2>Progress</h2>")]
+    # per dataset: both ratios with intervals, the win rate, where one side is reliably better
+    for ds in ("DIGITS", "MNIST"):
+        assert f"<b>{ds}</b> (4 pairs): the median parallel/sequential loss ratio is 0.900 " \
+               "[0.900, 0.900] on training loss and 0.900 [0.900, 0.900] on validation loss" in head
+    assert "parallel reached the lower validation loss in 4 of 4 pairs" in head
+    # 4 pairs of one sign: p = 0.125 before Holm, so nothing is called reliable
+    assert "Neither architecture is reliably better, over all pairs or in any Q bin" in head
+    assert "4 same-network pairs, all identical: the pairing works" in head
+    assert "neither prove the two architectures equivalent" in head
+    assert text.index("<h2>Headline</h2>") < text.index("<h2>Table 2")
+    # Table 2 with n, its accuracy version, numbered captioned figures, environment
+    assert "(n = 2)" in text and "<h2>Table 2 of accuracy" in text
+    assert "0.8000 / 0.8500" not in text and "0.9000 / 0.8500 (n = " in text
+    n_img = text.count("<img ")
+    for k in range(1, n_img + 1):
+        assert f"<b>Figure {k}.</b>" in text
+    assert "error bars: percentile-bootstrap 95% interval" in text and "n = 8 pairs" in text
+    assert "Every loss axis is logarithmic" in text
+    env = text[text.index("<h2>Environment</h2>"):]
+    assert "torch" in env and "devices" in env and "hosts" in env and "compute time" in env
 
 
 def test_analysis_never_imports_torch_or_ray(full, tmp_path):
@@ -429,18 +552,24 @@ console.error = function () { __errors.push('console: ' + [].join.call(arguments
 addEventListener('load', function () {
   var im = [].slice.call(document.images);
   var out = document.createElement('pre'); out.id = '__probe';
+  var wide = [].slice.call(document.querySelectorAll('body *')).filter(function (e) {
+    return e.getBoundingClientRect().right > document.documentElement.clientWidth + 1;
+  }).map(function (e) { return e.tagName; });
   out.textContent = JSON.stringify({widths: im.map(function (i) { return i.naturalWidth; }),
-                                    errors: __errors});
+                                    errors: __errors, overflow: wide,
+                                    scroll: document.documentElement.scrollWidth,
+                                    client: document.documentElement.clientWidth});
   document.body.appendChild(out);
 });
 </script>"""
 
 
-def _chromium(page: Path, profile: Path) -> subprocess.CompletedProcess:
+def _chromium(page: Path, profile: Path, *extra: str) -> subprocess.CompletedProcess:
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0",
-             "--virtual-time-budget=10000", "--dump-dom", page.as_uri()]
+             "--window-size=1280,4000", "--virtual-time-budget=10000",
+             *(extra or ("--dump-dom",)), page.as_uri()]
     return subprocess.run([CHROMIUM, *flags], capture_output=True, text=True, timeout=120)
 
 
@@ -463,12 +592,17 @@ def test_report_renders_in_headless_chromium(partial_report, tmp_path):
     assert len(got["widths"]) == n_img >= 5
     assert all(w > 0 for w in got["widths"]), got["widths"]
     assert got["errors"] == []
+    # nothing wider than the page: no horizontal scroll, no element past the right edge
+    assert got["scroll"] <= got["client"] and got["overflow"] == [], got
     # The report itself, untouched: no console message of any kind (a policy violation or a
     # failed load would log one).
     r = _chromium(report, tmp_path / "profile2")
     console = [ln for ln in r.stderr.splitlines() if "CONSOLE" in ln]
     assert console == [], console
     assert "Study report: tiny" in r.stdout
+    shot = tmp_path / "report.png"
+    r = _chromium(report, tmp_path / "profile3", f"--screenshot={shot}", "--hide-scrollbars")
+    assert shot.stat().st_size > 10_000, r.stderr[-1500:]
 
 
 # -- scale ---------------------------------------------------------------------------------------
@@ -504,7 +638,8 @@ def test_write_figures_at_paper_scale(tmp_path):
     n_params = (cfg["filters"] ** 2 * cfg["kernel"] ** 2 * cfg["layers"] + 100 * cfg["filters"]).to_numpy()
     n_train = np.where(cfg["dataset"] == "mnist", 54000, 45000)
     base = np.where(cfg["dataset"] == "mnist", 0.05, 1.0) * np.exp(rng.normal(0, 0.5, n))
-    noise = np.where(cfg["architecture"] == "parallel", np.exp(rng.normal(np.log(0.95), 0.1, n)), 1)
+    noise = np.where((cfg["architecture"] == "parallel") & (cfg["layers"] > 1),
+                     np.exp(rng.normal(np.log(0.95), 0.1, n)), 1)  # layers 1: one network
     status = rng.choice(["ok", "failed", "diverged"], p=[0.97, 0.02, 0.01], size=n)
     rows = []
     for i, c in enumerate(cells):
@@ -518,7 +653,7 @@ def test_write_figures_at_paper_scale(tmp_path):
     for k in range(8):
         pq.write_table(schema.conform(rows[k::8], schema.TRIALS), store.trials_dir / f"part{k}.parquet")
     # curves for a few pairs only: the figure must pick among pairs that have them
-    for row in rows[:40]:
+    for row in [r for r in rows if r["layers"] > 1][:40]:  # layers 1 pairs are controls
         if row["status"] == "ok":
             pq.write_table(schema.conform(curve(row), schema.EPOCHS),
                            store.epochs_dir / f"{row['cell_id']}.parquet")

@@ -16,7 +16,8 @@ def test_ray_run_lands_every_cell_and_a_rerun_runs_nothing(ray_session, tiny_spe
     spec = load_spec(tiny_spec)
     out = tmp_path / "res"
     summary = run_study(spec, RunOptions(results_dir=str(out), executor="ray", quiet=True))
-    assert (summary.total, summary.ran, summary.ok) == (4, 4, 4)
+    # the layers-1 parallel cell is the sequential network: trained once, recorded twice
+    assert (summary.total, summary.ran, summary.copied, summary.ok) == (4, 3, 1, 3)
     store = Store(out)
     df = store.read_trials()
     assert sorted(df["cell_id"]) == sorted(c.cell_id for c in spec.cells())
@@ -56,7 +57,8 @@ def test_cli_run_plan_status_and_rerun(tiny_spec, tmp_path):
     assert all((tmp_path / f).exists() or __import__("pathlib").Path(f).exists() for f in figures)
 
     r = run_cli("plan", tiny_spec, "--results", out)
-    assert r.returncode == 0 and "cells: 4   deep/shallow pairs: 2" in r.stdout
+    assert r.returncode == 0 and "cells: 4 in the grid, 3 distinct networks" in r.stdout
+    assert "deep/shallow pairs: 2" in r.stdout
     assert "4 done (4 ok, 0 failed, 0 diverged), 0 pending" in r.stdout
 
     r = run_cli("status", out, "--json")

@@ -223,3 +223,67 @@ def test_coverage_counts_training_examples_from_known_sizes():
     assert n_train_examples("cifar10", 0.1, None) == 45_000
     assert n_train_examples("fashion_mnist", 0.2, 5000) == 5000
     assert n_train_examples("digits", 0.1, None) == 1294  # 1,797 - 359 test - 144 validation
+
+
+# -- did you mean ------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, needle", [
+    (BASE + "learning_rate = 0.1\n", "unknown key 'grid.learning_rate' (did you mean 'lr'?)"),
+    (BASE + "filter = 4\n", "(did you mean 'filters'?)"),
+    (BASE.replace('"parallel"]', '"paralel"]'), "= 'paralel' is not allowed (did you mean 'parallel'?)"),
+    (BASE + 'activation = "rlu"\n', "(did you mean 'relu'?)"),
+    ("[studdy]\n" + BASE, "unknown key 'studdy' (did you mean 'study'?)"),
+    (BASE.replace('architecture = ["sequential", "parallel"]',
+                  'architecture = ["sequential", "highway"]') + "[grid.higway]\ngate = 'full'\n",
+     "[grid.higway] is not an architecture (did you mean 'highway'?)"),
+])
+def test_misspellings_get_did_you_mean(text, needle):
+    with pytest.raises(SpecError) as e:
+        parse_spec(text)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_misspelled_preset_and_far_off_names():
+    with pytest.raises(SpecError, match=r"no spec file or preset named 'demoo' \(did you mean 'demo'\?\)"):
+        load_spec("demoo")
+    with pytest.raises(SpecError) as e:  # nothing close: no guess
+        load_spec("zzzzzzzz")
+    assert "did you mean" not in str(e.value)
+
+
+# -- same-network twins --------------------------------------------------------------------------
+def test_twin_groups_in_the_presets():
+    from sweep import twins
+
+    for name, n_cells, n_twins in (("demo", 48, 6), ("paper", 6912, 576)):
+        cells = load_spec(name).cells()
+        groups = twins.groups(cells)
+        extra = [c for g in groups.values() for c in g if c is not twins.trained_cell(g)]
+        assert (len(cells), len(extra)) == (n_cells, n_twins)
+        # exactly the parallel cells at layers 1, each grouped with its sequential twin
+        assert all(c["architecture"] == "parallel" and c["layers"] == 1 for c in extra)
+        for g in groups.values():
+            if len(g) > 1:
+                assert len({c.pair_key for c in g}) == 1
+                assert twins.trained_cell(g)["architecture"] == "sequential"
+
+
+def test_network_id_is_the_canonical_cell_id():
+    from sweep import twins
+
+    spec = parse_spec(BASE.replace('["sequential", "parallel"]',
+                                   '["sequential", "parallel", "highway", "merge_and_run"]')
+                      + "[grid.highway]\ngate = ['residual', 'full']\n"
+                      + "[grid.merge_and_run]\nbranches = [1, 2]\nmatch_params = [false, true]\n")
+    cells = spec.cells()
+    seq = {c["layers"]: c.cell_id for c in cells if c["architecture"] == "sequential"}
+    for c in cells:
+        nid = twins.network_id(c.config)
+        same = ((c["architecture"] == "parallel" and c["layers"] == 1)
+                or c.config.get("gate") == "residual" or c.config.get("branches") == 1)
+        assert nid == (seq[c["layers"]] if same else c.cell_id), c.config
+        assert (twins.why(c.config) is not None) == same
+    # from a store row: pandas floats and NaN for another architecture's parameters
+    c = next(c for c in cells if c.config.get("branches") == 1 and c["layers"] == 2)
+    row = {**{k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+              for k, v in c.config.items()}, "gate": float("nan")}
+    assert twins.network_id(twins.config_from_row(row)) == seq[2]
