@@ -210,7 +210,7 @@ def _headline(res: Analysis) -> str:
                "grids or datasets (see “What they do not show” below).")
     if ctl.get("n"):
         out.append(_control_sentence(res))
-    return '<p class="headline">' + " ".join(out) + "</p>"
+    return '<p class="headline">' + " ".join(x.strip() for x in out) + "</p>"
 
 
 def _control_sentence(res: Analysis) -> str:

@@ -150,7 +150,7 @@ def test_a_cell_raising_under_ray_is_retried_from_its_checkpoint(ray_session, tm
     monkeypatch.setenv("STUDY_INJECT_FAULT", "layers=2,architecture=parallel@3x1")
     out = tmp_path / "res"
     summary = run_study(load_spec(spec_path), RunOptions(results_dir=str(out), quiet=True))
-    assert summary.ok == 4
+    assert summary.ok + summary.copied == 4  # parallel@1 is recorded from sequential@1
     df = Store(out).read_trials().set_index("architecture")
     hit = df[df["layers"] == 2].loc["parallel"]
     assert hit["attempts"] == 2 and hit["resumed_from_epoch"] == 2
