@@ -350,3 +350,13 @@ def test_trains_on_digits_above_chance(digits, name, extra):
     with torch.no_grad():
         acc = (model(digits.val_x).argmax(1) == digits.val_y).float().mean().item()
     assert acc > 0.7, f"{name} {extra}: val acc {acc:.3f}"
+
+
+@pytest.mark.parametrize("head,pool", STEMS_AND_HEADS)
+@pytest.mark.parametrize("name,extra", VARIANTS)
+def test_count_params_equals_the_built_model(name, extra, head, pool):
+    # study plan counts body and skeleton apart (see count_params): same total as a real build.
+    from study.models import count_params
+
+    kw = dict(layers=3, filters=5, **COMMON, **extra, head=head, pool=pool, image_size=(28, 28))
+    assert count_params(name, kw, 3, 10) == n_params(build(name, in_channels=3, n_classes=10, **kw))

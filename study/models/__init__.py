@@ -98,9 +98,35 @@ def _count(name: str, in_channels: int, n_classes: int, kw_items: tuple) -> int:
         return n_params(build(name, in_channels=in_channels, n_classes=n_classes, **dict(kw_items)))
 
 
+SKELETON_KEYS = ("head", "pool", "image_size")
+
+
+@functools.lru_cache(maxsize=4096)
+def _skeleton(in_channels: int, n_classes: int, filters: int, kernel: int, head: str, pool: int,
+              image_size) -> int:
+    from .common import ConvNet
+
+    with torch.device("meta"):
+        return n_params(ConvNet(in_channels, n_classes, filters, kernel, "relu", head=head,
+                                pool=pool, image_size=image_size))
+
+
 def count_params(name: str, kw: dict, in_channels: int, n_classes: int) -> int:
-    """n_params of build(name, **kw) without building it for real (cached)."""
-    return _count(_PARAMS_LIKE.get(name, name), in_channels, n_classes, tuple(sorted(kw.items())))
+    """n_params of build(name, **kw) without building it for real (cached).
+
+    Every family hands head, pool and image_size to ConvNet untouched and its body never
+    sees them, so n_params = (net with the GAP head, no pool) - its skeleton + the skeleton
+    with kw's stem and head: one body count serves every head and pool (study plan's Q
+    coverage of the paper preset builds a third of the networks).
+    """
+    name = _PARAMS_LIKE.get(name, name)
+    if not all(k in kw for k in SKELETON_KEYS):
+        return _count(name, in_channels, n_classes, tuple(sorted(kw.items())))
+    ref = {**kw, "head": "gap", "pool": 1, "image_size": None}
+    skel = (in_channels, n_classes, kw["filters"], kw["kernel"])
+    return (_count(name, in_channels, n_classes, tuple(sorted(ref.items())))
+            - _skeleton(*skel, "gap", 1, None)
+            + _skeleton(*skel, kw["head"], kw["pool"], tuple(kw["image_size"])))
 
 
 def match_width(name: str, kw: dict, in_channels: int, n_classes: int) -> int:
