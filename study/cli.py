@@ -93,7 +93,7 @@ def cmd_plan(args) -> int:
     print(f"cells: {len(cells)}   deep/shallow pairs: {ds_pairs}   "
           f"pair groups: {sum(1 for a in groups.values() if len(a) > 1)}")
     store = Store(_results_dir(args, spec))
-    df = store.read_trials()
+    df = store.read_trials(columns=["cell_id", "status"])
     ids = {c.cell_id for c in cells}
     df = df[df["cell_id"].isin(ids)]
     counts = df["status"].value_counts().to_dict()

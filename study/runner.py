@@ -82,10 +82,13 @@ def _fmt_s(s: float) -> str:
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
-def plan(spec: Spec, store: Store, retry_failed: bool = False) -> tuple[list[Cell], dict[str, int]]:
-    """(pending cells, counts by status of the grid's cells already in the store)."""
-    cells = spec.cells()
-    df = store.read_trials()
+def plan(spec: Spec, store: Store, retry_failed: bool = False, trials=None,
+         cells: list[Cell] | None = None) -> tuple[list[Cell], dict[str, int]]:
+    """(pending cells, counts by status of the grid's cells already in the store).
+    `trials`: the store's cell_id and status columns when the caller has read them already;
+    `cells`: the spec's cells when already enumerated."""
+    cells = spec.cells() if cells is None else cells
+    df = store.read_trials(columns=STATUS_COLUMNS) if trials is None else trials
     status = dict(zip(df["cell_id"], df["status"]))
     counts = {"ok": 0, "failed": 0, "diverged": 0}
     pending = []
@@ -98,18 +101,36 @@ def plan(spec: Spec, store: Store, retry_failed: bool = False) -> tuple[list[Cel
     return pending, counts
 
 
-def preflight(spec: Spec, store: Store, opts: RunOptions) -> None:
+STATUS_COLUMNS = ["cell_id", "status"]
+
+
+@dataclass
+class StoreView:
+    """The one read of the store `study run` makes before its first cell."""
+    cells: list[Cell]
+    trials: "object"  # DataFrame: cell_id, status
+    report: ReadReport
+    pending: list[Cell]
+    counts: dict[str, int]
+
+
+def preflight(spec: Spec, store: Store, opts: RunOptions) -> StoreView:
     """Checks that change nothing: the spec extends the saved one, the data is there (or is
-    downloaded), the folder is writable. A refusal leaves the store exactly as it was."""
+    downloaded), the folder is writable. A refusal leaves the store exactly as it was.
+    Returns the store as read (once: the plan, and the unreadable files to quarantine)."""
     from . import data as datasets
 
     if store.exists():
         old = parse_spec(store.spec_path.read_text(), origin=str(store.spec_path))
         spec.check_extends(old)
-    pending, _ = plan(spec, store, opts.retry_failed)
+    report = ReadReport()
+    trials = store.read_trials(columns=STATUS_COLUMNS, report=report)
+    cells = spec.cells()
+    pending, counts = plan(spec, store, opts.retry_failed, trials=trials, cells=cells)
     for name in sorted({c["dataset"] for c in pending}):
         datasets.check_available(name, opts.data_dir, opts.download)
     store.ensure_writable()
+    return StoreView(cells, trials, report, pending, counts)
 
 
 def run_study(spec: Spec, opts: RunOptions, out=sys.stderr) -> RunSummary:
@@ -117,25 +138,28 @@ def run_study(spec: Spec, opts: RunOptions, out=sys.stderr) -> RunSummary:
     from .train import TrialOptions
 
     store = Store(opts.results_dir)
-    preflight(spec, store, opts)
+    view = preflight(spec, store, opts)
     lock = DriverLock(store)
     stale = lock.acquire()
     try:
         if stale and not opts.quiet:
             print(f"[study] took over a stale lock of a driver that is gone "
                   f"(host {stale.get('host')}, pid {stale.get('pid')})", file=out)
-        report = ReadReport()
-        store.read_trials(quarantine=True, report=report)
-        store.read_epochs(quarantine=True, report=ReadReport())
+        # Quarantine from the one read made above (its plan already counts those cells as
+        # pending); the epochs files only get their footers checked.
+        report = view.report
+        store.quarantine_bad(report)
+        store.check_epochs(quarantine=True)
         for bad in report.bad_parts:
             print(f"[study] unreadable part moved to {store.quarantine_dir}: {bad}; "
                   "its cell will run again", file=out)
         store.save_spec(spec.source, spec.name, spec.origin)
-        pending, counts = plan(spec, store, opts.retry_failed)
-        total = len(spec.cells())
+        pending, counts = view.pending, view.counts
+        total = len(view.cells)
         done = sum(counts.values()) - (counts["failed"] if opts.retry_failed else 0)
         summary = RunSummary(total=total, already_done=done, quarantined=report.bad_parts)
         if not pending:
+            store.compact()  # what a crashed run left as parts
             if not opts.quiet:
                 print(f"[study] nothing to run: all {total} cells are in {store.root}", file=out)
             return summary
@@ -156,6 +180,10 @@ def run_study(spec: Spec, opts: RunOptions, out=sys.stderr) -> RunSummary:
 
         def land(row: dict, epochs: list[dict]) -> None:
             store.write_result(row, epochs)
+            store.maybe_compact(row["cell_id"])
+            while store.notes:
+                print(f"[study] unreadable file moved to {store.quarantine_dir}: "
+                      f"{store.notes.pop(0)}; its cells will run at the next `study run`", file=out)
             summary.ran += 1
             st = row["status"]
             setattr(summary, st, getattr(summary, st) + 1)
@@ -174,6 +202,7 @@ def run_study(spec: Spec, opts: RunOptions, out=sys.stderr) -> RunSummary:
             run_ray(pending, trial_opts, land, progress, opts, store)
         else:
             raise SpecError(f"unknown executor {opts.executor!r}; use ray or local")
+        store.compact()  # readers find a handful of files, not one per cell
         summary.wall_s = time.time() - t0
         progress.running = 0
         progress.tick(force=True)
@@ -189,13 +218,13 @@ def status(store: Store) -> dict:
                          f"--results {store.root}` first")
     spec = parse_spec(store.spec_path.read_text(), origin=str(store.spec_path))
     cells = {c.cell_id for c in spec.cells()}
-    df = store.read_trials(report=ReadReport())
+    df = store.read_trials(report=ReadReport(), columns=["cell_id", "status", "wall_s"])
+    in_flight = [c for c in store.in_flight(done=df["cell_id"]) if c in cells]
     df = df[df["cell_id"].isin(cells)]
     by = df["status"].value_counts().to_dict()
     holder = DriverLock(store).holder()
     lock = DriverLock(store)
     driver_alive = bool(holder) and not lock.is_stale(holder)
-    in_flight = [c for c in store.in_flight() if c in cells]
     running = len(in_flight) if driver_alive else 0
     done = int(len(df))
     ok_wall = df.loc[df["status"] == "ok", "wall_s"]
