@@ -337,7 +337,11 @@ class Store:
         return bool(due)
 
     def compact(self) -> None:
-        """Merge every part (and every merged file one of them supersedes) into merged files."""
+        """Merge every part (and every merged file one of them supersedes) into merged files;
+        remove what a killed compaction left half-written (the driver, under the lock)."""
+        for d in (self.trials_dir, self.epochs_dir):
+            for tmp in d.glob(f".{MERGED_PREFIX}*.tmp") if d.is_dir() else ():
+                tmp.unlink(missing_ok=True)
         self._compact()
 
     def _merged_index(self) -> dict[int, set[str]]:
