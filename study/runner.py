@@ -107,11 +107,27 @@ STATUS_COLUMNS = ["cell_id", "status"]
 @dataclass
 class StoreView:
     """The one read of the store `study run` makes before its first cell."""
-    cells: list[Cell]
+    total: int
     trials: "object"  # DataFrame: cell_id, status
     report: ReadReport
     pending: list[Cell]
     counts: dict[str, int]
+    enumerated: list[Cell] | None  # the spec's cells, when they had to be enumerated
+
+
+def _counts_from_ids(ids: list[str], trials, retry_failed: bool) -> tuple[int, dict[str, int]]:
+    """(cells to run, counts by status) from cached cell ids: no need to enumerate the grid
+    when nothing is left to run."""
+    status = dict(zip(trials["cell_id"], trials["status"]))
+    counts = {"ok": 0, "failed": 0, "diverged": 0}
+    todo = 0
+    for cid in ids:
+        s = status.get(cid)
+        if s in counts:
+            counts[s] += 1
+        if s is None or (s == "failed" and retry_failed):
+            todo += 1
+    return todo, counts
 
 
 def preflight(spec: Spec, store: Store, opts: RunOptions) -> StoreView:
@@ -125,12 +141,18 @@ def preflight(spec: Spec, store: Store, opts: RunOptions) -> StoreView:
         spec.check_extends(old)
     report = ReadReport()
     trials = store.read_trials(columns=STATUS_COLUMNS, report=report)
+    ids = store.cached_cell_ids(spec.source)
+    if ids is not None:
+        todo, counts = _counts_from_ids(ids, trials, opts.retry_failed)
+        if not todo:
+            store.ensure_writable()
+            return StoreView(len(ids), trials, report, [], counts, None)
     cells = spec.cells()
     pending, counts = plan(spec, store, opts.retry_failed, trials=trials, cells=cells)
     for name in sorted({c["dataset"] for c in pending}):
         datasets.check_available(name, opts.data_dir, opts.download)
     store.ensure_writable()
-    return StoreView(cells, trials, report, pending, counts)
+    return StoreView(len(cells), trials, report, pending, counts, cells)
 
 
 def run_study(spec: Spec, opts: RunOptions, out=sys.stderr) -> RunSummary:
@@ -154,8 +176,10 @@ def run_study(spec: Spec, opts: RunOptions, out=sys.stderr) -> RunSummary:
             print(f"[study] unreadable part moved to {store.quarantine_dir}: {bad}; "
                   "its cell will run again", file=out)
         store.save_spec(spec.source, spec.name, spec.origin)
+        if view.enumerated is not None:
+            store.save_cell_ids(spec.source, [c.cell_id for c in view.enumerated])
         pending, counts = view.pending, view.counts
-        total = len(view.cells)
+        total = view.total
         done = sum(counts.values()) - (counts["failed"] if opts.retry_failed else 0)
         summary = RunSummary(total=total, already_done=done, quarantined=report.bad_parts)
         if not pending:
@@ -217,7 +241,8 @@ def status(store: Store) -> dict:
         raise StoreError(f"{store.root} holds no study (no spec.toml); run `study run SPEC "
                          f"--results {store.root}` first")
     spec = parse_spec(store.spec_path.read_text(), origin=str(store.spec_path))
-    cells = {c.cell_id for c in spec.cells()}
+    ids = store.cached_cell_ids(spec.source)
+    cells = set(ids) if ids is not None else {c.cell_id for c in spec.cells()}
     df = store.read_trials(report=ReadReport(), columns=["cell_id", "status", "wall_s"])
     in_flight = [c for c in store.in_flight(done=df["cell_id"]) if c in cells]
     df = df[df["cell_id"].isin(cells)]

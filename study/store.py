@@ -7,6 +7,8 @@ Layout of a results folder DIR:
     epochs/<cell_id>.parquet     the epochs of a cell landed since the last compaction
     spec.toml                    the spec the study runs (saved at the first run)
     study.json                   name, creation time, where the spec came from
+    cells.parquet                the spec's cell ids (a cache: enumerating 100,000 cells takes
+                                 seconds; keyed by the spec's text and the sweep code)
     checkpoints/<cell_id>.pt     per-epoch checkpoints of cells in flight (removed when the row lands)
     weights/<cell_id>.pt         final weights, when the spec says save_weights = true
     quarantine/                  files that could not be read, moved aside with a note
@@ -169,7 +171,7 @@ def _read_merged(path: Path, sch: pa.Schema, cols: list[str], ids: list[str] | N
         names = pf.schema_arrow.names
         have = [c for c in cols if c in names]
         if ids is None:
-            t = pf.read(columns=have)
+            t = pf.read(columns=have, use_threads=False)
         else:
             md = pf.metadata
             ci = names.index("cell_id")
@@ -184,7 +186,7 @@ def _read_merged(path: Path, sch: pa.Schema, cols: list[str], ids: list[str] | N
                     groups.append(i)
             if not groups:
                 return _conform_table(pf.schema_arrow.empty_table(), sch, cols)
-            t = pf.read_row_groups(groups, columns=have)
+            t = pf.read_row_groups(groups, columns=have, use_threads=False)
             t = t.filter(pc.is_in(t["cell_id"], value_set=pa.array(ids, pa.string())))
         return _conform_table(t, sch, cols)
     except FileNotFoundError:
@@ -221,6 +223,7 @@ class Store:
         self.figures_dir = self.root / "figures"
         self.spec_path = self.root / "spec.toml"
         self.meta_path = self.root / "study.json"
+        self.cells_path = self.root / "cells.parquet"
         self.lock_path = self.root / "driver.lock"
         # The driver's view of trials/merged-*: seq -> its cells (built on first need, kept
         # up to date by this object's own compactions; only the lock holder compacts).
@@ -255,6 +258,24 @@ class Store:
         meta.update({"name": name, "origin": origin, "updated_at": _now().isoformat()})
         atomic_write_text(self.meta_path, json.dumps(meta, indent=2) + "\n")
 
+    def save_cell_ids(self, source: str, cell_ids: list[str]) -> None:
+        """Cache the cell ids of the spec `source` (the driver, after enumerating them)."""
+        table = pa.table({"cell_id": pa.array(cell_ids, pa.string())})
+        table = table.replace_schema_metadata({"spec_key": _spec_key(source)})
+        _atomic_write_table(table, self.cells_path)
+
+    def cached_cell_ids(self, source: str) -> list[str] | None:
+        """The cell ids of spec `source` in grid order, if cached for this very text and
+        sweep code; None otherwise."""
+        try:
+            pf = pq.ParquetFile(self.cells_path)
+            meta = pf.schema_arrow.metadata or {}
+            if meta.get(b"spec_key", b"").decode() != _spec_key(source):
+                return None
+            return pf.read(columns=["cell_id"])["cell_id"].to_pylist()
+        except (OSError, ValueError, KeyError, pa.ArrowException):
+            return None
+
     def meta(self) -> dict:
         try:
             return json.loads(self.meta_path.read_text())
@@ -285,23 +306,36 @@ class Store:
         self.checkpoint_path(cell_id).unlink(missing_ok=True)
 
     def write_results(self, results: Iterable[tuple[dict, list[dict]]]) -> None:
-        """Land many finished cells at once, straight into merged files (all or none of them
-        at a crash). A cell that has a part on disk lands through `write_result` instead, so
-        that a part is never older than a merged copy of its cell."""
+        """Land many finished cells at once (rows and their epochs as dicts): see write_tables."""
         results = list(results)
-        parts = {p.stem for p in _listing(self.trials_dir)[0]}
-        for row, epochs in results:
-            if row["cell_id"] in parts:
-                self.write_result(row, epochs)
-        rest = [(r, e) for r, e in results if r["cell_id"] not in parts]
-        if rest:
+        self.write_tables(schema.conform([r for r, _ in results], schema.TRIALS),
+                          schema.conform([x for _, e in results for x in e], schema.EPOCHS))
+
+    def write_tables(self, trials: pa.Table, epochs: pa.Table) -> None:
+        """Land many finished cells at once, straight into merged files through the
+        compaction's own writer (all of them or, at a crash, none). `trials`: one row per cell
+        (schema.TRIALS), `epochs`: their epochs (schema.EPOCHS). A cell that has a part on
+        disk lands through `write_result` instead, so that a part is never older than a
+        merged copy of its cell."""
+        trials = _conform_table(trials, schema.TRIALS, schema.TRIAL_COLUMNS)
+        epochs = _conform_table(epochs, schema.EPOCHS, schema.EPOCH_COLUMNS)
+        if pc.count_distinct(trials["cell_id"]).as_py() != len(trials):
+            raise ValueError("write_tables: a cell appears twice in `trials`")
+        parts = sorted({p.stem for p in _listing(self.trials_dir)[0]}
+                       & set(trials["cell_id"].to_pylist()))
+        if parts:
+            value_set = pa.array(parts, pa.string())
+            for row in trials.filter(pc.is_in(trials["cell_id"], value_set=value_set)).to_pylist():
+                self.write_result(row, epochs.filter(
+                    pc.equal(epochs["cell_id"], row["cell_id"])).to_pylist())
+            trials = trials.filter(pc.invert(pc.is_in(trials["cell_id"], value_set=value_set)))
+        if len(trials):
             for d in (self.trials_dir, self.epochs_dir):
                 d.mkdir(parents=True, exist_ok=True)
-            trials = schema.conform([r for r, _ in rest], schema.TRIALS)
-            epochs = schema.conform([x for _, e in rest for x in e], schema.EPOCHS)
             self._compact(extra=(trials, epochs))
-        for row, _ in rest:
-            self.checkpoint_path(row["cell_id"]).unlink(missing_ok=True)
+            if self.checkpoints_dir.is_dir():
+                for cid in trials["cell_id"].to_pylist():
+                    self.checkpoint_path(cid).unlink(missing_ok=True)
 
     def checkpoint_path(self, cell_id: str) -> Path:
         return self.checkpoints_dir / f"{cell_id}.pt"
@@ -619,6 +653,21 @@ class Store:
         groups that can hold those cells."""
         return self._read(self.epochs_dir, schema.EPOCHS, columns, cell_ids, quarantine,
                           report).to_pandas()
+
+
+def _spec_key(source: str) -> str:
+    """The spec's text and the code that turns it into cell ids (a new sweep version may
+    hash differently: its cache is not reused)."""
+    import hashlib
+
+    import sweep
+    h = hashlib.sha256(source.encode())
+    for name in ("spec.py", "params.py"):
+        try:
+            h.update((Path(sweep.__file__).parent / name).read_bytes())
+        except OSError:
+            h.update(name.encode())
+    return h.hexdigest()
 
 
 def _stat(p: Path):
