@@ -142,58 +142,50 @@ def build(root: Path, spec_text: str, epochs: int, one_by_one: int, seed: int = 
             "land_n": one_by_one, "files": files}
 
 
-def timed(cmd: list[str], env: dict | None = None, timeout: float = 900) -> tuple[float, float, str]:
-    """(wall s, peak RSS MiB, stdout tail) of a fresh process."""
+def timed(cmd: list[str], timeout: float = 900) -> tuple[float, float, float, str]:
+    """(wall s, CPU s, peak RSS MiB, output) of a fresh process, the interpreter's start
+    included. CPU (user + system) is the figure that holds under contention from other work."""
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
-    out, _ = p.communicate(timeout=timeout)
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = p.stdout.read()
+    _, status, ru = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
-    # ru_maxrss of the largest child waited for so far: run each measure in its own process
-    # tree and read the figure the child prints itself when it can (below).
-    return wall, float("nan"), out
+    return wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss / 1024, out
 
 
 PY_TIMED = r"""
 import resource, sys, time
-t0 = time.perf_counter()
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+{setup}
+t0, c0 = time.perf_counter(), cpu()
 {body}
-took = time.perf_counter() - t0
-print(f"TIMED {{took:.3f}} {{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}}")
-"""
-
-WRAP = r"""
-import resource, runpy, sys, time
-sys.argv = ["study"] + sys.argv[1:]
-t0 = time.perf_counter()
-try:
-    runpy.run_module("study.cli", run_name="__main__")
-except SystemExit as e:
-    code = e.code
-print(f"PEAK {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}")
+print(f"TIMED {{time.perf_counter() - t0:.3f}} {{cpu() - c0:.3f}}")
 """
 
 
-def py_measure(body: str) -> tuple[float, float, str]:
-    _, _, out = timed([sys.executable, "-c", PY_TIMED.format(body=body)])
+def py_measure(setup: str, body: str) -> tuple[float, float, float, str]:
+    """(wall s, CPU s, peak RSS MiB, output) of `body` alone, in a fresh process after `setup`."""
+    _, _, peak, out = timed([sys.executable, "-c", PY_TIMED.format(setup=setup, body=body)])
     line = [ln for ln in out.splitlines() if ln.startswith("TIMED")]
     if not line:
         raise RuntimeError(out)
-    _, took, peak = line[-1].split()
-    return float(took), float(peak), out
+    _, took, cpu = line[-1].split()
+    return float(took), float(cpu), peak, out
 
 
-def cli_measure(*args: str, timeout: float = 900) -> tuple[float, float, str]:
-    """Whole command: wall time of `python -m study.cli ...` (interpreter start included)."""
-    wall, _, out = timed([sys.executable, "-c", WRAP, *map(str, args)], timeout=timeout)
-    peak = [ln for ln in out.splitlines() if ln.startswith("PEAK")]
-    return wall, float(peak[-1].split()[1]) if peak else float("nan"), out
+def cli_measure(*args: str, timeout: float = 900) -> tuple[float, float, float, str]:
+    """Whole command: `python -m study.cli ...` from interpreter start to exit."""
+    return timed([sys.executable, "-m", "study.cli", *map(str, args)], timeout=timeout)
 
 
-def report(name: str, took: float, peak: float, goal: float) -> None:
+def report(name: str, took: float, cpu: float, peak: float, goal: float) -> None:
     verdict = "ok" if took < goal else "OVER"
-    print(f"{name:<58} {took:7.2f} s  (goal < {goal:g} s: {verdict})  peak {peak:,.0f} MiB",
-          flush=True)
+    print(f"{name:<62} wall {took:7.2f} s (goal < {goal:g} s: {verdict}), CPU {cpu:6.2f} s, "
+          f"peak {peak:,.0f} MiB", flush=True)
 
 
 def main() -> None:
@@ -220,35 +212,33 @@ def main() -> None:
                   f"{b['land_n']} landed one by one {b['land_s']:.1f} s; files {b['files']}",
                   flush=True)
 
-        took, peak, _ = py_measure(
-            f"import analysis\nt0 = time.perf_counter()\ndf = analysis.load({str(big)!r})\np = analysis.pairs(df)\n"
-            "print(len(df), len(p))")
-        report("analysis.load + analysis.pairs (100,000 rows)", took, peak, 5)
-        took, peak, _ = py_measure(
-            "import analysis, numpy as np\nt0 = time.perf_counter()\n"
-            f"ids = np.random.default_rng(1).choice(sorted(__import__('study.store', fromlist=['x'])"
-            f".Store({str(big)!r}).cell_ids()), 100, replace=False)\n"
-            "t1 = time.perf_counter()\n"
-            f"ep = analysis.load_epochs({str(big)!r}, list(ids))\n"
-            "t0 = t1\n"
-            "print(len(ep), ep['cell_id'].nunique())")
-        report("learning curves of 100 chosen cells (load_epochs)", took, peak, 0.5)
-        took, peak, out = cli_measure("status", big)
-        report("`study status` whole command", took, peak, 3)
+        print(f"load average before measuring: {os.getloadavg()[0]:.1f}", flush=True)
+        big_s = repr(str(big))
+        m = py_measure("import analysis",
+                       f"df = analysis.load({big_s})\np = analysis.pairs(df)\nprint(len(df), len(p))")
+        report("analysis.load + analysis.pairs (100,000 rows)", *m[:3], 5)
+        m = py_measure("import analysis, numpy as np\nfrom study.store import Store\n"
+                       f"ids = np.random.default_rng(1).choice(sorted(Store({big_s}).cell_ids()), "
+                       "100, replace=False).tolist()",
+                       f"ep = analysis.load_epochs({big_s}, ids)\n"
+                       "assert ep['cell_id'].nunique() == len(set(ids) & set(ep['cell_id']))")
+        report("learning curves of 100 chosen cells (load_epochs)", *m[:3], 0.5)
+        m = cli_measure("status", big)
+        report("`study status` whole command", *m[:3], 3)
         spec_path = base / "big.toml"
         spec_path.write_text(BIG_SPEC)
-        took, peak, out = cli_measure("run", spec_path, "--results", big, "--executor", "local",
-                                      "--no-figures")
-        assert "nothing to run" in out, out
-        report("`study run`, nothing to run, --no-figures, whole command", took, peak, 15)
+        m = cli_measure("run", spec_path, "--results", big, "--executor", "local", "--no-figures")
+        assert "nothing to run" in m[3], m[3]
+        report("`study run`, nothing to run, --no-figures, whole command", *m[:3], 15)
         if not args.skip_run_report:
-            took, peak, out = cli_measure("run", spec_path, "--results", big, "--executor", "local")
-            report("`study run`, nothing to run, with its report, whole command", took, peak, 15)
+            m = cli_measure("run", spec_path, "--results", big, "--executor", "local")
+            report("`study run`, nothing to run, with its report, whole command", *m[:3], 15)
         for cmd in ("report", "figures"):
-            took, peak, out = cli_measure(cmd, small)
-            if "report:" not in out and "figure:" not in out:
-                print(out[-2000:])
-            report(f"`study {cmd}` on the paper store (6,912 cells), whole command", took, peak, 30)
+            m = cli_measure(cmd, small)
+            if "report:" not in m[3] and "figure:" not in m[3]:
+                print(m[3][-2000:])
+            report(f"`study {cmd}` on the paper store (6,912 cells), whole command", *m[:3], 30)
+        print(f"load average after: {os.getloadavg()[0]:.1f}", flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
