@@ -9,9 +9,14 @@ from __future__ import annotations
 import os
 import sys
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from sweep import Cell, Spec, SpecError, parse_spec
 
@@ -137,8 +142,9 @@ def preflight(spec: Spec, store: Store, opts: RunOptions) -> StoreView:
     from . import data as datasets
 
     if store.exists():
-        old = parse_spec(store.spec_path.read_text(), origin=str(store.spec_path))
-        spec.check_extends(old)
+        saved = store.spec_path.read_text()
+        if saved != spec.source:  # the same text extends itself: no second parse of the grid
+            spec.check_extends(parse_spec(saved, origin=str(store.spec_path)))
     report = ReadReport()
     trials = store.read_trials(columns=STATUS_COLUMNS, report=report)
     ids = store.cached_cell_ids(spec.source)
@@ -240,12 +246,19 @@ def status(store: Store) -> dict:
     if not store.exists():
         raise StoreError(f"{store.root} holds no study (no spec.toml); run `study run SPEC "
                          f"--results {store.root}` first")
-    spec = parse_spec(store.spec_path.read_text(), origin=str(store.spec_path))
-    ids = store.cached_cell_ids(spec.source)
-    cells = set(ids) if ids is not None else {c.cell_id for c in spec.cells()}
+    source = store.spec_path.read_text()
+    ids = store.cached_cell_ids(source)
+    if ids is not None:  # this very text was parsed and enumerated by `study run`
+        spec = SimpleNamespace(name=store.meta().get("name")
+                               or tomllib.loads(source).get("study", {}).get("name", "study"))
+        cells = set(ids)
+    else:
+        spec = parse_spec(source, origin=str(store.spec_path))
+        cells = {c.cell_id for c in spec.cells()}
     df = store.read_trials(report=ReadReport(), columns=["cell_id", "status", "wall_s"])
     in_flight = [c for c in store.in_flight(done=df["cell_id"]) if c in cells]
-    df = df[df["cell_id"].isin(cells)]
+    df = df[pc.is_in(pa.array(df["cell_id"], pa.string()),
+                     value_set=pa.array(list(cells), pa.string())).to_numpy(zero_copy_only=False)]
     by = df["status"].value_counts().to_dict()
     holder = DriverLock(store).holder()
     lock = DriverLock(store)
