@@ -139,8 +139,8 @@ def _listing(folder: Path) -> tuple[list[Path], dict[int, Path]]:
                     parts.append(Path(e.path))
                 else:
                     merged[seq] = Path(e.path)
-    except FileNotFoundError:
-        pass
+    except (FileNotFoundError, NotADirectoryError):
+        pass  # no store there (yet): nothing to read
     return sorted(parts), dict(sorted(merged.items()))
 
 
