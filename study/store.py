@@ -60,7 +60,7 @@ MERGED_PREFIX = "merged-"
 COMPACT_EVERY_PARTS = 256  # loose parts that trigger a compaction
 COMPACT_EVERY_S = 30.0  # ... or the age of the oldest loose part
 MERGED_MAX_CELLS = 2000  # bounds the cost of rewriting one merged file for a re-run cell
-EPOCHS_ROW_GROUP = 4096  # small row groups: the curves of a few cells read a few of them
+EPOCHS_ROW_GROUP = 1024  # small row groups (~20 cells): the curves of a few cells read a few
 _PART_RANK = 1 << 62  # a part beats every merged file
 _EXTRA_RANK = _PART_RANK + 1  # rows handed to write_results beat everything on disk
 
