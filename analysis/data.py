@@ -9,8 +9,6 @@ from typing import Iterable
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from study import schema
 from study.store import ReadReport, Store
@@ -29,14 +27,18 @@ SIDE_COLUMNS = ["cell_id", "architecture", "n_params", "filters_used", "epochs_d
 PAIR_METRICS = METRICS
 
 
-def load(root: str | Path, report: ReadReport | None = None) -> pd.DataFrame:
+def load(root: str | Path, report: ReadReport | None = None,
+         columns: Iterable[str] | None = None) -> pd.DataFrame:
     """All trial rows of the store at `root` (every status), plus `q` and `q_bin`.
 
-    Unreadable parts are skipped (never quarantined: analysis only reads); pass a ReadReport
-    to learn of them.
+    `columns`: read only these (plus what `q` needs); default every column. Unreadable files
+    are skipped (never quarantined: analysis only reads); pass a ReadReport to learn of them.
     """
     root = check_store(root)
-    df = Store(root).read_trials(quarantine=False, report=report)
+    if columns is not None:
+        columns = list(dict.fromkeys([*columns, "cell_id", "status", "n_train", "n_classes",
+                                      "n_params"]))
+    df = Store(root).read_trials(quarantine=False, report=report, columns=columns)
     return add_q(df)
 
 
@@ -44,27 +46,16 @@ def load_epochs(root: str | Path, cell_ids: Iterable[str] | None = None,
                 report: ReadReport | None = None) -> pd.DataFrame:
     """Per-epoch rows (schema EPOCHS) of every cell, or only of `cell_ids`.
 
-    Reading only the wanted parts keeps learning curves cheap on a 7,000-cell store; a
-    missing or unreadable part is skipped (and listed in `report` when it is unreadable).
+    With `cell_ids` only the files and row groups that can hold those cells are read (merged
+    files are sorted by cell_id), so learning curves stay cheap on a large store; an
+    unreadable file is skipped (and listed in `report`).
     """
     root = check_store(root)
     store = Store(root)
-    if cell_ids is None:
-        return store.read_epochs(quarantine=False, report=report)
-    tables = []
-    for cid in dict.fromkeys(cell_ids):
-        part = store.epochs_dir / f"{cid}.parquet"
-        try:
-            t = pq.read_table(part)
-            tables.append(t.select(schema.EPOCH_COLUMNS).cast(schema.EPOCHS))
-        except FileNotFoundError:
-            continue
-        except (OSError, ValueError, KeyError, pa.ArrowException) as e:
-            if report is not None:
-                report.bad_parts.append(f"{part}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-    if not tables:
-        return schema.EPOCHS.empty_table().to_pandas()
-    return pa.concat_tables(tables).to_pandas()
+    if cell_ids is not None:
+        cell_ids = list(dict.fromkeys(cell_ids))
+    df = store.read_epochs(quarantine=False, report=report, cell_ids=cell_ids)
+    return df.sort_values(["cell_id", "epoch"], kind="stable").reset_index(drop=True)
 
 
 def _variant(side: pd.DataFrame, cols: list[str]) -> pd.Series:

@@ -90,7 +90,7 @@ def cmd_plan(args) -> int:
     print("fixed: " + ", ".join(f"{k}={v}" for k, v in fixed.items()))
     _print_counts(cells)
     store = Store(_results_dir(args, spec))
-    df = store.read_trials()
+    df = store.read_trials(columns=["cell_id", "status"])
     ids = {c.cell_id for c in cells}
     df = df[df["cell_id"].isin(ids)]
     counts = df["status"].value_counts().to_dict()

@@ -9,9 +9,14 @@ from __future__ import annotations
 import os
 import sys
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from sweep import Cell, Spec, SpecError, parse_spec
 
@@ -102,10 +107,13 @@ def _fmt_s(s: float) -> str:
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
-def plan(spec: Spec, store: Store, retry_failed: bool = False) -> tuple[list[Cell], dict[str, int]]:
-    """(pending cells, counts by status of the grid's cells already in the store)."""
-    cells = spec.cells()
-    df = store.read_trials()
+def plan(spec: Spec, store: Store, retry_failed: bool = False, trials=None,
+         cells: list[Cell] | None = None) -> tuple[list[Cell], dict[str, int]]:
+    """(pending cells, counts by status of the grid's cells already in the store).
+    `trials`: the store's cell_id and status columns when the caller has read them already;
+    `cells`: the spec's cells when already enumerated."""
+    cells = spec.cells() if cells is None else cells
+    df = store.read_trials(columns=STATUS_COLUMNS) if trials is None else trials
     status = dict(zip(df["cell_id"], df["status"]))
     counts = {"ok": 0, "failed": 0, "diverged": 0}
     pending = []
@@ -203,18 +211,59 @@ def _python_row(raw: dict) -> dict:
     return out
 
 
-def preflight(spec: Spec, store: Store, opts: RunOptions) -> None:
+STATUS_COLUMNS = ["cell_id", "status"]
+
+
+@dataclass
+class StoreView:
+    """The one read of the store `study run` makes before its first cell."""
+    total: int
+    trials: "object"  # DataFrame: cell_id, status
+    report: ReadReport
+    pending: list[Cell]
+    counts: dict[str, int]
+    enumerated: list[Cell] | None  # the spec's cells, when they had to be enumerated
+
+
+def _counts_from_ids(ids: list[str], trials, retry_failed: bool) -> tuple[int, dict[str, int]]:
+    """(cells to run, counts by status) from cached cell ids: no need to enumerate the grid
+    when nothing is left to run."""
+    status = dict(zip(trials["cell_id"], trials["status"]))
+    counts = {"ok": 0, "failed": 0, "diverged": 0}
+    todo = 0
+    for cid in ids:
+        s = status.get(cid)
+        if s in counts:
+            counts[s] += 1
+        if s is None or (s == "failed" and retry_failed):
+            todo += 1
+    return todo, counts
+
+
+def preflight(spec: Spec, store: Store, opts: RunOptions) -> StoreView:
     """Checks that change nothing: the spec extends the saved one, the data is there (or is
-    downloaded), the folder is writable. A refusal leaves the store exactly as it was."""
+    downloaded), the folder is writable. A refusal leaves the store exactly as it was.
+    Returns the store as read (once: the plan, and the unreadable files to quarantine)."""
     from . import data as datasets
 
     if store.exists():
-        old = parse_spec(store.spec_path.read_text(), origin=str(store.spec_path))
-        spec.check_extends(old)
-    pending, _ = plan(spec, store, opts.retry_failed)
+        saved = store.spec_path.read_text()
+        if saved != spec.source:  # the same text extends itself: no second parse of the grid
+            spec.check_extends(parse_spec(saved, origin=str(store.spec_path)))
+    report = ReadReport()
+    trials = store.read_trials(columns=STATUS_COLUMNS, report=report)
+    ids = store.cached_cell_ids(spec.source)
+    if ids is not None:
+        todo, counts = _counts_from_ids(ids, trials, opts.retry_failed)
+        if not todo:
+            store.ensure_writable()
+            return StoreView(len(ids), trials, report, [], counts, None)
+    cells = spec.cells()
+    pending, counts = plan(spec, store, opts.retry_failed, trials=trials, cells=cells)
     for name in sorted({c["dataset"] for c in pending}):
         datasets.check_available(name, opts.data_dir, opts.download)
     store.ensure_writable()
+    return StoreView(len(cells), trials, report, pending, counts, cells)
 
 
 def run_study(spec: Spec, opts: RunOptions, out=sys.stderr) -> RunSummary:
@@ -222,23 +271,29 @@ def run_study(spec: Spec, opts: RunOptions, out=sys.stderr) -> RunSummary:
     from .train import TrialOptions
 
     store = Store(opts.results_dir)
-    preflight(spec, store, opts)
+    view = preflight(spec, store, opts)
     lock = DriverLock(store)
     stale = lock.acquire()
     try:
         if stale and not opts.quiet:
             print(f"[study] took over a stale lock of a driver that is gone "
                   f"(host {stale.get('host')}, pid {stale.get('pid')})", file=out)
-        report = ReadReport()
-        store.read_trials(quarantine=True, report=report)
-        store.read_epochs(quarantine=True, report=ReadReport())
+        # Quarantine from the one read made above (its plan already counts those cells as
+        # pending); the epochs files only get their footers checked.
+        report = view.report
+        store.quarantine_bad(report)
+        store.check_epochs(quarantine=True)
         for bad in report.bad_parts:
             print(f"[study] unreadable part moved to {store.quarantine_dir}: {bad}; "
                   "its cell will run again", file=out)
         store.save_spec(spec.source, spec.name, spec.origin)
-        pending, counts = plan(spec, store, opts.retry_failed)
-        pending, twins_of, copies = same_network_plan(spec.cells(), pending)
-        total = len(spec.cells())
+        if view.enumerated is not None:
+            store.save_cell_ids(spec.source, [c.cell_id for c in view.enumerated])
+        pending, counts = view.pending, view.counts
+        twins_of, copies = {}, []
+        if pending:  # pending cells imply the grid was enumerated by preflight
+            pending, twins_of, copies = same_network_plan(view.enumerated or spec.cells(), pending)
+        total = view.total
         done = sum(counts.values()) - (counts["failed"] if opts.retry_failed else 0)
         summary = RunSummary(total=total, already_done=done, quarantined=report.bad_parts)
         if copies:  # the trained cell landed earlier, its twin's row did not: no training
@@ -247,6 +302,7 @@ def run_study(spec: Spec, opts: RunOptions, out=sys.stderr) -> RunSummary:
                 print(f"[study] recorded {summary.copied} same-network twin(s) from cells "
                       "already in the store, without training", file=out)
         if not pending:
+            store.compact()  # what a crashed run left as parts
             if not opts.quiet and not copies:
                 print(f"[study] nothing to run: all {total} cells are in {store.root}", file=out)
             return summary
@@ -271,6 +327,15 @@ def run_study(spec: Spec, opts: RunOptions, out=sys.stderr) -> RunSummary:
 
         def land(row: dict, epochs: list[dict]) -> None:
             store.write_result(row, epochs)
+            landed = [row["cell_id"]]
+            for twin in twins_of.get(row["cell_id"], ()):
+                store.write_result(*twin_result(row, epochs, twin))
+                landed.append(twin.cell_id)
+            for cell_id in landed:
+                store.maybe_compact(cell_id)
+            while store.notes:
+                print(f"[study] unreadable file moved to {store.quarantine_dir}: "
+                      f"{store.notes.pop(0)}; its cells will run at the next `study run`", file=out)
             summary.ran += 1
             st = row["status"]
             setattr(summary, st, getattr(summary, st) + 1)
@@ -279,10 +344,8 @@ def run_study(spec: Spec, opts: RunOptions, out=sys.stderr) -> RunSummary:
                 setattr(progress, st, getattr(progress, st) + 1)
                 if not opts.quiet:
                     print(f"[study] cell {row['cell_id']} {st}: {row.get('error')}", file=out)
-            for twin in twins_of.get(row["cell_id"], ()):
-                store.write_result(*twin_result(row, epochs, twin))
-                summary.copied += 1
-                progress.done += 1
+            summary.copied += len(landed) - 1
+            progress.done += len(landed) - 1
             progress.tick()
 
         if opts.executor == "local":
@@ -293,6 +356,7 @@ def run_study(spec: Spec, opts: RunOptions, out=sys.stderr) -> RunSummary:
             run_ray(pending, trial_opts, land, progress, opts, store)
         else:
             raise SpecError(f"unknown executor {opts.executor!r}; use ray or local")
+        store.compact()  # readers find a handful of files, not one per cell
         summary.wall_s = time.time() - t0
         progress.running = 0
         progress.tick(force=True)
@@ -306,15 +370,23 @@ def status(store: Store) -> dict:
     if not store.exists():
         raise StoreError(f"{store.root} holds no study (no spec.toml); run `study run SPEC "
                          f"--results {store.root}` first")
-    spec = parse_spec(store.spec_path.read_text(), origin=str(store.spec_path))
-    cells = {c.cell_id for c in spec.cells()}
-    df = store.read_trials(report=ReadReport())
-    df = df[df["cell_id"].isin(cells)]
+    source = store.spec_path.read_text()
+    ids = store.cached_cell_ids(source)
+    if ids is not None:  # this very text was parsed and enumerated by `study run`
+        spec = SimpleNamespace(name=store.meta().get("name")
+                               or tomllib.loads(source).get("study", {}).get("name", "study"))
+        cells = set(ids)
+    else:
+        spec = parse_spec(source, origin=str(store.spec_path))
+        cells = {c.cell_id for c in spec.cells()}
+    df = store.read_trials(report=ReadReport(), columns=["cell_id", "status", "wall_s", "same_network_as"])
+    in_flight = [c for c in store.in_flight(done=df["cell_id"]) if c in cells]
+    df = df[pc.is_in(pa.array(df["cell_id"], pa.string()),
+                     value_set=pa.array(list(cells), pa.string())).to_numpy(zero_copy_only=False)]
     by = df["status"].value_counts().to_dict()
     holder = DriverLock(store).holder()
     lock = DriverLock(store)
     driver_alive = bool(holder) and not lock.is_stale(holder)
-    in_flight = [c for c in store.in_flight() if c in cells]
     running = len(in_flight) if driver_alive else 0
     done = int(len(df))
     trained = df[df["same_network_as"].isna()]  # a twin's row copies its cell's time

@@ -1,21 +1,41 @@
 """The Parquet results store: one folder per study.
 
 Layout of a results folder DIR:
-    trials/<cell_id>.parquet   one row per finished cell (schema.TRIALS)
-    epochs/<cell_id>.parquet   one row per epoch of that cell (schema.EPOCHS)
-    spec.toml                  the spec the study runs (saved at the first run)
-    study.json                 name, creation time, where the spec came from
-    checkpoints/<cell_id>.pt   per-epoch checkpoints of cells in flight (removed when the row lands)
-    weights/<cell_id>.pt       final weights, when the spec says save_weights = true
-    quarantine/                parts that could not be read, moved aside with a note
-    driver.lock                held by the one `study run` driving this folder
+    trials/merged-<seq>.parquet  finished cells, one row each (schema.TRIALS), sorted by cell_id
+    trials/<cell_id>.parquet     a cell landed since the last compaction (one row)
+    epochs/merged-<seq>.parquet  one row per epoch of the cells of trials/merged-<seq>
+    epochs/<cell_id>.parquet     the epochs of a cell landed since the last compaction
+    spec.toml                    the spec the study runs (saved at the first run)
+    study.json                   name, creation time, where the spec came from
+    cells.parquet                the spec's cell ids (a cache: enumerating 100,000 cells takes
+                                 seconds; keyed by the spec's text and the sweep code)
+    checkpoints/<cell_id>.pt     per-epoch checkpoints of cells in flight (removed when the row lands)
+    weights/<cell_id>.pt         final weights, when the spec says save_weights = true
+    quarantine/                  files that could not be read, moved aside with a note
+    driver.lock                  held by the one `study run` driving this folder
 
-One part per cell, written to a temporary name and renamed into place: a crash never leaves a
-half-written part, a re-run of a cell replaces its row atomically, and so there is exactly one
-row per cell by construction. No torch or ray here.
+Reading it yourself: every row of the study is in `DIR/trials/*.parquet` and every epoch in
+`DIR/epochs/*.parquet` (files being written are hidden `.*.tmp` names the glob skips), each
+cell exactly once, e.g. DuckDB `read_parquet('DIR/trials/*.parquet', union_by_name=true)`,
+Polars `pl.read_parquet('DIR/trials/*.parquet')`, pandas `pd.read_parquet('DIR/trials')`.
+
+Landing a cell writes its two parts, each to a temporary name renamed into place: a crash never
+leaves a half-written file, and a re-run of a cell replaces its part atomically. The driver
+compacts as it runs (every COMPACT_EVERY_PARTS parts or COMPACT_EVERY_S seconds, at once when a
+landed cell replaces a row of a merged file, and at the end of a run): it writes new merged
+files (at most MERGED_MAX_CELLS cells each, the trials and epochs files of one cell under the
+same <seq>) holding the parts and the merged files they touch, renames them into place, and
+only then removes what they replace. So a cell is on disk twice only in the instant between
+those renames and removals (or after a crash in it), and a reader that meets a cell twice keeps
+the newest copy: a part beats any merged file (a part is only ever written after the merged
+rows it replaces), a higher <seq> beats a lower one (seqs only grow, and a compaction's outputs
+get seqs above every file it reads). The next compaction removes such leftovers. An unreadable
+file is moved to quarantine/ by the driver (a damaged trials file takes its epochs file with
+it: those cells run again). No torch or ray here.
 """
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 import errno
 import json
@@ -23,25 +43,36 @@ import os
 import socket
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from . import schema
+
+MERGED_PREFIX = "merged-"
+COMPACT_EVERY_PARTS = 256  # loose parts that trigger a compaction
+COMPACT_EVERY_S = 30.0  # ... or the age of the oldest loose part
+MERGED_MAX_CELLS = 2000  # bounds the cost of rewriting one merged file for a re-run cell
+EPOCHS_ROW_GROUP = 1024  # small row groups (~20 cells): the curves of a few cells read a few
+_PART_RANK = 1 << 62  # a part beats every merged file
+_EXTRA_RANK = _PART_RANK + 1  # rows handed to write_results beat everything on disk
 
 
 class StoreError(RuntimeError):
     """A problem with the results folder; the message is one line that says what to do."""
 
 
-def _atomic_write_table(table: pa.Table, path: Path) -> None:
+def _atomic_write_table(table: pa.Table, path: Path, **write_kw) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, **write_kw)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -75,6 +106,110 @@ def atomic_write_text(path: Path, text: str) -> None:
 @dataclass
 class ReadReport:
     bad_parts: list[str] = field(default_factory=list)  # "path: reason"
+    bad_files: list[tuple[Path, str]] = field(default_factory=list)  # (path, reason)
+
+    def add(self, path: Path, reason: str) -> None:
+        self.bad_parts.append(f"{path}: {reason}")
+        self.bad_files.append((Path(path), reason))
+
+
+class _Vanished(Exception):
+    """A file listed a moment ago is gone: a compaction replaced it; list again."""
+
+
+def merged_seq(name: str) -> int | None:
+    """<seq> of a merged file's name, None for a part."""
+    if name.startswith(MERGED_PREFIX) and name.endswith(".parquet"):
+        digits = name[len(MERGED_PREFIX):-len(".parquet")]
+        if digits.isdigit():
+            return int(digits)
+    return None
+
+
+def _listing(folder: Path) -> tuple[list[Path], dict[int, Path]]:
+    """(parts, {seq: merged file}) of a trials/ or epochs/ folder."""
+    parts, merged = [], {}
+    try:
+        with os.scandir(folder) as it:
+            for e in it:
+                if e.name.startswith(".") or not e.name.endswith(".parquet"):
+                    continue
+                seq = merged_seq(e.name)
+                if seq is None:
+                    parts.append(Path(e.path))
+                else:
+                    merged[seq] = Path(e.path)
+    except (FileNotFoundError, NotADirectoryError):
+        pass  # no store there (yet): nothing to read
+    return sorted(parts), dict(sorted(merged.items()))
+
+
+def _is_cell_id(stem: str) -> bool:
+    return len(stem) == 16 and all(c in "0123456789abcdef" for c in stem)
+
+
+def _conform_table(t: pa.Table, sch: pa.Schema, cols: list[str]) -> pa.Table:
+    """Exactly `cols` of `sch`, in order; columns an older writer did not have read as nulls."""
+    if "cell_id" not in t.column_names:
+        raise ValueError("missing columns ['cell_id']")
+    out = []
+    for c in cols:
+        f = sch.field(c)
+        out.append(t[c].cast(f.type) if c in t.column_names else pa.nulls(len(t), f.type))
+    return pa.Table.from_arrays(out, schema=pa.schema([sch.field(c) for c in cols]))
+
+
+def _reason(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _read_merged(path: Path, sch: pa.Schema, cols: list[str], ids: list[str] | None) -> pa.Table:
+    """One merged file; with `ids` (sorted), only the row groups whose cell_id range can hold
+    one of them (merged files are sorted by cell_id), then only their rows."""
+    try:
+        pf = pq.ParquetFile(path)
+        names = pf.schema_arrow.names
+        have = [c for c in cols if c in names]
+        if ids is None:
+            t = pf.read(columns=have, use_threads=False)
+        else:
+            md = pf.metadata
+            ci = names.index("cell_id")
+            groups = []
+            for i in range(md.num_row_groups):
+                st = md.row_group(i).column(ci).statistics
+                if st is None or not st.has_min_max:
+                    groups.append(i)
+                    continue
+                j = bisect.bisect_left(ids, st.min)
+                if j < len(ids) and ids[j] <= st.max:
+                    groups.append(i)
+            if not groups:
+                return _conform_table(pf.schema_arrow.empty_table(), sch, cols)
+            t = pf.read_row_groups(groups, columns=have, use_threads=False)
+            t = t.filter(pc.is_in(t["cell_id"], value_set=pa.array(ids, pa.string())))
+        return _conform_table(t, sch, cols)
+    except FileNotFoundError:
+        raise _Vanished() from None
+
+
+def _newest(sources: list[tuple[int, pa.Table]]) -> list[tuple[int, pa.Table]]:
+    """Keep each cell's rows from its highest-ranked source only. Fast when no cell repeats."""
+    sources = sorted(sources, key=lambda s: -s[0])
+    uniq = [pc.unique(t["cell_id"]) for _, t in sources]
+    n = sum(len(u) for u in uniq)
+    if n == 0 or len(sources) < 2:
+        return sources
+    every = pa.chunked_array(uniq, pa.string())
+    if pc.count_distinct(every).as_py() == n:
+        return sources
+    out, seen = [], None
+    for (rank, t), u in zip(sources, uniq):
+        if seen is not None and len(t):
+            t = t.filter(pc.invert(pc.is_in(t["cell_id"], value_set=seen)))
+        out.append((rank, t))
+        seen = u if seen is None else pa.concat_arrays([seen, u.cast(pa.string())])
+    return out
 
 
 class Store:
@@ -88,7 +223,14 @@ class Store:
         self.figures_dir = self.root / "figures"
         self.spec_path = self.root / "spec.toml"
         self.meta_path = self.root / "study.json"
+        self.cells_path = self.root / "cells.parquet"
         self.lock_path = self.root / "driver.lock"
+        # The driver's view of trials/merged-*: seq -> its cells (built on first need, kept
+        # up to date by this object's own compactions; only the lock holder compacts).
+        self._merged: dict[int, set[str]] | None = None
+        self._loose: int | None = None  # parts landed since the last compaction
+        self._loose_since: float | None = None
+        self.notes: list[str] = []  # files a compaction had to quarantine
 
     # -- creating ---------------------------------------------------------------------------
     def ensure_writable(self) -> None:
@@ -116,6 +258,24 @@ class Store:
         meta.update({"name": name, "origin": origin, "updated_at": _now().isoformat()})
         atomic_write_text(self.meta_path, json.dumps(meta, indent=2) + "\n")
 
+    def save_cell_ids(self, source: str, cell_ids: list[str]) -> None:
+        """Cache the cell ids of the spec `source` (the driver, after enumerating them)."""
+        table = pa.table({"cell_id": pa.array(cell_ids, pa.string())})
+        table = table.replace_schema_metadata({"spec_key": _spec_key(source)})
+        _atomic_write_table(table, self.cells_path)
+
+    def cached_cell_ids(self, source: str) -> list[str] | None:
+        """The cell ids of spec `source` in grid order, if cached for this very text and
+        sweep code; None otherwise."""
+        try:
+            pf = pq.ParquetFile(self.cells_path)
+            meta = pf.schema_arrow.metadata or {}
+            if meta.get(b"spec_key", b"").decode() != _spec_key(source):
+                return None
+            return pf.read(columns=["cell_id"])["cell_id"].to_pylist()
+        except (OSError, ValueError, KeyError, pa.ArrowException):
+            return None
+
     def meta(self) -> dict:
         try:
             return json.loads(self.meta_path.read_text())
@@ -138,8 +298,44 @@ class Store:
             if not had_epochs:  # no row landed: leave no curve of an unfinished cell
                 epochs_part.unlink(missing_ok=True)
             raise
+        if self._loose is not None:
+            self._loose += 1
+        if self._loose_since is None:
+            self._loose_since = time.monotonic()
         # The row is safely in place: the cell's checkpoint has done its job.
         self.checkpoint_path(cell_id).unlink(missing_ok=True)
+
+    def write_results(self, results: Iterable[tuple[dict, list[dict]]]) -> None:
+        """Land many finished cells at once (rows and their epochs as dicts): see write_tables."""
+        results = list(results)
+        self.write_tables(schema.conform([r for r, _ in results], schema.TRIALS),
+                          schema.conform([x for _, e in results for x in e], schema.EPOCHS))
+
+    def write_tables(self, trials: pa.Table, epochs: pa.Table) -> None:
+        """Land many finished cells at once, straight into merged files through the
+        compaction's own writer (all of them or, at a crash, none). `trials`: one row per cell
+        (schema.TRIALS), `epochs`: their epochs (schema.EPOCHS). A cell that has a part on
+        disk lands through `write_result` instead, so that a part is never older than a
+        merged copy of its cell."""
+        trials = _conform_table(trials, schema.TRIALS, schema.TRIAL_COLUMNS)
+        epochs = _conform_table(epochs, schema.EPOCHS, schema.EPOCH_COLUMNS)
+        if pc.count_distinct(trials["cell_id"]).as_py() != len(trials):
+            raise ValueError("write_tables: a cell appears twice in `trials`")
+        parts = sorted({p.stem for p in _listing(self.trials_dir)[0]}
+                       & set(trials["cell_id"].to_pylist()))
+        if parts:
+            value_set = pa.array(parts, pa.string())
+            for row in trials.filter(pc.is_in(trials["cell_id"], value_set=value_set)).to_pylist():
+                self.write_result(row, epochs.filter(
+                    pc.equal(epochs["cell_id"], row["cell_id"])).to_pylist())
+            trials = trials.filter(pc.invert(pc.is_in(trials["cell_id"], value_set=value_set)))
+        if len(trials):
+            for d in (self.trials_dir, self.epochs_dir):
+                d.mkdir(parents=True, exist_ok=True)
+            self._compact(extra=(trials, epochs))
+            if self.checkpoints_dir.is_dir():
+                for cid in trials["cell_id"].to_pylist():
+                    self.checkpoint_path(cid).unlink(missing_ok=True)
 
     def checkpoint_path(self, cell_id: str) -> Path:
         return self.checkpoints_dir / f"{cell_id}.pt"
@@ -147,69 +343,339 @@ class Store:
     def weights_path(self, cell_id: str) -> Path:
         return self.weights_dir / f"{cell_id}.pt"
 
-    def in_flight(self) -> list[str]:
-        """Cells with a checkpoint but no row: started, not finished."""
+    def in_flight(self, done: Iterable[str] | None = None) -> list[str]:
+        """Cells with a checkpoint but no row: started, not finished. `done`: the cells with
+        a row, when the caller has read them already."""
         if not self.checkpoints_dir.is_dir():
             return []
-        done = self.part_ids(self.trials_dir)
-        return sorted(p.stem for p in self.checkpoints_dir.glob("*.pt") if p.stem not in done)
+        ckpts = [p.stem for p in self.checkpoints_dir.glob("*.pt")]
+        if not ckpts:
+            return []
+        done = self.cell_ids() if done is None else set(done)
+        return sorted(c for c in ckpts if c not in done)
+
+    # -- compaction (the driver's, under the lock) ------------------------------------------
+    def maybe_compact(self, cell_id: str | None = None) -> bool:
+        """Called after each landed cell: compact when enough parts wait, when the oldest has
+        waited long enough, or at once when `cell_id` replaced a row of a merged file (so
+        that other tools' readers do not see the cell twice)."""
+        if self._loose is None:
+            self._loose = len(_listing(self.trials_dir)[0])
+        due = (self._loose >= COMPACT_EVERY_PARTS
+               or (self._loose and self._loose_since is not None
+                   and time.monotonic() - self._loose_since >= COMPACT_EVERY_S))
+        if not due and cell_id is not None:
+            due = any(cell_id in cells for cells in self._merged_index().values())
+        if due:
+            self.compact()
+        return bool(due)
+
+    def compact(self) -> None:
+        """Merge every part (and every merged file one of them supersedes) into merged files;
+        remove what a killed compaction left half-written (the driver, under the lock)."""
+        for d in (self.trials_dir, self.epochs_dir):
+            for tmp in d.glob(f".{MERGED_PREFIX}*.tmp") if d.is_dir() else ():
+                tmp.unlink(missing_ok=True)
+        self._compact()
+
+    def _merged_index(self) -> dict[int, set[str]]:
+        if self._merged is None:
+            index = {}
+            for seq, path in _listing(self.trials_dir)[1].items():
+                try:
+                    index[seq] = set(pq.read_table(path, columns=["cell_id"])["cell_id"].to_pylist())
+                except FileNotFoundError:
+                    continue
+                except (OSError, ValueError, pa.ArrowException) as e:
+                    self._quarantine(path, _reason(e))
+                    self.notes.append(f"{path}: {_reason(e)}")
+            self._merged = index
+        return self._merged
+
+    def _compact(self, extra: tuple[pa.Table, pa.Table] | None = None) -> None:
+        tparts, tmerged = _listing(self.trials_dir)
+        eparts, emerged = _listing(self.epochs_dir)
+        index = self._merged_index()
+        tmerged = {s: p for s, p in tmerged.items() if s in index}  # quarantined ones are gone
+        seen: dict[str, int] = {}
+        repeated: set[int] = set()  # merged files sharing a cell: a crash mid-compaction
+        for seq, cells in index.items():
+            for c in cells:
+                if c in seen:
+                    repeated.update((seq, seen[c]))
+                seen[c] = seq
+        orphans = set(emerged) - set(tmerged)  # epochs whose trials file is gone
+        if not (tparts or eparts or extra or repeated or orphans):
+            self._loose, self._loose_since = 0, None
+            return
+        stats = {p: _stat(p) for p in tparts + eparts}
+        rep = ReadReport()
+        t_parts = self._read_parts(tparts, schema.TRIALS, schema.TRIAL_COLUMNS, None, True, rep)
+        e_parts = self._read_parts(eparts, schema.EPOCHS, schema.EPOCH_COLUMNS, None, True, rep)
+        new_cells = set(pc.unique(t_parts["cell_id"]).to_pylist())
+        if extra is not None:
+            new_cells |= set(pc.unique(extra[0]["cell_id"]).to_pylist())
+        inputs = {s for s, cells in index.items() if cells & new_cells} | repeated
+        open_files = [(len(cells), s) for s, cells in index.items()
+                      if len(cells) < MERGED_MAX_CELLS]
+        if open_files:
+            inputs.add(min(open_files)[1])  # fill the smallest file rather than add one more
+        inputs |= orphans
+        t_sources: list[tuple[int, pa.Table]] = [(_PART_RANK, t_parts)]
+        e_by_rank: dict[int, pa.Table] = {_PART_RANK: e_parts}
+        if extra is not None:
+            t_sources.append((_EXTRA_RANK, extra[0]))
+            e_by_rank[_EXTRA_RANK] = extra[1]
+        done_inputs = []
+        for seq in sorted(inputs):
+            tpath, epath = tmerged.get(seq), emerged.get(seq)
+            try:
+                t = (_read_merged(tpath, schema.TRIALS, schema.TRIAL_COLUMNS, None) if tpath
+                     else schema.TRIALS.empty_table())
+            except _Vanished:
+                continue
+            except (OSError, ValueError, pa.ArrowException) as e:
+                self._quarantine(tpath, _reason(e))
+                self.notes.append(f"{tpath}: {_reason(e)}")
+                continue
+            e_t = schema.EPOCHS.empty_table()
+            if epath:
+                try:
+                    e_t = _read_merged(epath, schema.EPOCHS, schema.EPOCH_COLUMNS, None)
+                except _Vanished:
+                    pass
+                except (OSError, ValueError, pa.ArrowException) as e:
+                    self._quarantine(epath, _reason(e))
+                    self.notes.append(f"{epath}: {_reason(e)}")
+            t_sources.append((seq, t))
+            e_by_rank[seq] = e_t
+            done_inputs.append(seq)
+        self.notes += rep.bad_parts
+        # A cell's epochs come from the same source as its winning trial row: a curve never
+        # outlives or mismatches its row (an epochs part left by a crash before its trial part
+        # landed is dropped; the cell is in flight and runs again).
+        kept = _newest(t_sources)
+        trials = pa.concat_tables([t for _, t in kept]).sort_by("cell_id")
+        epochs = []
+        for rank, t in kept:
+            e_t = e_by_rank.get(rank)
+            if e_t is not None and len(e_t) and len(t):
+                epochs.append(e_t.filter(pc.is_in(e_t["cell_id"], value_set=t["cell_id"].combine_chunks())))
+        epochs = (pa.concat_tables(epochs).sort_by([("cell_id", "ascending"), ("epoch", "ascending")])
+                  if epochs else schema.EPOCHS.empty_table())
+        # Write every output before removing any input: at any instant each landed row is in
+        # some file, and the newest copy of a cell is in the highest-ranked file holding it.
+        seq = max([*index, *tmerged, *emerged, 0]) + 1
+        outputs: dict[int, set[str]] = {}
+        ids = trials["cell_id"].to_pylist()
+        for lo in range(0, len(ids), MERGED_MAX_CELLS):
+            chunk = ids[lo:lo + MERGED_MAX_CELLS]
+            t = trials.slice(lo, len(chunk))
+            e_t = epochs.filter(pc.is_in(epochs["cell_id"], value_set=pa.array(chunk, pa.string())))
+            if len(e_t):
+                _atomic_write_table(e_t, self.epochs_dir / f"{MERGED_PREFIX}{seq:08d}.parquet",
+                                    row_group_size=EPOCHS_ROW_GROUP)
+            _atomic_write_table(t, self.trials_dir / f"{MERGED_PREFIX}{seq:08d}.parquet")
+            outputs[seq] = set(chunk)
+            seq += 1
+        for p in tparts + eparts:
+            if p.exists() and _stat(p) == stats.get(p):  # a part rewritten meanwhile is newer
+                p.unlink(missing_ok=True)
+        for s in done_inputs:
+            for path in (tmerged.get(s), emerged.get(s)):
+                if path is not None:
+                    path.unlink(missing_ok=True)
+            index.pop(s, None)
+        index.update(outputs)
+        self._loose, self._loose_since = 0, None
 
     # -- reading ----------------------------------------------------------------------------
     @staticmethod
     def part_ids(folder: Path) -> set[str]:
-        if not folder.is_dir():
-            return set()
-        return {p.stem for p in folder.glob("*.parquet")}
+        """The cells with rows in `folder` (trials/ or epochs/), merged or not."""
+        folder = Path(folder)
+        sch = schema.EPOCHS if folder.name == "epochs" else schema.TRIALS
+        store = Store(folder.parent)
+        t = store._read(folder, sch, ["cell_id"], None, False, None)
+        return set(pc.unique(t["cell_id"]).to_pylist())
 
-    def _read(self, folder: Path, sch: pa.Schema, quarantine: bool,
-              report: ReadReport | None) -> pa.Table:
-        parts = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+    def cell_ids(self) -> set[str]:
+        """The cells that have a trial row."""
+        return self.part_ids(self.trials_dir)
+
+    def _read_parts(self, parts: list[Path], sch: pa.Schema, cols: list[str],
+                    ids: set[str] | None, quarantine: bool, report: ReadReport | None) -> pa.Table:
+        if ids is not None:  # a part of ours is named by its cell; others may hold any cell
+            parts = [p for p in parts if p.stem in ids or not _is_cell_id(p.stem)]
         if not parts:
-            return sch.empty_table()
+            return pa.schema([sch.field(c) for c in cols]).empty_table()
+        filt = pc.field("cell_id").isin(sorted(ids)) if ids is not None else None
         try:
-            # Fast path: one multi-threaded scan (thousands of one-row parts). Columns a
-            # part lacks (written before the schema grew) read as nulls.
-            return ds.dataset([str(p) for p in parts], schema=sch, format="parquet").to_table()
+            # One multi-threaded scan (up to thousands of one-row parts). Columns a part lacks
+            # (written before the schema grew) read as nulls.
+            return (ds.dataset([str(p) for p in parts], schema=sch, format="parquet")
+                    .to_table(columns=cols, filter=filt))
+        except FileNotFoundError:
+            raise _Vanished() from None
         except (OSError, ValueError, pa.ArrowException):
             pass  # some part is damaged or vanished: find out which, part by part
         tables = []
         for part in parts:
             try:
                 t = pq.read_table(part)
-                missing = {"cell_id"} - set(t.column_names)
-                if missing:
-                    raise ValueError(f"missing columns {sorted(missing)}")
-                for f in sch:
-                    if f.name not in t.column_names:
-                        t = t.append_column(f, pa.nulls(len(t), f.type))
-                tables.append(t.select(sch.names).cast(sch))
+                if filt is not None:
+                    t = t.filter(pc.is_in(t["cell_id"], value_set=pa.array(sorted(ids), pa.string())))
+                tables.append(_conform_table(t, sch, cols))
             except FileNotFoundError:
-                continue  # replaced between listing and reading: a newer part is in place
-            except (OSError, ValueError, pa.ArrowException) as e:
-                reason = f"{part}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                raise _Vanished() from None
+            except (OSError, ValueError, KeyError, pa.ArrowException) as e:
                 if report is not None:
-                    report.bad_parts.append(reason)
+                    report.add(part, _reason(e))
                 if quarantine:
-                    self._quarantine(part, reason)
+                    self._quarantine(part, _reason(e))
         if not tables:
-            return sch.empty_table()
+            return pa.schema([sch.field(c) for c in cols]).empty_table()
         return pa.concat_tables(tables)
+
+    def _read(self, folder: Path, sch: pa.Schema, columns: Iterable[str] | None,
+              cell_ids: Iterable[str] | None, quarantine: bool,
+              report: ReadReport | None) -> pa.Table:
+        cols = list(sch.names) if columns is None else list(dict.fromkeys(columns))
+        unknown = [c for c in cols if c not in sch.names]
+        if unknown:
+            raise KeyError(f"columns not in the store schema: {unknown}")
+        rcols = cols if "cell_id" in cols else ["cell_id", *cols]
+        ids = None if cell_ids is None else sorted(set(cell_ids))
+        for attempt in range(5):
+            rep = ReadReport()
+            try:
+                t = self._read_once(folder, sch, rcols, ids, rep)
+            except _Vanished:
+                if attempt < 4:
+                    continue  # a compaction replaced files we listed: list again
+                raise StoreError(f"{folder} keeps changing under this reader; try again") from None
+            for path, reason in rep.bad_files:
+                if report is not None:
+                    report.add(path, reason)
+                if quarantine:
+                    self._quarantine(path, reason)
+            return t.select(cols)
+        raise AssertionError("unreachable")
+
+    def _read_once(self, folder: Path, sch: pa.Schema, cols: list[str], ids: list[str] | None,
+                   report: ReadReport) -> pa.Table:
+        parts, merged = _listing(folder)
+        idset = None if ids is None else set(ids)
+        ptable = self._read_parts(parts, sch, cols, idset, False, report)
+        sources = [(_PART_RANK, _conform_table(ptable, sch, cols))]
+
+        def one(item):
+            seq, path = item
+            try:
+                return seq, _read_merged(path, sch, cols, ids), None
+            except _Vanished:
+                return seq, None, "vanished"
+            except (OSError, ValueError, pa.ArrowException) as e:
+                return seq, None, _reason(e)
+
+        items = list(merged.items())
+        if len(items) > 1:
+            with ThreadPoolExecutor(min(8, len(items))) as pool:
+                results = list(pool.map(one, items))
+        else:
+            results = [one(i) for i in items]
+        for seq, t, err in results:
+            if err == "vanished":
+                raise _Vanished()
+            if err is not None:
+                report.add(merged[seq], err)
+                continue
+            sources.append((seq, t))
+        kept = [t for _, t in _newest(sources) if len(t)]
+        if not kept:
+            return pa.schema([sch.field(c) for c in cols]).empty_table()
+        return pa.concat_tables(kept) if len(kept) > 1 else kept[0]
+
+    def check_epochs(self, quarantine: bool = False) -> list[str]:
+        """Footers of the epochs files (cheap: no data read); unreadable ones are listed and,
+        with `quarantine`, moved aside (their cells keep their rows, not their curves)."""
+        parts, merged = _listing(self.epochs_dir)
+        bad = []
+        for path in parts + list(merged.values()):
+            try:
+                pq.read_metadata(path)
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError, pa.ArrowException) as e:
+                bad.append(f"{path}: {_reason(e)}")
+                if quarantine:
+                    self._quarantine(path, _reason(e))
+        return bad
+
+    def quarantine_bad(self, report: ReadReport) -> None:
+        """Move aside the files a read found unreadable (the driver, under the lock)."""
+        for path, reason in report.bad_files:
+            if path.exists():
+                self._quarantine(path, reason)
 
     def _quarantine(self, part: Path, reason: str) -> None:
         self.quarantine_dir.mkdir(parents=True, exist_ok=True)
         stamp = _now().strftime("%Y%m%dT%H%M%S")
         dest = self.quarantine_dir / f"{part.parent.name}-{part.stem}-{stamp}.parquet"
-        os.replace(part, dest)
+        try:
+            os.replace(part, dest)
+        except FileNotFoundError:
+            return
         dest.with_suffix(".reason.txt").write_text(reason + "\n")
         if part.parent == self.trials_dir:
-            # Its epochs belong to a row we no longer trust: the cell re-runs and rewrites them.
-            (self.epochs_dir / part.name).unlink(missing_ok=True)
+            # Its epochs belong to rows we no longer trust: those cells re-run and rewrite them.
+            twin = self.epochs_dir / part.name
+            if merged_seq(part.name) is None:
+                twin.unlink(missing_ok=True)
+            elif twin.exists():
+                edest = self.quarantine_dir / f"epochs-{part.stem}-{stamp}.parquet"
+                os.replace(twin, edest)
+                edest.with_suffix(".reason.txt").write_text(
+                    f"the trial rows of these epochs were in {part}, which is unreadable: {reason}\n")
+            self._merged = None  # rebuilt on next need
 
-    def read_trials(self, quarantine: bool = False, report: ReadReport | None = None) -> pd.DataFrame:
-        return self._read(self.trials_dir, schema.TRIALS, quarantine, report).to_pandas()
+    def read_trials(self, quarantine: bool = False, report: ReadReport | None = None,
+                    columns: Iterable[str] | None = None,
+                    cell_ids: Iterable[str] | None = None) -> pd.DataFrame:
+        """Trial rows (each cell once, its newest row); `columns`/`cell_ids` read only those."""
+        return self._read(self.trials_dir, schema.TRIALS, columns, cell_ids, quarantine,
+                          report).to_pandas()
 
-    def read_epochs(self, quarantine: bool = False, report: ReadReport | None = None) -> pd.DataFrame:
-        return self._read(self.epochs_dir, schema.EPOCHS, quarantine, report).to_pandas()
+    def read_epochs(self, quarantine: bool = False, report: ReadReport | None = None,
+                    columns: Iterable[str] | None = None,
+                    cell_ids: Iterable[str] | None = None) -> pd.DataFrame:
+        """Epoch rows (each cell's from one file, the newest); `cell_ids` reads only the row
+        groups that can hold those cells."""
+        return self._read(self.epochs_dir, schema.EPOCHS, columns, cell_ids, quarantine,
+                          report).to_pandas()
+
+
+def _spec_key(source: str) -> str:
+    """The spec's text and the code that turns it into cell ids (a new sweep version may
+    hash differently: its cache is not reused)."""
+    import hashlib
+
+    import sweep
+    h = hashlib.sha256(source.encode())
+    for name in ("spec.py", "params.py"):
+        try:
+            h.update((Path(sweep.__file__).parent / name).read_bytes())
+        except OSError:
+            h.update(name.encode())
+    return h.hexdigest()
+
+
+def _stat(p: Path):
+    try:
+        s = p.stat()
+        return (s.st_ino, s.st_mtime_ns, s.st_size)
+    except OSError:
+        return None
 
 
 def _now() -> dt.datetime:

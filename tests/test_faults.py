@@ -45,8 +45,11 @@ def _cli(*args) -> list[str]:
     return [sys.executable, "-m", "study.cli", *map(str, args)]
 
 
-def _parts(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in folder.glob("*.parquet")} if folder.is_dir() else {}
+def _rows(out: Path) -> dict[str, str]:
+    """cell_id -> its trial row, spelled out (compaction moves rows between files: compare
+    rows, not files)."""
+    df = Store(out).read_trials()
+    return {r["cell_id"]: repr(sorted(r.items())) for r in df.to_dict("records")}
 
 
 def _wait_for(predicate, timeout: float, what: str, proc=None):
@@ -64,8 +67,8 @@ def _wait_for(predicate, timeout: float, what: str, proc=None):
 
 def _assert_one_row_per_cell(out: Path, spec) -> "pd.DataFrame":
     ids = sorted(c.cell_id for c in spec.cells())
-    for part in (out / "trials").glob("*.parquet"):
-        assert pq.read_metadata(part).num_rows == 1
+    raw = pq.ParquetDataset(out / "trials").read(columns=["cell_id"])  # as any reader sees it
+    assert sorted(raw["cell_id"].to_pylist()) == ids
     df = Store(out).read_trials()
     assert sorted(df["cell_id"]) == ids  # none missing, none duplicated
     return df
@@ -93,7 +96,7 @@ def test_driver_sigkilled_mid_study_resumes_with_nothing_lost(tmp_path):
         killed = kill_tree(driver.pid, marker=ray_tmp)  # the driver, Ray, its workers
         assert killed >= 2
         driver.wait(timeout=30)
-        before = _parts(out / "trials")  # every row written before the kill
+        before = _rows(out)  # every row written before the kill
     finally:
         kill_tree(driver.pid, marker=ray_tmp)
     interrupted = set(store.in_flight())
@@ -109,9 +112,9 @@ def test_driver_sigkilled_mid_study_resumes_with_nothing_lost(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "took over a stale lock" in r.stderr
     df = _assert_one_row_per_cell(out, spec)
-    after = _parts(out / "trials")
-    assert all(after[name] == data for name, data in before.items())  # untouched
-    resumed = df.set_index("cell_id").loc[sorted(interrupted - {n[:-8] for n in before})]
+    after = _rows(out)
+    assert all(after[c] == row for c, row in before.items())  # untouched
+    resumed = df.set_index("cell_id").loc[sorted(interrupted - set(before))]
     assert (resumed["resumed_from_epoch"] > 0).all()  # not from epoch 0
     assert (df["status"] == "ok").all() and (df["epochs_done"] == 40).all()
     assert not list(store.checkpoints_dir.glob("*.pt")) and not store.lock_path.exists()
@@ -189,30 +192,31 @@ def test_second_driver_refused_and_stale_lock_taken_over(tmp_path):
 def test_damaged_part_is_quarantined_and_its_cell_rerun(tmp_path, tiny_spec):
     out = tmp_path / "res"
     assert run_cli("run", tiny_spec, "--results", out, "--executor", "local", "--no-figures").returncode == 0
-    before = _parts(out / "trials")
-    victim = sorted(before)[0]
-    (out / "trials" / victim).write_bytes(before[victim][: len(before[victim]) // 3])
+    before = _rows(out)
+    # the run ended with a compaction: its 4 rows are in one merged file; break it
+    victim = sorted((out / "trials").glob("merged-*.parquet"))[0]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 3])
     r = run_cli("run", tiny_spec, "--results", out, "--executor", "local", "--no-figures")
     assert r.returncode == 0, r.stderr
-    assert victim[:-8] in r.stderr and "quarantine" in r.stderr
-    assert "ran 1 cells (1 ok" in r.stdout
-    after = _parts(out / "trials")
-    assert set(after) == set(before)
-    assert all(after[n] == before[n] for n in before if n != victim)
-    assert [p.name for p in (out / "quarantine").glob("*.parquet")][0].startswith(f"trials-{victim[:-8]}")
+    assert victim.name in r.stderr and "quarantine" in r.stderr
+    assert "ran 4 cells (4 ok" in r.stdout
+    assert set(_rows(out)) == set(before)
+    moved = sorted(p.name for p in (out / "quarantine").glob("*.parquet"))
+    assert [m.split("-2")[0] for m in moved] == [f"epochs-{victim.stem}", f"trials-{victim.stem}"]
     _assert_one_row_per_cell(out, load_spec(tiny_spec))
 
 
 def test_extending_a_study_runs_only_new_cells(tmp_path, tiny_spec):
     out = tmp_path / "res"
     assert run_cli("run", tiny_spec, "--results", out, "--executor", "local", "--no-figures").returncode == 0
-    before = _parts(out / "trials")
+    before = _rows(out)
     bigger = tmp_path / "bigger.toml"
     bigger.write_text(tiny_spec.read_text().replace("layers = [1, 2]", "layers = [1, 2, 3]"))
     r = run_cli("run", bigger, "--results", out, "--executor", "local", "--no-figures")
     assert r.returncode == 0 and "ran 2 cells" in r.stdout
-    after = _parts(out / "trials")
-    assert len(after) == 6 and all(after[n] == b for n, b in before.items())
+    after = _rows(out)
+    assert len(after) == 6 and all(after[c] == b for c, b in before.items())
     import analysis
     assert len(analysis.load(out)) == 6
     # `resume` now continues the extended study
@@ -222,7 +226,7 @@ def test_extending_a_study_runs_only_new_cells(tmp_path, tiny_spec):
     changed.write_text(bigger.read_text().replace("epochs = 2", "epochs = 5"))
     r = run_cli("run", changed, "--results", out, "--executor", "local", "--no-figures")
     assert r.returncode == 2 and "spec changes 'epochs'" in r.stderr and "new study" in r.stderr
-    assert _parts(out / "trials") == after
+    assert _rows(out) == after
 
 
 def _limit_file_size():
