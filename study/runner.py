@@ -160,8 +160,10 @@ def twin_result(row: dict, epochs: list[dict], twin: Cell) -> tuple[dict, list[d
 
     out = dict(row)
     out.update({name: twin.config.get(name) for name in PARAMS})
+    source = row.get("same_network_as") or row["cell_id"]
+    # A trained cell whose own row was lost comes back from its copy: it is no copy itself.
     out.update(cell_id=twin.cell_id, pair_key=twin.pair_key,
-               same_network_as=row.get("same_network_as") or row["cell_id"],
+               same_network_as=None if source == twin.cell_id else source,
                weights_path=None)  # the weights file holds the trained cell's module layout
     return out, [{**e, "cell_id": twin.cell_id} for e in epochs]
 

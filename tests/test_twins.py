@@ -4,6 +4,8 @@ and through Ray)."""
 from __future__ import annotations
 
 import pandas as pd
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -140,22 +142,25 @@ def test_run_trains_each_network_once_and_records_both_rows(tmp_path):
     text = (out / "report.html").read_text()
     assert "1 same-network pair, all identical: the pairing works" in text
 
-    # a resume after a crash between the two writes: the twin lands, nothing trains
+    # a resume after a crash between the two writes: the twin lands, nothing trains. The
+    # crash state is made by writing every store file again without the twin's rows.
     twin = marked.index[0]
-    before = {p.name: p.stat().st_mtime_ns for p in store.trials_dir.iterdir()}
-    (store.trials_dir / f"{twin}.parquet").unlink()
-    (store.epochs_dir / f"{twin}.parquet").unlink()
+    for folder in (store.trials_dir, store.epochs_dir):
+        for f in folder.glob("*.parquet"):
+            t = pq.read_table(f)
+            pq.write_table(t.filter(pc.not_equal(t["cell_id"], twin)), f)
+    assert twin not in set(store.read_trials()["cell_id"])
     r = run_cli("run", spec_path, "--results", out, "--executor", "local", "--no-figures")
     assert r.returncode == 0, r.stderr
     assert "ran 0 cells" in r.stdout and "recorded 1 same-network twins" in r.stdout
     assert "recorded 1 same-network twin(s) from cells already in the store" in r.stderr
     df2 = store.read_trials().set_index("cell_id")
+    assert sorted(df2.index) == sorted(df.index)
     assert (df2.loc[twin, measured] == df.loc[twin, measured]).all()
     assert df2.loc[twin, "same_network_as"] == df.loc[twin, "same_network_as"]
     assert len(store.read_epochs().query("cell_id == @twin")) == 2
-    after = {p.name: p.stat().st_mtime_ns for p in store.trials_dir.iterdir()}
-    assert {k: v for k, v in after.items() if k != f"{twin}.parquet"} == {
-        k: v for k, v in before.items() if k != f"{twin}.parquet"}
+    others = [c for c in df.index if c != twin]
+    pd.testing.assert_frame_equal(df2.loc[others, measured], df.loc[others, measured])
 
     # nothing to run: the report on disk is kept, not redrawn
     report_mtime = (out / "report.html").stat().st_mtime_ns
