@@ -109,12 +109,15 @@ def preflight(spec: Spec, store: Store, opts: RunOptions) -> None:
     pending, _ = plan(spec, store, opts.retry_failed)
     for name in sorted({c["dataset"] for c in pending}):
         datasets.check_available(name, opts.data_dir, opts.download)
+    if pending and opts.executor == "ray":
+        from .executors import connect
+        connect(opts)  # a trial size the cluster cannot hold is refused before any write
     store.ensure_writable()
 
 
 def run_study(spec: Spec, opts: RunOptions, out=sys.stderr) -> RunSummary:
     """Run every pending cell of `spec` into the store at `opts.results_dir`."""
-    from .train import TrialOptions
+    from .options import TrialOptions
 
     store = Store(opts.results_dir)
     preflight(spec, store, opts)
@@ -147,6 +150,7 @@ def run_study(spec: Spec, opts: RunOptions, out=sys.stderr) -> RunSummary:
             threads=max(1, int(opts.cpus_per_trial)), max_failures=opts.max_failures,
             save_weights=spec.save_weights,
             device="auto" if (opts.gpus_per_trial or opts.executor == "local") else "cpu",
+            checkpoint_every_s=float(os.environ.get("STUDY_CHECKPOINT_EVERY_S", 30)),
             inject_fault=os.environ.get("STUDY_INJECT_FAULT") or None)
         progress = Progress(total, done, out=out, quiet=opts.quiet, heartbeat=lock.heartbeat)
         if not opts.quiet:
@@ -175,6 +179,7 @@ def run_study(spec: Spec, opts: RunOptions, out=sys.stderr) -> RunSummary:
         else:
             raise SpecError(f"unknown executor {opts.executor!r}; use ray or local")
         summary.wall_s = time.time() - t0
+        store.remove_empty_checkpoints_dir()  # only in-flight cells' checkpoints stay
         progress.running = 0
         progress.tick(force=True)
         return summary

@@ -52,6 +52,18 @@ def _atomic_write_table(table: pa.Table, path: Path) -> None:
         raise
 
 
+def _atomic_write_bytes(path: Path, data: bytes) -> bool:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return True
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        return False
+
+
 def _os_message(e: OSError, path: Path) -> str:
     if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
         return (f"cannot write {path}: {os.strerror(e.errno)}; free some space and run the same "
@@ -146,6 +158,30 @@ class Store:
 
     def weights_path(self, cell_id: str) -> Path:
         return self.weights_dir / f"{cell_id}.pt"
+
+    # -- checkpoints and weights, as bytes (the trial serialises; a Ray actor on the driver's
+    # node calls these for trials on other nodes, so only the driver's machine holds them)
+    def save_checkpoint(self, cell_id: str, data: bytes) -> bool:
+        """Atomically replace the cell's checkpoint; False (nothing left behind) when the disk
+        refuses: a checkpoint only saves time on a resume, so it must not fail the cell."""
+        return _atomic_write_bytes(self.checkpoint_path(cell_id), data)
+
+    def load_checkpoint(self, cell_id: str) -> bytes | None:
+        try:
+            return self.checkpoint_path(cell_id).read_bytes()
+        except OSError:
+            return None
+
+    def save_weights(self, cell_id: str, data: bytes) -> str | None:
+        """The final weights; returns their path relative to the results folder, or None."""
+        path = self.weights_path(cell_id)
+        return str(path.relative_to(self.root)) if _atomic_write_bytes(path, data) else None
+
+    def remove_empty_checkpoints_dir(self) -> None:
+        try:
+            self.checkpoints_dir.rmdir()  # only when empty: in-flight checkpoints stay
+        except OSError:
+            pass
 
     def in_flight(self) -> list[str]:
         """Cells with a checkpoint but no row: started, not finished."""
