@@ -221,6 +221,13 @@ class CellSearcher(Searcher):
     def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
         pass
 
+    # Tune's own experiment restore is not used: the store is the record of the study.
+    def save(self, checkpoint_path: str) -> None:
+        pass
+
+    def restore(self, checkpoint_path: str) -> None:
+        pass
+
 
 _TS_FIELDS = ("started_at", "finished_at")
 _ROW_KEYS = ("row_json", "epochs_json")

@@ -78,7 +78,7 @@ def test_driver_sigkilled_mid_study_resumes_with_nothing_lost(tmp_path):
     spec = load_spec(spec_path)
     out = tmp_path / "res"
     ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # short: Ray's socket paths are capped
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "STUDY_CHECKPOINT_EVERY_S": "0"}
     driver = subprocess.Popen(_cli("run", spec_path, "--results", out, "--no-figures"), env=env,
                               start_new_session=True, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
@@ -148,6 +148,7 @@ def test_a_cell_raising_under_ray_is_retried_from_its_checkpoint(ray_session, tm
     spec_path = tmp_path / "t.toml"
     spec_path.write_text(TINY_SPEC.replace("epochs = 2", "epochs = 3"))
     monkeypatch.setenv("STUDY_INJECT_FAULT", "layers=2,architecture=parallel@3x1")
+    monkeypatch.setenv("STUDY_CHECKPOINT_EVERY_S", "0")
     out = tmp_path / "res"
     summary = run_study(load_spec(spec_path), RunOptions(results_dir=str(out), quiet=True))
     assert summary.ok == 4
@@ -164,7 +165,8 @@ def test_second_driver_refused_and_stale_lock_taken_over(tmp_path):
     out = tmp_path / "res"
     first = subprocess.Popen(_cli("run", spec_path, "--results", out, "--executor", "local",
                                   "--no-figures"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             start_new_session=True)
+                             start_new_session=True,
+                             env={**os.environ, "STUDY_CHECKPOINT_EVERY_S": "0"})
     try:
         _wait_for(lambda: (out / "driver.lock").exists(), 60, "the first driver's lock", first)
         r = run_cli("run", spec_path, "--results", out, "--executor", "local", "--no-figures")
