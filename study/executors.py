@@ -170,8 +170,8 @@ class DriverFiles:
     def save_checkpoint(self, cell_id: str, data: bytes) -> bool:
         return self.store.save_checkpoint(cell_id, data)
 
-    def load_checkpoint(self, cell_id: str) -> bytes | None:
-        return self.store.load_checkpoint(cell_id)
+    def load_checkpoint(self, cell_id: str, mark_in_flight: bool = False) -> bytes | None:
+        return self.store.load_checkpoint(cell_id, mark_in_flight)
 
     def save_weights(self, cell_id: str, data: bytes) -> str | None:
         return self.store.save_weights(cell_id, data)
@@ -187,8 +187,8 @@ class _RemoteFiles:
     def save_checkpoint(self, cell_id: str, data: bytes) -> bool:
         return ray.get(self.handle.save_checkpoint.remote(cell_id, data))
 
-    def load_checkpoint(self, cell_id: str) -> bytes | None:
-        return ray.get(self.handle.load_checkpoint.remote(cell_id))
+    def load_checkpoint(self, cell_id: str, mark_in_flight: bool = False) -> bytes | None:
+        return ray.get(self.handle.load_checkpoint.remote(cell_id, mark_in_flight))
 
     def save_weights(self, cell_id: str, data: bytes) -> str | None:
         return ray.get(self.handle.save_weights.remote(cell_id, data))

@@ -166,9 +166,20 @@ class Store:
         refuses: a checkpoint only saves time on a resume, so it must not fail the cell."""
         return _atomic_write_bytes(self.checkpoint_path(cell_id), data)
 
-    def load_checkpoint(self, cell_id: str) -> bytes | None:
+    def load_checkpoint(self, cell_id: str, mark_in_flight: bool = False) -> bytes | None:
+        """The cell's checkpoint; with mark_in_flight, a cell without one gets an empty file,
+        so `status` counts it running (or interrupted) before its first checkpoint."""
+        path = self.checkpoint_path(cell_id)
         try:
-            return self.checkpoint_path(cell_id).read_bytes()
+            return path.read_bytes()
+        except FileNotFoundError:
+            if mark_in_flight:
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.touch()
+                except OSError:
+                    pass
+            return None
         except OSError:
             return None
 

@@ -30,7 +30,7 @@ class CellFiles(Protocol):
     the results folder itself (the local executor, on the driver's machine); under Ray a small
     actor on the driver's node does (executors.DriverFiles), so no worker needs the folder."""
     def save_checkpoint(self, cell_id: str, data: bytes) -> bool: ...
-    def load_checkpoint(self, cell_id: str) -> bytes | None: ...
+    def load_checkpoint(self, cell_id: str, mark_in_flight: bool = False) -> bytes | None: ...
     def save_weights(self, cell_id: str, data: bytes) -> str | None: ...
 
 # Evaluation batch: on a CPU large batches fall out of cache (2048 measured 2x slower than
@@ -94,8 +94,8 @@ def _to_bytes(state: dict) -> bytes:
     return buf.getvalue()
 
 
-def _load_checkpoint(files: CellFiles, cell_id: str) -> dict | None:
-    data = files.load_checkpoint(cell_id)
+def _load_checkpoint(files: CellFiles, cell_id: str, mark_in_flight: bool = False) -> dict | None:
+    data = files.load_checkpoint(cell_id, mark_in_flight)
     if not data:
         return None
     try:
@@ -125,7 +125,7 @@ def train_cell(config: dict, cell_id: str, opts: TrialOptions, attempt: int = 1,
     files = files if files is not None else Store(opts.results_dir)
     epochs: list[dict] = []
     start_epoch, wall_s = 1, 0.0
-    state = _load_checkpoint(files, cell_id)
+    state = _load_checkpoint(files, cell_id, mark_in_flight=True)  # one round trip
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])

@@ -63,8 +63,7 @@ def _why_no_cluster() -> str | None:
     return None
 
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(_why_no_cluster() is not None,
-                                                   reason=str(_why_no_cluster()))]
+needs_cluster = pytest.mark.skipif(_why_no_cluster() is not None, reason=str(_why_no_cluster()))
 
 
 def _free_port() -> int:
@@ -158,6 +157,8 @@ def _cli(*args) -> list[str]:
     return [sys.executable, "-m", "study.cli", *map(str, args)]
 
 
+@pytest.mark.slow
+@needs_cluster
 def test_no_shared_disk_driver_killed_and_resumed(cluster, tmp_path):
     spec_path = tmp_path / "cluster.toml"
     spec_path.write_text(SPEC)
@@ -215,6 +216,8 @@ def test_no_shared_disk_driver_killed_and_resumed(cluster, tmp_path):
     assert r.returncode == 0 and "evaluations" in r.stdout, r.stderr
 
 
+@pytest.mark.slow
+@needs_cluster
 def test_trial_sizes_the_cluster_cannot_hold_are_refused(cluster, tmp_path):
     spec_path = tmp_path / "c.toml"
     spec_path.write_text(SPEC)
@@ -231,6 +234,8 @@ def test_trial_sizes_the_cluster_cannot_hold_are_refused(cluster, tmp_path):
         assert not out.exists() and time.time() - t0 < 60  # nothing written, no waiting
 
 
+@pytest.mark.slow
+@needs_cluster
 def test_fractional_gpus_pack_trials_on_one_gpu(cluster, tmp_path):
     # A node that says it has one GPU (torch sees none here): Ray schedules by GPU share.
     cluster.start_worker("g", "--num-cpus=4", "--num-gpus=1")
@@ -252,3 +257,12 @@ def test_fractional_gpus_pack_trials_on_one_gpu(cluster, tmp_path):
         running += d
         peak = max(peak, running)
     assert peak == 4, df[["started_at", "finished_at"]]
+
+
+def test_the_driver_never_imports_torch():
+    # torch loads only where a cell trains: the driver's start-up stays Ray's own
+    code = ("import sys, study.cli, study.runner, study.executors, study.data, study.store; "
+            "study.data.load_raw('digits'); print('torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr

@@ -257,7 +257,9 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_worker_node_lost_mid_study(tmp_path):
     base = tempfile.mkdtemp(prefix="rn", dir="/tmp")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # a loopback-only test cluster
+    # a loopback-only test cluster; its address file in a private RAY_TMPDIR, so that no
+    # plain `ray.init()` elsewhere on this machine attaches to it
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": base}
     port = _free_port()
     ray = str(Path(sys.executable).with_name("ray"))
     spec_path = tmp_path / "slow.toml"
