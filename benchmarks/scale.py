@@ -12,12 +12,18 @@ cell over the run (first cell start to last cell end, per cell, and per cell in 
 and last tenth of the run: constant when the driver's work per cell does not grow with N),
 and the peak memory of each driver process.
 
-    python benchmarks/scale.py [--cells 1000] [--epochs 20] [--skip-bare]
+With --for-s S only the tool runs, and is stopped after S seconds (for sizes too large to
+run through here, e.g. 50,000): it prints the time to the first cell and the time between
+cell starts over the cells that ran.
+
+    python benchmarks/scale.py [--cells 1000] [--epochs 20] [--skip-bare] [--for-s S]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -83,8 +89,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cells", type=int, default=1000)
     ap.add_argument("--epochs", type=int, default=20)
-    ap.add_argument("--skip-bare", action="store_true", help="only the tool (e.g. at 50,000)")
+    ap.add_argument("--skip-bare", action="store_true", help="only the tool")
+    ap.add_argument("--for-s", type=float, help="only the tool, stopped after this many seconds")
     args = ap.parse_args()
+    if args.for_s:
+        args.skip_bare = True
     n = 2 * max(1, args.cells // 2)
     tmp = Path(tempfile.mkdtemp(prefix="scale-"))
     try:
@@ -107,13 +116,19 @@ def main() -> None:
         spec.write_text(spec_text(n, args.epochs))
         launched = time.time()
         t0 = time.perf_counter()
-        r = subprocess.run([sys.executable, "-c", TOOL, "run", str(spec), "--results",
-                            str(tmp / "res"), "--no-figures", "--quiet"],
-                           capture_output=True, text=True)
+        proc = subprocess.Popen([sys.executable, "-c", TOOL, "run", str(spec), "--results",
+                                 str(tmp / "res"), "--no-figures", "--quiet"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        try:
+            _, err = proc.communicate(timeout=args.for_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
+            _, err = proc.communicate()
         t_tool = time.perf_counter() - t0
-        if r.returncode != 0:
-            sys.exit(f"study run failed: {r.stderr[-2000:]}")
-        peak_mb = float(r.stderr.rsplit("PEAK_MB", 1)[1].split()[0])
+        if proc.returncode != 0 and not args.for_s:
+            sys.exit(f"study run failed: {err[-2000:]}")
+        peak_mb = float(err.rsplit("PEAK_MB", 1)[1].split()[0]) if "PEAK_MB" in err else float("nan")
         from study.store import Store
 
         store = Store(tmp / "res")
