@@ -8,12 +8,11 @@ a checkpoint sees exactly the batches it would have seen.
 from __future__ import annotations
 
 import datetime as dt
+import io
 import math
-import os
 import socket
 import time
 import traceback
-import io
 from typing import Callable, Protocol
 
 import torch
