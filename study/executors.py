@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from typing import Callable
 
 # What the tool needs set in every Ray process: in the driver before Ray is imported (some
@@ -246,6 +247,7 @@ def _decode(result: dict) -> tuple[dict, list[dict]]:
     return row, json.loads(result["epochs_json"])
 
 
+HEARTBEAT_S = 10.0
 _WORKER_CACHE: dict[str, object] = {}
 
 
@@ -266,7 +268,17 @@ def tune_trial(config: dict, shared: dict) -> None:
     raw = _cached(shared["data"][cell["config"]["dataset"]]) \
         if cell["config"]["dataset"] in shared["data"] else None
     node_id = ray.get_runtime_context().get_node_id()
-    row, epochs = run_cell(cell, opts, report=tune.report, node_id=node_id,
+    last = [time.monotonic()]
+
+    def heartbeat(metrics: dict) -> None:
+        # Each tune.report waits for the driver to take it: a report per epoch would cost a
+        # driver round trip per epoch. The epoch rows travel with the final row; this only
+        # keeps the progress line (and the driver lock's heartbeat) alive during long cells.
+        if time.monotonic() - last[0] >= HEARTBEAT_S:
+            last[0] = time.monotonic()
+            tune.report(metrics)
+
+    row, epochs = run_cell(cell, opts, report=heartbeat, node_id=node_id,
                            files=_RemoteFiles(shared["files"]), raw=raw)
     tune.report({"final": 1, **_encode(row, epochs)})
 
