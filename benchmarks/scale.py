@@ -3,8 +3,9 @@
   bare  - `tune.Tuner` over N trivial function trials that report 20 times each, actor reuse
           on, Tune's file loggers off: what Ray Tune itself costs per trial on this machine;
   tool  - `study run` over N cells that train almost nothing (digits, 20 epochs of 16
-          examples, 1 filter, so 20 epoch rows per cell travel to the driver and land), in a
-          subprocess: Tune + the trial function + the store + progress.
+          examples, 1 filter, so 20 epoch rows per cell travel to the driver and land, with
+          the cell's final row), in a subprocess: Tune + the trial function (which trains,
+          evaluates and marks itself in flight on the driver) + the store + progress.
 Both run in this one invocation, one after the other, on a fresh local Ray each (2 CPUs).
 Prints whole-command wall times and their ratio, the time from launch to the first trial's
 start (the tool's fixed start-up beyond Ray's is the difference), the driver's work per
