@@ -195,8 +195,20 @@ class _RemoteFiles:
         return ray.get(self.handle.save_weights.remote(cell_id, data))
 
 
+def _driver_node_id() -> str:
+    """The node on the driver's machine. Where several Ray nodes share the driver's address
+    (nodes started side by side on one machine), the head node: the driver may have attached
+    to any of them, and a worker node is the one a test (or an operator) may take away."""
+    me = ray.get_runtime_context().get_node_id()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    ip = next((n["NodeManagerAddress"] for n in nodes if n["NodeID"] == me), None)
+    heads = [n["NodeID"] for n in nodes if n["NodeManagerAddress"] == ip
+             and "node:__internal_head__" in n.get("Resources", {})]
+    return heads[0] if heads else me
+
+
 def start_driver_files(results_dir: str):
-    node_id = ray.get_runtime_context().get_node_id()
+    node_id = _driver_node_id()
     actor = ray.remote(DriverFiles).options(
         num_cpus=0, max_restarts=-1, max_task_retries=-1,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
