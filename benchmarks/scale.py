@@ -144,7 +144,7 @@ def main() -> None:
         late = (starts[-1] - starts[-k]) / (k - 1) * 1000
         print(f"study run (near-empty cells)    whole command {t_tool:7.1f} s   "
               f"launch to first cell  {first - launched:5.1f} s   "
-              f"first start to last end {span:7.1f} s = {span / n * 1000:5.1f} ms/cell    "
+              f"first start to last end {span:7.1f} s = {span / len(df) * 1000:5.1f} ms/cell    "
               f"driver peak {peak_mb:5.0f} MB")
         print(f"  {len(df)} rows and {n_epochs} epoch rows landed; ms between cell starts: "
               f"first tenth {early:.1f}, last tenth {late:.1f}")
