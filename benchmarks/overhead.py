@@ -30,7 +30,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-MNIST = ROOT.parent / "shared" / "data" / "mnist"
+# next to the checkout, or next to the folder of its git worktree
+MNIST = next((m for m in (ROOT.parent / "shared" / "data" / "mnist",
+                          ROOT.parents[1] / "shared" / "data" / "mnist") if m.is_dir()),
+             ROOT.parent / "shared" / "data" / "mnist")
 
 
 def make_mnist_folder(dest: Path) -> None:

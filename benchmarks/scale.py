@@ -1,20 +1,30 @@
 """Driver cost at scale: many near-empty cells through `study run` against bare Ray Tune.
 
-  bare  - `tune.Tuner` over N trivial function trials (each reports once), actor reuse on,
-          Tune's file loggers off: what Ray Tune itself costs per trial on this machine;
-  tool  - `study run` over N cells that train almost nothing (digits, 1 epoch, 16 examples,
-          1 filter): Tune + the trial function + per-epoch checkpoint + two Parquet parts per
-          cell + progress, in a subprocess.
-Prints both whole-command wall times and their ratio, the time per trial of each, and peak
-memory.
+  bare  - `tune.Tuner` over N trivial function trials that report 20 times each, actor reuse
+          on, Tune's file loggers off: what Ray Tune itself costs per trial on this machine;
+  tool  - `study run` over N cells that train almost nothing (digits, 20 epochs of 16
+          examples, 1 filter, so 20 epoch rows per cell travel to the driver and land, with
+          the cell's final row), in a subprocess: Tune + the trial function (which trains,
+          evaluates and marks itself in flight on the driver) + the store + progress.
+Both run in this one invocation, one after the other, on a fresh local Ray each (2 CPUs).
+Prints whole-command wall times and their ratio, the time from launch to the first trial's
+start (the tool's fixed start-up beyond Ray's is the difference), the driver's work per
+cell over the run (first cell start to last cell end, per cell, and per cell in the first
+and last tenth of the run: constant when the driver's work per cell does not grow with N),
+and the peak memory of each driver process.
 
-    python benchmarks/scale.py [--cells 1000]
+With --for-s S only the tool runs, and is stopped after S seconds (for sizes too large to
+run through here, e.g. 50,000): it prints the time to the first cell and the time between
+cell starts over the cells that ran.
+
+    python benchmarks/scale.py [--cells 1000] [--epochs 20] [--skip-bare] [--for-s S]
 """
 from __future__ import annotations
 
 import argparse
-import resource
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -22,24 +32,42 @@ import time
 from pathlib import Path
 
 BARE = """
-import os, sys, time
+import os, resource, sys, time
 os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
 import ray
 from ray import tune
-n, storage = int(sys.argv[1]), sys.argv[2]
+n, storage, epochs = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
 def trial(config):
-    tune.report({"x": config["i"]})
+    t = time.time()
+    for e in range(epochs):
+        tune.report({"x": config["i"], "epoch": e, "t_start": t, "t_end": time.time()})
+class Span(tune.Callback):
+    first, last = float("inf"), 0.0
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        Span.first = min(Span.first, result["t_start"])
+        Span.last = max(Span.last, result["t_end"])
 t0 = time.perf_counter()
 tune.Tuner(tune.with_resources(trial, {"cpu": 1}),
            param_space={"i": tune.grid_search(list(range(n)))},
            tune_config=tune.TuneConfig(reuse_actors=True),
-           run_config=tune.RunConfig(storage_path=storage, verbose=0)).fit()
-print(time.perf_counter() - t0)
+           run_config=tune.RunConfig(storage_path=storage, verbose=0, callbacks=[Span()])).fit()
+fit = time.perf_counter() - t0
+print(fit, Span.first, Span.last, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+# The study CLI in-process, reporting its own peak memory (not Ray's daemons').
+TOOL = """
+import resource, runpy, sys
+sys.argv = ["study"] + sys.argv[1:]
+try:
+    runpy.run_module("study.cli", run_name="__main__")
+finally:
+    print("PEAK_MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, file=sys.stderr)
 """
 
 
-def spec_text(cells: int) -> str:
+def spec_text(cells: int, epochs: int) -> str:
     # seeds make as many cells as asked, two architectures each
     return f"""
 [study]
@@ -50,7 +78,7 @@ architecture = ["sequential", "parallel"]
 layers = 1
 filters = 1
 kernel = 1
-epochs = 1
+epochs = {epochs}
 batch_size = 16
 max_train_examples = 16
 val_fraction = 0.01
@@ -61,40 +89,67 @@ seed = {list(range(max(1, cells // 2)))}
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cells", type=int, default=1000)
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--skip-bare", action="store_true", help="only the tool")
+    ap.add_argument("--for-s", type=float, help="only the tool, stopped after this many seconds")
     args = ap.parse_args()
+    if args.for_s:
+        args.skip_bare = True
     n = 2 * max(1, args.cells // 2)
     tmp = Path(tempfile.mkdtemp(prefix="scale-"))
     try:
-        t0 = time.perf_counter()
-        out = subprocess.run([sys.executable, "-c", BARE, str(n), str(tmp / "tune")],
-                             capture_output=True, text=True, check=True)
-        t_bare_cmd = time.perf_counter() - t0
-        t_bare = float(out.stdout.strip().splitlines()[-1])
+        print(f"{n} trials, {args.epochs} reports/epoch rows each, 2 CPUs, actor reuse", flush=True)
+        if not args.skip_bare:
+            launched = time.time()
+            t0 = time.perf_counter()
+            out = subprocess.run([sys.executable, "-c", BARE, str(n), str(tmp / "tune"),
+                                  str(args.epochs)], capture_output=True, text=True)
+            t_bare_cmd = time.perf_counter() - t0
+            if out.returncode != 0:
+                sys.exit(f"bare Tune failed: {out.stderr[-2000:]}")
+            fit, first, last, bare_mb = map(float, out.stdout.strip().splitlines()[-1].split())
+            print(f"bare Ray Tune (trivial trials)  whole command {t_bare_cmd:7.1f} s   "
+                  f"launch to first trial {first - launched:5.1f} s   "
+                  f"first start to last end {last - first:7.1f} s = "
+                  f"{(last - first) / n * 1000:5.1f} ms/trial   driver peak {bare_mb:5.0f} MB",
+                  flush=True)
         spec = tmp / "scale.toml"
-        spec.write_text(spec_text(n))
+        spec.write_text(spec_text(n, args.epochs))
+        launched = time.time()
         t0 = time.perf_counter()
-        r = subprocess.run([sys.executable, "-m", "study.cli", "run", str(spec), "--results",
-                            str(tmp / "res"), "--no-figures", "--quiet"],
-                           capture_output=True, text=True)
+        proc = subprocess.Popen([sys.executable, "-c", TOOL, "run", str(spec), "--results",
+                                 str(tmp / "res"), "--no-figures", "--quiet"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        try:
+            _, err = proc.communicate(timeout=args.for_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
+            _, err = proc.communicate()
         t_tool = time.perf_counter() - t0
-        if r.returncode != 0:
-            sys.exit(f"study run failed: {r.stderr[-2000:]}")
+        if proc.returncode != 0 and not args.for_s:
+            sys.exit(f"study run failed: {err[-2000:]}")
+        peak_mb = float(err.rsplit("PEAK_MB", 1)[1].split()[0]) if "PEAK_MB" in err else float("nan")
         from study.store import Store
 
-        df = Store(tmp / "res").read_trials()
-        # first cell's start to last cell's end: the per-trial part, without Ray's start-up
-        # (the bare timing starts after ray.init too)
-        t_cells = (df["finished_at"].max() - df["started_at"].min()).total_seconds()
-        peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-        rows = len(list((tmp / "res" / "trials").glob("*.parquet")))
-        print(f"{n} trials, 2 CPUs, actor reuse")
-        print(f"bare Ray Tune (trivial trials)   whole command {t_bare_cmd:6.1f} s   "
-              f"Tuner.fit {t_bare:6.1f} s = {t_bare / n * 1000:5.1f} ms/trial")
-        print(f"study run (near-empty cells)     whole command {t_tool:6.1f} s   "
-              f"first cell start to last end {t_cells:6.1f} s = {t_cells / n * 1000:5.1f} ms/trial"
-              f"   ({rows} rows landed)")
-        print(f"ratio, whole commands: {t_tool / t_bare_cmd:.2f}")
-        print(f"peak memory of the largest child process (the study driver or Tune): {peak_mb:.0f} MB")
+        store = Store(tmp / "res")
+        df = store.read_trials().sort_values("started_at")
+        n_epochs = len(store.read_epochs())
+        first = df["started_at"].min().timestamp()
+        span = (df["finished_at"].max() - df["started_at"].min()).total_seconds()
+        # driver work per cell early and late in the run: the mean gap between cell starts
+        k = max(2, len(df) // 10)
+        starts = df["started_at"].map(lambda t: t.timestamp()).to_numpy()
+        early = (starts[k - 1] - starts[0]) / (k - 1) * 1000
+        late = (starts[-1] - starts[-k]) / (k - 1) * 1000
+        print(f"study run (near-empty cells)    whole command {t_tool:7.1f} s   "
+              f"launch to first cell  {first - launched:5.1f} s   "
+              f"first start to last end {span:7.1f} s = {span / len(df) * 1000:5.1f} ms/cell    "
+              f"driver peak {peak_mb:5.0f} MB")
+        print(f"  {len(df)} rows and {n_epochs} epoch rows landed; ms between cell starts: "
+              f"first tenth {early:.1f}, last tenth {late:.1f}")
+        if not args.skip_bare:
+            print(f"ratio, whole commands (tool / bare): {t_tool / t_bare_cmd:.2f}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

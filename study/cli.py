@@ -239,9 +239,9 @@ COMMANDS = {"plan": cmd_plan, "run": cmd_run, "resume": cmd_resume, "status": cm
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .errors import DatasetError
+    from .errors import ClusterError, DatasetError
 
-    user_errors: tuple = (StoreError, DatasetError)
+    user_errors: tuple = (StoreError, DatasetError, ClusterError)
     try:
         import analysis
         user_errors += (analysis.AnalysisError,)

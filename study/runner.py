@@ -264,13 +264,16 @@ def preflight(spec: Spec, store: Store, opts: RunOptions) -> StoreView:
     pending, counts = plan(spec, store, opts.retry_failed, trials=trials, cells=cells)
     for name in sorted({c["dataset"] for c in pending}):
         datasets.check_available(name, opts.data_dir, opts.download)
+    if pending and opts.executor == "ray":
+        from .executors import connect
+        connect(opts)  # a trial size the cluster cannot hold is refused before any write
     store.ensure_writable()
     return StoreView(len(cells), trials, report, pending, counts, cells)
 
 
 def run_study(spec: Spec, opts: RunOptions, out=sys.stderr) -> RunSummary:
     """Run every pending cell of `spec` into the store at `opts.results_dir`."""
-    from .train import TrialOptions
+    from .options import TrialOptions
 
     store = Store(opts.results_dir)
     view = preflight(spec, store, opts)
@@ -316,6 +319,7 @@ def run_study(spec: Spec, opts: RunOptions, out=sys.stderr) -> RunSummary:
             threads=max(1, int(opts.cpus_per_trial)), max_failures=opts.max_failures,
             save_weights=spec.save_weights,
             device="auto" if (opts.gpus_per_trial or opts.executor == "local") else "cpu",
+            checkpoint_every_s=float(os.environ.get("STUDY_CHECKPOINT_EVERY_S", 30)),
             inject_fault=os.environ.get("STUDY_INJECT_FAULT") or None)
         progress = Progress(total, done + summary.copied, out=out, quiet=opts.quiet,
                             heartbeat=lock.heartbeat)
@@ -360,6 +364,7 @@ def run_study(spec: Spec, opts: RunOptions, out=sys.stderr) -> RunSummary:
             raise SpecError(f"unknown executor {opts.executor!r}; use ray or local")
         store.compact()  # readers find a handful of files, not one per cell
         summary.wall_s = time.time() - t0
+        store.remove_empty_checkpoints_dir()  # only in-flight cells' checkpoints stay
         progress.running = 0
         progress.tick(force=True)
         return summary

@@ -83,6 +83,18 @@ def _atomic_write_table(table: pa.Table, path: Path, **write_kw) -> None:
         raise
 
 
+def _atomic_write_bytes(path: Path, data: bytes) -> bool:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return True
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        return False
+
+
 def _os_message(e: OSError, path: Path) -> str:
     if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
         return (f"cannot write {path}: {os.strerror(e.errno)}; free some space and run the same "
@@ -236,7 +248,7 @@ class Store:
     def ensure_writable(self) -> None:
         """Create the folder tree, proving it is writable before any cell starts."""
         try:
-            for d in (self.root, self.trials_dir, self.epochs_dir, self.checkpoints_dir):
+            for d in (self.root, self.trials_dir, self.epochs_dir):
                 d.mkdir(parents=True, exist_ok=True)
             probe = self.root / f".write-probe-{uuid.uuid4().hex[:8]}"
             probe.write_bytes(b"ok")
@@ -342,6 +354,41 @@ class Store:
 
     def weights_path(self, cell_id: str) -> Path:
         return self.weights_dir / f"{cell_id}.pt"
+
+    # -- checkpoints and weights, as bytes (the trial serialises; a Ray actor on the driver's
+    # node calls these for trials on other nodes, so only the driver's machine holds them)
+    def save_checkpoint(self, cell_id: str, data: bytes) -> bool:
+        """Atomically replace the cell's checkpoint; False (nothing left behind) when the disk
+        refuses: a checkpoint only saves time on a resume, so it must not fail the cell."""
+        return _atomic_write_bytes(self.checkpoint_path(cell_id), data)
+
+    def load_checkpoint(self, cell_id: str, mark_in_flight: bool = False) -> bytes | None:
+        """The cell's checkpoint; with mark_in_flight, a cell without one gets an empty file,
+        so `status` counts it running (or interrupted) before its first checkpoint."""
+        path = self.checkpoint_path(cell_id)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            if mark_in_flight:
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.touch()
+                except OSError:
+                    pass
+            return None
+        except OSError:
+            return None
+
+    def save_weights(self, cell_id: str, data: bytes) -> str | None:
+        """The final weights; returns their path relative to the results folder, or None."""
+        path = self.weights_path(cell_id)
+        return str(path.relative_to(self.root)) if _atomic_write_bytes(path, data) else None
+
+    def remove_empty_checkpoints_dir(self) -> None:
+        try:
+            self.checkpoints_dir.rmdir()  # only when empty: in-flight checkpoints stay
+        except OSError:
+            pass
 
     def in_flight(self, done: Iterable[str] | None = None) -> list[str]:
         """Cells with a checkpoint but no row: started, not finished. `done`: the cells with

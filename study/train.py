@@ -8,44 +8,33 @@ a checkpoint sees exactly the batches it would have seen.
 from __future__ import annotations
 
 import datetime as dt
+import io
 import math
-import os
 import socket
 import time
 import traceback
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from . import __version__, data as datasets
 from .models import build_for_cell, n_params
+from .options import TrialOptions  # noqa: F401 - re-exported: the trial's options
 from .store import Store
+
+
+class CellFiles(Protocol):
+    """Where a cell's checkpoints and final weights go, as bytes. `Store` writes them into
+    the results folder itself (the local executor, on the driver's machine); under Ray a small
+    actor on the driver's node does (executors.DriverFiles), so no worker needs the folder."""
+    def save_checkpoint(self, cell_id: str, data: bytes) -> bool: ...
+    def load_checkpoint(self, cell_id: str, mark_in_flight: bool = False) -> bytes | None: ...
+    def save_weights(self, cell_id: str, data: bytes) -> str | None: ...
 
 # Evaluation batch: on a CPU large batches fall out of cache (2048 measured 2x slower than
 # 256 on MNIST-sized inputs); a GPU wants them large.
 EVAL_BATCH = {"cpu": 256, "cuda": 4096}
-
-
-@dataclass
-class TrialOptions:
-    """How to run a cell (not part of its identity)."""
-    results_dir: str
-    study: str = ""
-    data_dir: str | None = None
-    download: bool = False
-    threads: int = 1
-    max_failures: int = 2  # retries of a cell that raises, before it is recorded as failed
-    save_weights: bool = False
-    device: str = "auto"  # auto = cuda when this worker has a GPU
-    # Test hook: "key=value[,key=value]@EPOCH[xTIMES]" raises in matching cells at EPOCH on
-    # the first TIMES attempts (default: every attempt). Set from STUDY_INJECT_FAULT.
-    inject_fault: str | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class Diverged(Exception):
@@ -98,32 +87,26 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     return loss_sum / len(x), correct / len(x)
 
 
-def _save_checkpoint(path: Path, state: dict) -> bool:
-    """Atomically save; False (and nothing left behind) when the disk refuses. A checkpoint
-    only saves time on a resume, so a full disk must not fail the cell itself: the driver
-    reports it when the cell's row cannot be written."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-        return True
-    except (OSError, RuntimeError):  # torch's zip writer reports a full disk as RuntimeError
-        tmp.unlink(missing_ok=True)
-        return False
+def _to_bytes(state: dict) -> bytes:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
 
 
-def _load_checkpoint(path: Path, cell_id: str) -> dict | None:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
+def _load_checkpoint(files: CellFiles, cell_id: str, mark_in_flight: bool = False) -> dict | None:
+    data = files.load_checkpoint(cell_id, mark_in_flight)
+    if not data:
         return None
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
     except Exception:  # a torn or foreign file: start the cell afresh
         return None
-    return state if state.get("cell_id") == cell_id else None
+    return state if isinstance(state, dict) and state.get("cell_id") == cell_id else None
 
 
 def train_cell(config: dict, cell_id: str, opts: TrialOptions, attempt: int = 1,
-               report: Callable[[dict], None] | None = None) -> tuple[dict, list[dict]]:
+               report: Callable[[dict], None] | None = None, files: CellFiles | None = None,
+               raw: "datasets.Raw | None" = None) -> tuple[dict, list[dict]]:
     """Train one cell to the end (or to divergence); returns (result fields, epoch rows).
 
     Raises on errors; `run_cell` turns them into retries and a failed row.
@@ -131,7 +114,7 @@ def train_cell(config: dict, cell_id: str, opts: TrialOptions, attempt: int = 1,
     device = _pick_device(opts.device)
     torch.set_num_threads(max(1, int(opts.threads)))
     data = datasets.load(config["dataset"], opts.data_dir, config["val_fraction"],
-                         config.get("max_train_examples"), device, opts.download)
+                         config.get("max_train_examples"), device, opts.download, raw=raw)
 
     torch.manual_seed(config["seed"])  # same seed -> same initial weights for twins
     image_size = tuple(data.train_x.shape[-2:])
@@ -139,12 +122,10 @@ def train_cell(config: dict, cell_id: str, opts: TrialOptions, attempt: int = 1,
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
 
-    store = Store(opts.results_dir)
-    ckpt_path = store.checkpoint_path(cell_id)
-    ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+    files = files if files is not None else Store(opts.results_dir)
     epochs: list[dict] = []
     start_epoch, wall_s = 1, 0.0
-    state = _load_checkpoint(ckpt_path, cell_id)
+    state = _load_checkpoint(files, cell_id, mark_in_flight=True)  # one round trip
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -159,6 +140,7 @@ def train_cell(config: dict, cell_id: str, opts: TrialOptions, attempt: int = 1,
     n, bs = len(data.train_x), config["batch_size"]
     check_each_batch = device.type == "cpu"
     diverged = None
+    last_saved = time.perf_counter()
     for epoch in range(start_epoch, config["epochs"] + 1):
         if _fault_matches(opts.inject_fault, config, epoch, attempt):
             raise InjectedFault(f"injected fault at epoch {epoch} (attempt {attempt})")
@@ -199,14 +181,19 @@ def train_cell(config: dict, cell_id: str, opts: TrialOptions, attempt: int = 1,
         row = {"cell_id": cell_id, "epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                "train_acc": correct.item() / n, "val_acc": val_acc, "wall_s": wall_s}
         epochs.append(row)
-        _save_checkpoint(ckpt_path, {
-            "cell_id": cell_id, "epoch": epoch, "model": model.state_dict(),
-            "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
-            # mask sampling (learned_connectivity) draws from the CUDA generator on a GPU
-            "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
-            "epochs": epochs, "wall_s": wall_s})
+        # Time-based: at most one checkpoint per checkpoint_every_s (a resume loses at most
+        # that), none after the last epoch (the row itself lands next).
+        if (epoch < config["epochs"]
+                and time.perf_counter() - last_saved >= opts.checkpoint_every_s):
+            files.save_checkpoint(cell_id, _to_bytes({
+                "cell_id": cell_id, "epoch": epoch, "model": model.state_dict(),
+                "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
+                # mask sampling (learned_connectivity) draws from the CUDA generator on a GPU
+                "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+                "epochs": epochs, "wall_s": wall_s}))
+            last_saved = time.perf_counter()
         if report is not None:
-            report({k: v for k, v in row.items() if k != "cell_id"})
+            report({"epoch": epoch})  # a heartbeat: the epoch rows travel with the final row
 
     result = {
         "n_params": n_params(model), "filters_used": filters_used, "n_train": n,
@@ -225,12 +212,13 @@ def train_cell(config: dict, cell_id: str, opts: TrialOptions, attempt: int = 1,
     result["wall_s"] = wall_s + time.perf_counter() - t0
     result["status"] = "ok"
     if opts.save_weights:
-        store.weights_dir.mkdir(parents=True, exist_ok=True)
-        if _save_checkpoint(store.weights_path(cell_id), {
-                "state_dict": model.state_dict(), "config": config, "filters_used": filters_used,
-                "in_channels": data.in_channels, "n_classes": data.n_classes,
-                "image_size": list(image_size)}):
-            result["weights_path"] = f"weights/{cell_id}.pt"
+        state_dict = {k: v.cpu() for k, v in model.state_dict().items()}
+        rel = files.save_weights(cell_id, _to_bytes({
+            "state_dict": state_dict, "config": config, "filters_used": filters_used,
+            "in_channels": data.in_channels, "n_classes": data.n_classes,
+            "image_size": list(image_size)}))
+        if rel:
+            result["weights_path"] = rel
     return result, epochs
 
 
@@ -240,7 +228,8 @@ def _last_line(exc: BaseException) -> str:
 
 
 def run_cell(cell: dict, opts: TrialOptions, report: Callable[[dict], None] | None = None,
-             node_id: str = "") -> tuple[dict, list[dict]]:
+             node_id: str = "", files: CellFiles | None = None,
+             raw: "datasets.Raw | None" = None) -> tuple[dict, list[dict]]:
     """The trial function: train a cell, retrying errors, and return its finished row.
 
     `cell` is {"config": ..., "cell_id": ..., "pair_key": ...}. Never raises for a cell's own
@@ -248,13 +237,14 @@ def run_cell(cell: dict, opts: TrialOptions, report: Callable[[dict], None] | No
     line, so one bad cell cannot stop a study.
     """
     config, cell_id = cell["config"], cell["cell_id"]
+    files = files if files is not None else Store(opts.results_dir)
     started = _now()
     attempt, last_error = 0, None
     result, epochs = None, []
     while attempt <= opts.max_failures:
         attempt += 1
         try:
-            result, epochs = train_cell(config, cell_id, opts, attempt, report)
+            result, epochs = train_cell(config, cell_id, opts, attempt, report, files, raw)
             break
         except datasets.DatasetError as e:  # deterministic: retrying cannot help
             last_error = str(e)
@@ -265,7 +255,7 @@ def run_cell(cell: dict, opts: TrialOptions, report: Callable[[dict], None] | No
                 torch.cuda.empty_cache()
     if result is None:
         result = {"status": "failed", "error": last_error, "epochs_done": 0}
-        ckpt = _load_checkpoint(Store(opts.results_dir).checkpoint_path(cell_id), cell_id)
+        ckpt = _load_checkpoint(files, cell_id)
         if ckpt is not None:
             epochs = ckpt["epochs"]
             result["epochs_done"] = len(epochs)

@@ -23,6 +23,7 @@ def cell(**over):
 
 
 def opts(tmp_path, **kw):
+    kw.setdefault("checkpoint_every_s", 0)  # every epoch: the resume tests need one
     return TrialOptions(results_dir=str(tmp_path), device="cpu", **kw)
 
 

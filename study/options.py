@@ -1,0 +1,25 @@
+"""How to run a cell (not part of its identity): torch-free, so the driver never imports torch."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class TrialOptions:
+    results_dir: str
+    study: str = ""
+    data_dir: str | None = None
+    download: bool = False
+    threads: int = 1
+    max_failures: int = 2  # retries of a cell that raises, before it is recorded as failed
+    save_weights: bool = False
+    device: str = "auto"  # auto = cuda when this worker has a GPU
+    # At most one checkpoint per this many seconds of a cell's training (0: every epoch): a
+    # resume loses at most that much work, and the loop pays for no more than that.
+    checkpoint_every_s: float = 30.0
+    # Test hook: "key=value[,key=value]@EPOCH[xTIMES]" raises in matching cells at EPOCH on
+    # the first TIMES attempts (default: every attempt). Set from STUDY_INJECT_FAULT.
+    inject_fault: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)

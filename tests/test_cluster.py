@@ -1,0 +1,271 @@
+"""A cluster without a shared disk, on one machine (issue: real clusters).
+
+The head node runs no trials (`--num-cpus 0`); the worker node runs inside a private mount
+namespace where an empty tmpfs hides the driver's results and data folders, with its own Ray
+temp dir, so every cell runs where the driver's paths do not exist. The worker's own view of
+those folders is read through /proc/<its raylet pid>/root. Every Ray process is stopped by
+PID (never `ray stop`), and the cluster's address file lives in a private RAY_TMPDIR so no
+other `ray.init()` on this machine can attach to it.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from study.store import Store
+from sweep import load_spec
+
+from conftest import run_cli
+from procs import _procs, kill_tree
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+SPEC = """
+[study]
+name = "cluster"
+save_weights = true
+
+[grid]
+dataset = "mnist"
+architecture = ["sequential", "parallel"]
+layers = [1, 2, 3]
+filters = 8
+kernel = 3
+epochs = 12
+batch_size = 64
+lr = 1e-2
+max_train_examples = 600
+seed = [0, 1]
+"""
+
+
+def _why_no_cluster() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (mount a tmpfs in a private mount namespace); CI runs as root"
+    if not shutil.which("unshare"):
+        return "needs unshare(1) (util-linux) for a private mount namespace"
+    r = subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True)
+    if r.returncode != 0:
+        return f"unshare -m is refused here: {r.stderr.decode().strip()}"
+    return None
+
+
+needs_cluster = pytest.mark.skipif(_why_no_cluster() is not None, reason=str(_why_no_cluster()))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _raylet_pid(temp_dir: str) -> int | None:
+    for pid, (_, cmd) in _procs().items():
+        if "raylet" in cmd.split(" ")[0] and temp_dir in cmd:
+            return pid
+    return None
+
+
+def _files_under(path: Path) -> list[str]:
+    return sorted(str(p) for p in path.rglob("*")) if path.exists() else []
+
+
+class Cluster:
+    real_mnist = False
+
+    def __init__(self, base: str, results: Path, data: Path):
+        self.base, self.results, self.data = base, results, data
+        self.port = _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.env = {**os.environ, "RAY_TMPDIR": base, "RAY_AUTH_MODE": "disabled",
+                    "PYTHONPATH": str(ROOT)}  # "this package installed" on every node
+        self.workers: dict[str, int] = {}
+
+    def start_head(self) -> None:
+        subprocess.run([RAY, "start", "--head", f"--port={self.port}", "--num-cpus=0",
+                        f"--temp-dir={self.base}/h", "--include-dashboard=false",
+                        "--disable-usage-stats"], env=self.env, check=True, capture_output=True,
+                       timeout=180)
+
+    def start_worker(self, name: str, *ray_args: str) -> int:
+        """A worker node that cannot see the driver's results and data folders."""
+        tmp = f"{self.base}/{name}"
+        script = (f"mount -t tmpfs none {self.results} && mount -t tmpfs none {self.data} && "
+                  f"exec {RAY} start --address={self.address} --temp-dir={tmp} "
+                  + " ".join(ray_args))
+        subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                       env=self.env, check=True, capture_output=True, timeout=180)
+        for _ in range(100):
+            pid = _raylet_pid(tmp)
+            if pid:
+                self.workers[name] = pid
+                time.sleep(2)  # registered with the head by now
+                return pid
+            time.sleep(0.2)
+        raise AssertionError(f"worker node {name} has no raylet")
+
+    def worker_view(self, name: str, path: Path) -> Path:
+        return Path(f"/proc/{self.workers[name]}/root") / str(path).lstrip("/")
+
+    def stop(self) -> None:
+        kill_tree(marker=self.base)  # by PID: every process of this cluster, nothing else
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    spec = importlib.util.spec_from_file_location("overhead", ROOT / "benchmarks" / "overhead.py")
+    overhead = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(overhead)
+    root = tmp_path_factory.mktemp("cluster")
+    results, data = root / "res", root / "data"
+    results.mkdir()
+    # real MNIST images (next to the checkout, or next to its worktree folder) when present
+    real = [m for m in (overhead.MNIST, ROOT.parents[1] / "shared" / "data" / "mnist")
+            if (m / "t10k-images-idx3-ubyte.gz").is_file()]
+    if real:
+        overhead.MNIST = real[0]
+        overhead.make_mnist_folder(data)
+    else:  # random images in MNIST's layout: the files' location is what counts here
+        from test_train import make_mnist
+        make_mnist(data, n_train=600, n_test=100)
+    Cluster.real_mnist = bool(real)
+    base = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Ray's socket paths are capped
+    c = Cluster(base, results, data)
+    try:
+        c.start_head()
+        c.start_worker("w", "--num-cpus=2")
+        yield c
+    finally:
+        c.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _cli(*args) -> list[str]:
+    return [sys.executable, "-m", "study.cli", *map(str, args)]
+
+
+@pytest.mark.slow
+@needs_cluster
+def test_no_shared_disk_driver_killed_and_resumed(cluster, tmp_path):
+    spec_path = tmp_path / "cluster.toml"
+    spec_path.write_text(SPEC)
+    spec = load_spec(spec_path)
+    out, store = cluster.results, Store(cluster.results)
+    env = {**cluster.env, "STUDY_CHECKPOINT_EVERY_S": "0"}
+    args = ("--data-dir", cluster.data, "--address", cluster.address, "--no-figures")
+    driver = subprocess.Popen(_cli("run", spec_path, "--results", out, *args), env=env,
+                              start_new_session=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.time()
+        while time.time() - t0 < 300:
+            flying = [c for c in store.in_flight()
+                      if store.checkpoint_path(c).stat().st_size > 0]
+            if store.part_ids(store.trials_dir) and flying:
+                break
+            assert driver.poll() is None, driver.stderr.read()
+            time.sleep(0.05)
+        else:
+            raise AssertionError("no landed row and checkpoint in flight within 300 s")
+        kill_tree(driver.pid)  # the driver only: the cluster lives on
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    before = {p.name: p.read_bytes() for p in store.trials_dir.glob("*.parquet")}
+    interrupted = set(store.in_flight())
+    # a cell marks itself in flight when it starts; those with a checkpoint resume from it
+    checkpointed = {c for c in interrupted if store.checkpoint_path(c).stat().st_size > 0}
+    assert checkpointed
+    assert interrupted and len(before) < len(spec.cells())
+    st = json.loads(run_cli("status", out, "--json").stdout)
+    assert st["running"] == 0 and st["interrupted"] == len(interrupted), st
+
+    r = run_cli("resume", out, *args, env=env)
+    assert r.returncode == 0, r.stderr
+    df = store.read_trials()
+    assert sorted(df["cell_id"]) == sorted(c.cell_id for c in spec.cells())  # none lost or twice
+    assert (df["status"] == "ok").all() and (df["epochs_done"] == 12).all()
+    after = {p.name: p.read_bytes() for p in store.trials_dir.glob("*.parquet")}
+    assert all(after.get(n) == b for n, b in before.items())  # landed rows untouched
+    resumed = df.set_index("cell_id").loc[sorted(checkpointed - {n[:-8] for n in before})]
+    assert len(resumed) and (resumed["resumed_from_epoch"] > 0).all()
+    ep = store.read_epochs()
+    assert len(ep) == 12 * len(df) and not ep.duplicated(["cell_id", "epoch"]).any()
+    # every cell ran on the worker node, and learned (chance is 0.1) from data the driver shipped
+    assert df["node_id"].nunique() == 1
+    assert (df["val_acc"] > 0.15).all() or not cluster.real_mnist, df["val_acc"]
+    # the driver holds the whole study: weights here, checkpoints gone, none on the worker
+    assert sorted(df["weights_path"]) == sorted(f"weights/{c}.pt" for c in df["cell_id"])
+    assert all((out / w).stat().st_size > 0 for w in df["weights_path"])
+    assert not store.checkpoints_dir.exists()
+    assert _files_under(cluster.worker_view("w", out)) == []
+    assert _files_under(cluster.worker_view("w", cluster.data)) == []  # and it had no data
+    assert (cluster.data / "MNIST").is_dir()  # (while the driver has it)
+    r = run_cli("lesion", out, "--data-dir", cluster.data)  # finds every saved network
+    assert r.returncode == 0 and "evaluations" in r.stdout, r.stderr
+
+
+@pytest.mark.slow
+@needs_cluster
+def test_trial_sizes_the_cluster_cannot_hold_are_refused(cluster, tmp_path):
+    spec_path = tmp_path / "c.toml"
+    spec_path.write_text(SPEC)
+    for flags, says in ((["--gpus-per-trial", "1"], "asks for GPUs but the cluster has 2 CPUs "
+                                                    "and 0 GPUs on 2 nodes"),
+                        (["--cpus-per-trial", "8"], "no node can hold a trial of 8 CPUs")):
+        out = tmp_path / f"res{flags[1]}"
+        t0 = time.time()
+        r = run_cli("run", spec_path, "--results", out, "--data-dir", cluster.data,
+                    "--address", cluster.address, *flags, env=cluster.env, timeout=120)
+        assert r.returncode == 3, r.stderr
+        assert says in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not out.exists() and time.time() - t0 < 60  # nothing written, no waiting
+
+
+@pytest.mark.slow
+@needs_cluster
+def test_fractional_gpus_pack_trials_on_one_gpu(cluster, tmp_path):
+    # A node that says it has one GPU (torch sees none here): Ray schedules by GPU share.
+    cluster.start_worker("g", "--num-cpus=4", "--num-gpus=1")
+    spec_path = tmp_path / "g.toml"
+    spec_path.write_text(SPEC.replace("save_weights = true", "save_weights = false")
+                         .replace("layers = [1, 2, 3]", "layers = [1, 2]")
+                         .replace("epochs = 12", "epochs = 6"))
+    out = tmp_path / "res"
+    r = run_cli("run", spec_path, "--results", out, "--data-dir", cluster.data, "--address",
+                cluster.address, "--gpus-per-trial", "0.25", "--no-figures", env=cluster.env)
+    assert r.returncode == 0, r.stderr
+    df = Store(out).read_trials()
+    assert len(df) == 8 and (df["status"] == "ok").all() and df["node_id"].nunique() == 1
+    # how many cells ran at once: the most intervals [started_at, finished_at] overlapping
+    events = sorted([(t, 1) for t in df["started_at"]] + [(t, -1) for t in df["finished_at"]],
+                    key=lambda e: (e[0], e[1]))
+    running = peak = 0
+    for _, d in events:
+        running += d
+        peak = max(peak, running)
+    assert peak == 4, df[["started_at", "finished_at"]]
+
+
+def test_the_driver_never_imports_torch():
+    # torch loads only where a cell trains: the driver's start-up stays Ray's own
+    code = ("import sys, study.cli, study.runner, study.executors, study.data, study.store; "
+            "study.data.load_raw('digits'); print('torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
