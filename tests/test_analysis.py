@@ -369,7 +369,7 @@ def test_plot_functions_return_figures(full):
     from matplotlib.figure import Figure
     for fig in (analysis.plot_equivalence(p), analysis.plot_table2(analysis.table2(df)),
                 analysis.plot_ratio_distribution(p), analysis.plot_factor_effects(p),
-                analysis.plot_learning_curves(p, analysis.load_epochs(root), rows=p.index[:2]),
+                analysis.plot_learning_curves(p, analysis.load_epochs(root), rows=analysis.evidence(p).index[:2]),
                 analysis.plot_zoo(df)):
         assert isinstance(fig, Figure) and fig.axes
     reused = Figure()
