@@ -37,7 +37,9 @@ os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
 import ray
 from ray import tune
 n, storage, epochs = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+# workers at the driver's priority, as the tool runs them (Ray's default is nice 15)
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+         _system_config={"worker_niceness": 0})
 def trial(config):
     t = time.time()
     for e in range(epochs):
@@ -68,14 +70,15 @@ finally:
 
 
 def spec_text(cells: int, epochs: int) -> str:
-    # seeds make as many cells as asked, two architectures each
+    # seeds make as many cells as asked, two architectures each; 2 layers, so that no cell is
+    # a same-network twin (recorded without training) and the tool runs every trial
     return f"""
 [study]
 name = "scale"
 [grid]
 dataset = "digits"
 architecture = ["sequential", "parallel"]
-layers = 1
+layers = 2
 filters = 1
 kernel = 1
 epochs = {epochs}
