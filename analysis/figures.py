@@ -9,6 +9,7 @@ from typing import Callable, Iterable
 import matplotlib as mpl
 import pandas as pd
 
+from study.atomic import atomic_write
 from study.store import ReadReport, Store, atomic_write_text
 
 from . import data as _data
@@ -76,15 +77,12 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-def _save(fig, out_dir: Path, stem: str) -> list[Path]:
+def _save(fig, out_dir: Path, stem: str, **savefig_kw) -> list[Path]:
     paths = [out_dir / f"{stem}.png", out_dir / f"{stem}.pdf"]
     for p in paths:
-        tmp = p.with_name(f".{p.name}.tmp")
         try:
-            fig.savefig(tmp, format=p.suffix[1:])
-            tmp.replace(p)
+            atomic_write(p, lambda tmp: fig.savefig(tmp, format=p.suffix[1:], **savefig_kw))
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             raise AnalysisError(f"cannot write {p}: {e.strerror or e}") from None
     return paths
 
