@@ -10,7 +10,8 @@ DataLoader workers); torchvision itself is used only to download when asked:
     cifar10        DATA_DIR/cifar-10-batches-py/{data_batch_1..5,test_batch}
     digits         scikit-learn's bundled copy (offline, 8x8); no folder needed
 Each is one entry of the table SOURCES (files, reader, download), keyed by the names of
-sweep.params.DATASETS.
+sweep.params.DATASETS. Adding data in the MNIST layout (Fashion-MNIST-like) is one entry,
+`"kmnist": _idx("KMNIST")`, plus its name and sizes in sweep/params.py.
 """
 from __future__ import annotations
 
