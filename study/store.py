@@ -663,7 +663,7 @@ class Store:
             os.replace(part, dest)
         except FileNotFoundError:
             return
-        dest.with_suffix(".reason.txt").write_text(reason + "\n")
+        _atomic_write_text(dest.with_suffix(".reason.txt"), reason + "\n")
         if part.parent == self.trials_dir:
             # Its epochs belong to rows we no longer trust: those cells re-run and rewrite them.
             twin = self.epochs_dir / part.name
@@ -672,7 +672,8 @@ class Store:
             elif twin.exists():
                 edest = self.quarantine_dir / f"epochs-{part.stem}-{stamp}.parquet"
                 os.replace(twin, edest)
-                edest.with_suffix(".reason.txt").write_text(
+                _atomic_write_text(
+                    edest.with_suffix(".reason.txt"),
                     f"the trial rows of these epochs were in {part}, which is unreadable: {reason}\n")
             self._merged = None  # rebuilt on next need
 
