@@ -29,11 +29,14 @@ Three layers (as in rliable):
                                       paired Wilcoxon signed-rank test on log losses, Holm p.
 2. Figures, one function per figure, each returning a matplotlib Figure (``fig=None``):
    ``plot_equivalence``, ``plot_table2``, ``plot_ratio_distribution``,
-   ``plot_factor_effects``, ``plot_learning_curves``, ``plot_zoo`` (module ``analysis.plots``).
+   ``plot_factor_effects``, ``plot_learning_curves``, ``plot_zoo`` (module ``analysis.plots``);
+   ``plot_lesions`` (module ``analysis.lesions``) from the table `study lesion` computes.
 3. Outputs: ``write_figures(DIR, compare=("sequential", "parallel"), pairs=None) -> list[Path]``
-   writes DIR/figures/*.png + *.pdf, table2.csv/.md, stats.csv and NOTES.txt (why any figure
-   was skipped; also on the returned list's ``.notes``); ``write_report(DIR, compare) -> Path``
-   writes DIR/report.html, self-contained (figures inlined as base64 PNG).
+   writes DIR/figures/*.png + *.pdf (the lesion figure too when DIR/lesions/lesions.parquet
+   exists), table2.csv/.md, stats.csv and NOTES.txt (why any figure was skipped; also on the
+   returned list's ``.notes``); ``write_lesion_figure(DIR)`` draws the lesion figure alone;
+   ``write_report(DIR, compare) -> Path`` writes DIR/report.html, self-contained (figures
+   inlined as base64 PNG).
 
 Both writers raise ``AnalysisError`` (one-line message) for a folder that is not a results
 store or an unknown architecture; a figure that cannot be drawn is a note, never a crash.
@@ -41,7 +44,8 @@ store or an unknown architecture; a figure that cannot be drawn is a note, never
 from ._common import Q_LABELS, AnalysisError, NothingToPlot, add_q
 from .data import (control_summary, controls, evidence, load, load_epochs, network_ids, pairs,
                    swept_factors, table2, table2_markdown, table2_wide)
-from .figures import FigureResult, write_figures
+from .figures import FigureResult, write_figures, write_lesion_figure
+from .lesions import plot_lesions
 from .plots import (plot_equivalence, plot_factor_effects, plot_learning_curves,
                     plot_ratio_distribution, plot_table2, plot_zoo)
 from .report import write_report
@@ -52,4 +56,4 @@ __all__ = ["AnalysisError", "NothingToPlot", "Q_LABELS", "add_q", "load", "load_
            "swept_factors", "table2", "table2_wide", "table2_markdown", "stats",
            "wilson_interval", "bootstrap_median_ci", "plot_equivalence", "plot_table2",
            "plot_ratio_distribution", "plot_factor_effects", "plot_learning_curves", "plot_zoo",
-           "write_figures", "FigureResult", "write_report"]
+           "plot_lesions", "write_figures", "write_lesion_figure", "FigureResult", "write_report"]

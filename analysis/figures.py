@@ -9,11 +9,13 @@ from typing import Callable, Iterable
 import matplotlib as mpl
 import pandas as pd
 
+from study.atomic import atomic_write
 from study.store import ReadReport, Store, atomic_write_text
 
 from . import data as _data
 from . import plots
 from ._common import AnalysisError, NothingToPlot, check_compare, check_store
+from .lesions import plot_lesions
 from .stats import stats as _stats
 
 # stem -> one-line caption: what each mark, bar and band is ({a}, {b}: the architectures,
@@ -40,7 +42,13 @@ FIGURES = {
                             "Linear axes.",
     "zoo": "Final validation loss against parameter count of every finished cell (n = {cells}), "
            "colour = architecture (cells per architecture in the legend); log-log axes.",
+    "lesions": "Lesions (drawn when `study lesion` has written lesions/lesions.parquet): rise of "
+               "the validation loss when block i of a saved network is removed (left) or blocks "
+               "i and i+1 are swapped (right), by block position, one row per depth in blocks; "
+               "each point the mean over a variant's cells; symmetric log axis.",
 }
+LESIONS_TABLE = Path("lesions") / "lesions.parquet"  # under DIR, written by study.lesion
+LESIONS_SAVE = {"dpi": 150, "bbox_inches": "tight"}  # its legend sits outside the axes
 class FigureResult(list):
     """The paths written (a list of Path), with `.notes`: why any figure was skipped."""
 
@@ -76,15 +84,12 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-def _save(fig, out_dir: Path, stem: str) -> list[Path]:
+def _save(fig, out_dir: Path, stem: str, **savefig_kw) -> list[Path]:
     paths = [out_dir / f"{stem}.png", out_dir / f"{stem}.pdf"]
     for p in paths:
-        tmp = p.with_name(f".{p.name}.tmp")
         try:
-            fig.savefig(tmp, format=p.suffix[1:])
-            tmp.replace(p)
+            atomic_write(p, lambda tmp: fig.savefig(tmp, format=p.suffix[1:], **savefig_kw))
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             raise AnalysisError(f"cannot write {p}: {e.strerror or e}") from None
     return paths
 
@@ -98,7 +103,7 @@ def analyse(root: str | Path, compare=("sequential", "parallel"),
         raise AnalysisError(f"compare takes two architectures (a, b), got {compare!r}")
     a, b = compare
     check_compare(a, b)
-    out_dir = root / "figures"
+    out_dir = Store(root).figures_dir
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -131,7 +136,7 @@ def analyse(root: str | Path, compare=("sequential", "parallel"),
     if unknown:
         raise AnalysisError(f"unknown figure {sorted(unknown)[0]!r}; figures: " + ", ".join(FIGURES))
 
-    def job(stem: str, draw: Callable):
+    def job(stem: str, draw: Callable, **savefig_kw):
         if stem not in wanted:
             return
         try:
@@ -148,7 +153,7 @@ def analyse(root: str | Path, compare=("sequential", "parallel"),
             for ext in ("png", "pdf"):  # a stale figure from an earlier run would mislead
                 (out_dir / f"{stem}.{ext}").unlink(missing_ok=True)
             return
-        paths = _save(fig, out_dir, stem)
+        paths = _save(fig, out_dir, stem, **savefig_kw)
         res.pngs[stem] = paths[0]
         res.files.extend(paths)
 
@@ -160,6 +165,9 @@ def analyse(root: str | Path, compare=("sequential", "parallel"),
         job("learning_curves", lambda: _curves(root, pdf, pairs, notes))
         job("equivalence_accuracy", lambda: plots.plot_equivalence(pdf, ("val_acc", "test_acc")))
         job("zoo", lambda: plots.plot_zoo(df))
+    if (root / LESIONS_TABLE).is_file():  # no lesion study, no figure and no note
+        # outside plots.STYLE: the lesion figure styles itself
+        job("lesions", lambda: _lesions(root), **LESIONS_SAVE)
 
     if t2.empty:
         notes.append("table2.csv/.md: skipped, no finished (status ok) cell with a known Q")
@@ -195,6 +203,30 @@ def _curves(root: Path, pdf: pd.DataFrame, keys, notes: list[str]):
     ep = _data.load_epochs(root, list(chosen["cell_id_a"]) + list(chosen["cell_id_b"]), report)
     notes += [f"learning_curves: unreadable part skipped: {x}" for x in report.bad_parts]
     return plots.plot_learning_curves(pdf, ep, rows)
+
+
+def _lesions(root: Path):
+    df = pd.read_parquet(root / LESIONS_TABLE)
+    try:
+        return plot_lesions(df)
+    except ValueError as e:  # only intact rows, or an empty table
+        raise NothingToPlot(str(e)) from None
+
+
+def write_lesion_figure(root: str | Path) -> list[Path]:
+    """Draw DIR/figures/lesions.png and .pdf from DIR/lesions/lesions.parquet alone (what
+    `study lesion` does after computing the table; write_figures and the report draw it too).
+    Raises AnalysisError when there is no lesions table."""
+    root = Path(root)
+    if not (root / LESIONS_TABLE).is_file():
+        raise AnalysisError(f"{root / LESIONS_TABLE} does not exist; run `study lesion {root}` "
+                            "first (on a study run with save_weights = true)")
+    out_dir = Store(root).figures_dir
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise AnalysisError(f"cannot create {out_dir}: {e.strerror or e}") from None
+    return _save(_lesions(root), out_dir, "lesions", **LESIONS_SAVE)
 
 
 def write_figures(root: str | Path, compare=("sequential", "parallel"),

@@ -1,9 +1,10 @@
 """The lesion figure (Greff et al.'s iterative-estimation experiments): how much the validation
 loss rises when one block is removed, or two adjacent blocks are swapped, by block position.
 
-Plotting only: the table comes from `study.lesion.run_lesion` (columns cell_id, variant,
-architecture, n_blocks, lesion, position, loss_increase, ...). No torch, no ray; drawn on a
-`matplotlib.figure.Figure` with an Agg canvas, never through pyplot.
+Plotting only: the table is DIR/lesions/lesions.parquet, computed by `study lesion`
+(`study.lesion.run_lesion`; columns cell_id, variant, architecture, n_blocks, lesion, position,
+loss_increase, ...); `analysis.figures` saves the figure with the others. No torch, no ray;
+drawn on a `matplotlib.figure.Figure` with an Agg canvas, never through pyplot.
 """
 from __future__ import annotations
 

@@ -201,7 +201,7 @@ def _outputs(results, compare, pairs, report: bool) -> None:
 
     if report:
         html = analysis.write_report(results, compare=tuple(compare), pairs=pairs)
-        paths = sorted(p for p in (Path(results) / "figures").iterdir() if p.is_file())
+        paths = sorted(p for p in Store(results).figures_dir.iterdir() if p.is_file())
     else:
         paths = analysis.write_figures(results, compare=tuple(compare), pairs=pairs)
     for p in paths:
@@ -224,7 +224,10 @@ def cmd_report(args) -> int:
 def cmd_lesion(args) -> int:
     from .lesion import run_lesion
 
+    import analysis
+
     df, paths = run_lesion(args.results, data_dir=args.data_dir)
+    paths += analysis.write_lesion_figure(args.results)  # analysis draws, study computes
     print(f"lesions: {len(df)} evaluations")
     for note in df.attrs.get("notes", []):
         print(f"note: {note}")

@@ -9,6 +9,9 @@ DataLoader workers); torchvision itself is used only to download when asked:
     fashion_mnist  DATA_DIR/FashionMNIST/raw/  (same file names)
     cifar10        DATA_DIR/cifar-10-batches-py/{data_batch_1..5,test_batch}
     digits         scikit-learn's bundled copy (offline, 8x8); no folder needed
+Each is one entry of the table SOURCES (files, reader, download), keyed by the names of
+sweep.params.DATASETS. Adding data in the MNIST layout (Fashion-MNIST-like) is one entry,
+`"kmnist": _idx("KMNIST")`, plus its name and sizes in sweep/params.py.
 """
 from __future__ import annotations
 
@@ -16,8 +19,11 @@ import gzip
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
+
+from sweep.params import DATASETS
 
 from .errors import DatasetError
 
@@ -45,56 +51,16 @@ class Data:
             self.n_classes)
 
 
-_IDX = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
+def _idx_files(folder: str) -> Callable[[Path], list[Path]]:
+    return lambda root: [root / folder / "raw" / f"{s}-{k}-ubyte" for s in ("train", "t10k")
+                         for k in ("images-idx3", "labels-idx1")]
+
+
 _CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-
-
-def expected_files(name: str, data_dir: str | Path | None) -> list[Path]:
-    root = Path(data_dir or ".")
-    if name in _IDX:
-        raw = root / _IDX[name] / "raw"
-        return [raw / f"{s}-{k}-ubyte" for s in ("train", "t10k")
-                for k in ("images-idx3", "labels-idx1")]
-    if name == "cifar10":
-        return [root / "cifar-10-batches-py" / f for f in _CIFAR_FILES]
-    return []
 
 
 def _exists(p: Path) -> bool:
     return p.is_file() or p.with_name(p.name + ".gz").is_file()
-
-
-def check_available(name: str, data_dir: str | Path | None, download: bool = False) -> None:
-    """Raise DatasetError (one line) unless the dataset can be loaded; download if asked."""
-    if name == "digits":
-        return
-    if name not in _IDX and name != "cifar10":
-        raise DatasetError(f"unknown dataset {name!r}; known: digits, mnist, fashion_mnist, cifar10")
-    if data_dir is None:
-        raise DatasetError(f"dataset {name} needs --data-dir (a folder in torchvision's layout); "
-                           "add --download to fetch it there")
-    files = expected_files(name, data_dir)
-    if all(_exists(f) for f in files):
-        return
-    if download:
-        _download(name, data_dir)
-        return
-    missing = [str(f) for f in files if not _exists(f)]
-    raise DatasetError(f"dataset {name} not found: expected {', '.join(missing)} "
-                       f"(torchvision's layout under --data-dir {data_dir}); "
-                       "add --download to fetch it, or point --data-dir at the folder that holds it")
-
-
-def _download(name: str, data_dir: str | Path) -> None:
-    import torchvision.datasets as tvd
-
-    cls = {"mnist": tvd.MNIST, "fashion_mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10}[name]
-    try:
-        for train in (True, False):
-            cls(root=str(data_dir), train=train, download=True)
-    except Exception as e:  # network errors come in many types
-        raise DatasetError(f"could not download {name} into {data_dir}: "
-                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -114,16 +80,18 @@ def _read_idx(path: Path) -> np.ndarray:
     return data.reshape(tuple(int(d) for d in dims))
 
 
-def _load_idx(name: str, data_dir) -> tuple:
-    raw = Path(data_dir) / _IDX[name] / "raw"
-    out = []
-    for split in ("train", "t10k"):
-        x = _read_idx(raw / f"{split}-images-idx3-ubyte")[:, None]
-        y = _read_idx(raw / f"{split}-labels-idx1-ubyte").astype(np.int64)
-        if len(x) != len(y):
-            raise DatasetError(f"{raw}: {split} images and labels differ in count")
-        out += [x, y]
-    return (*out, 10, 255.0)
+def _load_idx(folder: str) -> Callable[[Path], tuple]:
+    def read(data_dir) -> tuple:
+        raw = Path(data_dir) / folder / "raw"
+        out = []
+        for split in ("train", "t10k"):
+            x = _read_idx(raw / f"{split}-images-idx3-ubyte")[:, None]
+            y = _read_idx(raw / f"{split}-labels-idx1-ubyte").astype(np.int64)
+            if len(x) != len(y):
+                raise DatasetError(f"{raw}: {split} images and labels differ in count")
+            out += [x, y]
+        return (*out, 10, 255.0)
+    return read
 
 
 def _load_cifar(data_dir) -> tuple:
@@ -143,7 +111,7 @@ def _load_cifar(data_dir) -> tuple:
             *parts["test_batch"], 10, 255.0)
 
 
-def _load_digits() -> tuple:
+def _load_digits(data_dir=None) -> tuple:
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -154,6 +122,72 @@ def _load_digits() -> tuple:
     n_test = len(x) // 5
     test, train = perm[:n_test], perm[n_test:]
     return x[train], y[train], x[test], y[test], 10, 16.0
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a dataset lives under --data-dir, how it is read, and how it is fetched."""
+    files: Callable[[Path], list[Path]] | None  # the files under DATA_DIR; None: bundled, no folder
+    read: Callable[[Path | None], tuple]  # DATA_DIR -> (train_x, train_y, test_x, test_y,
+    #                                        n_classes, pixel value of 1.0), uint8 (N, C, H, W)
+    download: str | None = None  # the torchvision.datasets class that downloads it
+
+
+def _idx(folder: str) -> Source:
+    """A dataset in torchvision's MNIST layout: DATA_DIR/<folder>/raw/*-ubyte[.gz], where
+    <folder> is also the name of torchvision's class for it."""
+    return Source(files=_idx_files(folder), read=_load_idx(folder), download=folder)
+
+
+# One entry per dataset, keyed by the names of sweep.params.DATASETS (a test checks they are
+# equal). Data in the MNIST layout (Fashion-MNIST-like, e.g. torchvision's KMNIST) is one more
+# entry here, `"kmnist": _idx("KMNIST")`, plus its name and sizes in sweep/params.py (DATASETS,
+# DATASET_SIZES), where the grid and `study plan` learn of it.
+SOURCES: dict[str, Source] = {
+    "digits": Source(files=None, read=_load_digits),
+    "mnist": _idx("MNIST"),
+    "fashion_mnist": _idx("FashionMNIST"),
+    "cifar10": Source(files=lambda root: [root / "cifar-10-batches-py" / f for f in _CIFAR_FILES],
+                      read=_load_cifar, download="CIFAR10"),
+}
+
+
+def expected_files(name: str, data_dir: str | Path | None) -> list[Path]:
+    files = SOURCES[name].files if name in SOURCES else None
+    return files(Path(data_dir or ".")) if files else []
+
+
+def check_available(name: str, data_dir: str | Path | None, download: bool = False) -> None:
+    """Raise DatasetError (one line) unless the dataset can be loaded; download if asked."""
+    if name not in SOURCES:
+        raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    if SOURCES[name].files is None:
+        return
+    if data_dir is None:
+        raise DatasetError(f"dataset {name} needs --data-dir (a folder in torchvision's layout); "
+                           "add --download to fetch it there")
+    files = expected_files(name, data_dir)
+    if all(_exists(f) for f in files):
+        return
+    if download:
+        _download(name, data_dir)
+        return
+    missing = [str(f) for f in files if not _exists(f)]
+    raise DatasetError(f"dataset {name} not found: expected {', '.join(missing)} "
+                       f"(torchvision's layout under --data-dir {data_dir}); "
+                       "add --download to fetch it, or point --data-dir at the folder that holds it")
+
+
+def _download(name: str, data_dir: str | Path) -> None:
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, SOURCES[name].download)
+    try:
+        for train in (True, False):
+            cls(root=str(data_dir), train=train, download=True)
+    except Exception as e:  # network errors come in many types
+        raise DatasetError(f"could not download {name} into {data_dir}: "
+                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 @dataclass
@@ -176,13 +210,7 @@ class Raw:
 def load_raw(name: str, data_dir: str | Path | None = None, download: bool = False) -> Raw:
     """Read a dataset from disk as uint8 (no torch): on the driver, once per study."""
     check_available(name, data_dir, download)
-    if name == "digits":
-        arrays = _load_digits()
-    elif name == "cifar10":
-        arrays = _load_cifar(data_dir)
-    else:
-        arrays = _load_idx(name, data_dir)
-    x_tr, y_tr, x_te, y_te, n_classes, scale = arrays
+    x_tr, y_tr, x_te, y_te, n_classes, scale = SOURCES[name].read(data_dir)
     xf = x_tr.astype(np.float64) / scale
     mean = xf.mean(axis=(0, 2, 3)).astype(np.float32)
     std = (xf.std(axis=(0, 2, 3)) + 1e-6).astype(np.float32)

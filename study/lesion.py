@@ -6,12 +6,12 @@ If a stage of blocks iteratively refines one representation, dropping or reorder
 costs little (residual, highway); a plain net, which computes a new representation per layer,
 breaks. A parallel net sums its blocks, so a swap changes nothing at all.
 
-Output: DIR/lesions/lesions.parquet and DIR/figures/lesions.{png,pdf}.
+Output: DIR/lesions/lesions.parquet (and notes.txt: what was skipped and why). Computing only:
+the figure is drawn from that table by analysis (`analysis.write_lesion_figure`, also part of
+`study figures` and the report), like every other figure.
 """
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 
 import pandas as pd
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from sweep.params import ARCH_SPECIFIC
 
 from . import data as _data
+from .atomic import atomic_write, atomic_write_text
 from .errors import DatasetError
 from .models import build, image_size_for, model_kwargs
 from .store import Store, StoreError
@@ -90,20 +91,11 @@ def _variant_labels(rows: pd.DataFrame) -> pd.Series:
     return labels
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def run_lesion(results_dir: str | Path, data_dir: str | Path | None = None,
                device: str = "cpu") -> tuple[pd.DataFrame, list[Path]]:
-    """Evaluate every saved cell intact and lesioned; write the table and the figure.
+    """Evaluate every saved cell intact and lesioned; write the table (not the figure).
 
-    Returns (table, [parquet, png, pdf]); `table.attrs["notes"]` lists what was skipped and why.
+    Returns (table, [parquet]); `table.attrs["notes"]` lists what was skipped and why.
     """
     root = Path(results_dir)
     trials = Store(root).read_trials()
@@ -168,18 +160,9 @@ def run_lesion(results_dir: str | Path, data_dir: str | Path | None = None,
     df["position"] = df["position"].astype("Int64")
     df.attrs["notes"] = notes
 
-    out_dir, fig_dir = root / "lesions", root / "figures"
+    out_dir = root / "lesions"
     out_dir.mkdir(parents=True, exist_ok=True)
-    fig_dir.mkdir(parents=True, exist_ok=True)
     table = out_dir / "lesions.parquet"
-    _atomic(table, lambda p: df.to_parquet(p, index=False))
-    _atomic(out_dir / "notes.txt", lambda p: p.write_text("".join(n + "\n" for n in notes)))
-
-    from analysis.lesions import plot_lesions
-
-    fig = plot_lesions(df)
-    figures = [fig_dir / "lesions.png", fig_dir / "lesions.pdf"]
-    for p in figures:
-        _atomic(p, lambda tmp, fmt=p.suffix[1:]: fig.savefig(tmp, format=fmt, dpi=150,
-                                                              bbox_inches="tight"))
-    return df, [table, *figures]
+    atomic_write(table, lambda p: df.to_parquet(p, index=False))
+    atomic_write_text(out_dir / "notes.txt", "".join(n + "\n" for n in notes))
+    return df, [table]

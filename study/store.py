@@ -55,6 +55,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from . import schema
+from .atomic import atomic_write_bytes, atomic_write_table
+from .atomic import atomic_write_text as _atomic_write_text
 
 MERGED_PREFIX = "merged-"
 COMPACT_EVERY_PARTS = 256  # loose parts that trigger a compaction
@@ -70,28 +72,18 @@ class StoreError(RuntimeError):
 
 
 def _atomic_write_table(table: pa.Table, path: Path, **write_kw) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        pq.write_table(table, tmp, **write_kw)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise StoreError(_os_message(e, path)) from None
-        raise
+        atomic_write_table(path, table, fsync=True, **write_kw)
+    except OSError as e:
+        raise StoreError(_os_message(e, path)) from None
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> bool:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        atomic_write_bytes(path, data)
         return True
     except OSError:
-        tmp.unlink(missing_ok=True)
         return False
 
 
@@ -106,12 +98,10 @@ def _os_message(e: OSError, path: Path) -> str:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    """study.atomic's text writer, its OSError as a StoreError with a one-line message."""
     try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        _atomic_write_text(path, text)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise StoreError(_os_message(e, path)) from None
 
 
@@ -673,7 +663,7 @@ class Store:
             os.replace(part, dest)
         except FileNotFoundError:
             return
-        dest.with_suffix(".reason.txt").write_text(reason + "\n")
+        _atomic_write_text(dest.with_suffix(".reason.txt"), reason + "\n")
         if part.parent == self.trials_dir:
             # Its epochs belong to rows we no longer trust: those cells re-run and rewrite them.
             twin = self.epochs_dir / part.name
@@ -682,7 +672,8 @@ class Store:
             elif twin.exists():
                 edest = self.quarantine_dir / f"epochs-{part.stem}-{stamp}.parquet"
                 os.replace(twin, edest)
-                edest.with_suffix(".reason.txt").write_text(
+                _atomic_write_text(
+                    edest.with_suffix(".reason.txt"),
                     f"the trial rows of these epochs were in {part}, which is unreadable: {reason}\n")
             self._merged = None  # rebuilt on next need
 

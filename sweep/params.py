@@ -122,7 +122,3 @@ PARAMS: dict[str, Param] = {
 # sequential cell pairs with every variant of another architecture at the same settings.
 ARCH_SPECIFIC = tuple(n for n, p in PARAMS.items() if p.architectures is not None)
 REQUIRED = tuple(n for n, p in PARAMS.items() if p.default is None and not p.optional)
-
-
-def params_for(architecture: str) -> list[Param]:
-    return [p for p in PARAMS.values() if p.applies_to(architecture)]

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from study.runner import RunOptions, run_study
+from study.schema import STATUSES
 from study.store import Store
 from sweep import load_spec
 
@@ -140,6 +141,7 @@ def test_failures_divergence_and_retry_failed(tmp_path):
     diverged = df[df["status"] == "diverged"]
     assert len(diverged) == 4 and (diverged["attempts"] == 1).all()
     assert diverged["error"].str.contains("non-finite").all()
+    assert set(df["status"]) == set(STATUSES)  # every status the schema names, and no other
 
     r = run_cli("run", spec_path, "--results", out, "--executor", "local", "--no-figures")
     assert "nothing to run" in r.stderr  # failed cells wait for --retry-failed

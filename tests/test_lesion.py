@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import analysis
 import sweep
 from study import data as sdata
 from study.lesion import LesionError, lesion_orders, run_lesion, val_loss
@@ -92,16 +93,39 @@ def test_table_shape_and_files(lesioned):
     assert set(df["architecture"]) == {"sequential", "parallel", "highway", "merge_and_run"}
     assert any("learned_connectivity" in n for n in df.attrs["notes"])
     assert set(_rows(df, "highway")["variant"]) == {"highway gate=full", "highway gate=coupled"}
-    table, png, pdf = paths
-    assert table == root / "lesions" / "lesions.parquet"
-    assert png == root / "figures" / "lesions.png" and pdf.suffix == ".pdf"
-    assert all(p.is_file() and p.stat().st_size > 0 for p in paths)
+    [table] = paths  # study computes; the figure is analysis's
+    assert table == root / "lesions" / "lesions.parquet" and table.stat().st_size > 0
+    assert not (root / "figures").exists()
     back = pd.read_parquet(table)
     for col in ["cell_id", "architecture", "dataset", "layers", "filters", "kernel", "lesion",
                 "position", "val_loss", "val_loss_intact", "loss_increase"]:
         assert col in back
     assert len(back) == len(df)
     assert not list(root.glob("lesions/.*.tmp")) and not list(root.glob("figures/.*.tmp"))
+
+
+def test_the_figure_is_drawn_by_analysis_from_the_table(lesioned, tmp_path):
+    root, _, _, _, df, _ = lesioned
+    png, pdf = analysis.write_lesion_figure(root)
+    assert png == root / "figures" / "lesions.png" and pdf == root / "figures" / "lesions.pdf"
+    assert png.stat().st_size > 0 and pdf.stat().st_size > 0
+    # the figure shows every variant the table holds (one legend entry each)
+    fig = analysis.plot_lesions(pd.read_parquet(root / "lesions" / "lesions.parquet"))
+    legend = [t.get_text() for a in fig.axes if a.get_legend() for t in a.get_legend().get_texts()]
+    assert sorted(legend) == sorted(set(df["variant"]))
+    # write_figures and the report draw it with the others, from the table on disk
+    assert png in analysis.write_figures(root)
+    report = analysis.write_report(root).read_text()
+    assert "figures/lesions.png" in report
+    # a store without lesions: no lesion figure and no note about one
+    empty = tmp_path / "none"
+    empty.mkdir()
+    Store(empty).save_spec(SPEC, "lesion-test", "tests")
+    res = analysis.write_figures(empty)
+    assert not any("lesion" in n for n in res.notes)
+    assert not (empty / "figures" / "lesions.png").exists()
+    with pytest.raises(analysis.AnalysisError, match="run `study lesion"):
+        analysis.write_lesion_figure(empty)
 
 
 def test_intact_loss_is_the_trained_models(lesioned):

@@ -5,10 +5,12 @@ import os
 import subprocess
 import sys
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from study import schema
+from study.atomic import atomic_write, atomic_write_table, atomic_write_text
 from study.store import DriverLock, ReadReport, Store, StoreError
 from sweep import Cell
 
@@ -119,3 +121,20 @@ def test_parts_written_before_the_schema_grew_still_read(tmp_path):
     df = store.read_trials(report=(rep := ReadReport()))
     assert df["cell_id"].tolist() == [row["cell_id"]] and not rep.bad_parts
     assert df["weights_path"].isna().all()
+
+
+def test_the_one_atomic_writer_keeps_the_old_file_when_a_write_fails(tmp_path):
+    path = tmp_path / "f.txt"
+    atomic_write_text(path, "old")
+
+    def half_then_fail(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("disk gone")
+
+    with pytest.raises(RuntimeError, match="disk gone"):
+        atomic_write(path, half_then_fail, fsync=True)
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]  # no temporary file left
+    table = tmp_path / "t.parquet"
+    atomic_write_table(table, pa.table({"x": [1, 2]}))
+    assert pq.read_table(table).column("x").to_pylist() == [1, 2]

@@ -1,6 +1,8 @@
 """Spec parsing, the grid, stable ids and clear errors (pure Python: no torch, no ray)."""
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -134,6 +136,30 @@ def test_sweep_imports_neither_torch_nor_ray():
             "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _imported_packages(path: Path) -> set[str]:
+    """Top-level packages a module imports anywhere in it (inside functions too)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+def test_imports_flow_one_way_study_never_imports_analysis_but_its_cli():
+    study = Path(__file__).resolve().parent.parent / "study"
+    modules = sorted(study.rglob("*.py"))
+    assert study / "cli.py" in modules and study / "lesion.py" in modules
+    assert "analysis" in _imported_packages(study / "cli.py")  # the check sees lazy imports
+    bad = [str(p.relative_to(study)) for p in modules
+           if p.name != "cli.py" and "analysis" in _imported_packages(p)]
+    assert bad == [], f"study modules importing analysis (only study/cli.py may): {bad}"
+    sweep = study.parent / "sweep"
+    bad = [str(p) for p in sweep.rglob("*.py") if _imported_packages(p) & {"study", "analysis"}]
+    assert bad == [], f"sweep modules importing study or analysis: {bad}"
 
 
 def test_active_inputs_cannot_exceed_branches():

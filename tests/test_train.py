@@ -140,6 +140,22 @@ def test_missing_dataset_names_the_expected_files(tmp_path):
         datasets.check_available("cifar10", None)
 
 
+def test_datasets_are_one_table_keyed_by_the_grids_names(tmp_path, monkeypatch):
+    from sweep.params import DATASETS
+
+    assert tuple(datasets.SOURCES) == DATASETS
+    with pytest.raises(DatasetError, match="unknown dataset 'kmnist'; known: digits, mnist"):
+        datasets.check_available("kmnist", tmp_path)
+    # Data in the MNIST layout is one entry: found, named when missing, read.
+    monkeypatch.setitem(datasets.SOURCES, "kmnist", datasets._idx("KMNIST"))
+    with pytest.raises(DatasetError, match="KMNIST/raw/train-images-idx3-ubyte"):
+        datasets.check_available("kmnist", tmp_path)
+    make_mnist(tmp_path, folder="KMNIST", gz=True)
+    raw = datasets.load_raw("kmnist", tmp_path)
+    assert raw.train_x.shape == (120, 1, 28, 28) and raw.test_x.shape == (40, 1, 28, 28)
+    assert raw.n_classes == 10 and raw.scale == 255.0
+
+
 def test_dataset_is_loaded_once_per_process():
     a = datasets.load("digits", None, 0.1, None)
     b = datasets.load("digits", None, 0.1, None)

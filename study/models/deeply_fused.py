@@ -1,4 +1,5 @@
-"""Seed 000 (Wang, Wei, Zhang, Zeng): a deep and a shallow base net, deeply fused.
+"""A deep and a shallow base net, deeply fused (Wang, Wei, Zhang, Zeng, 2016, "Deeply-Fused
+Nets").
 
 The deep base net (the `layers` conv units) is cut into blocks of `fuse_every` units; the
 shallow base net contributes one conv unit per block (`shallow="conv"`) or nothing
@@ -11,9 +12,9 @@ Choices:
 - `layers` counts the deep net's convs only; blocks = ceil(layers / fuse_every), the last block
   holding the remainder. The shallow convs come on top (one per block, reported in n_params;
   use match_params for an equal budget).
-- No activation after the sum (ARCHITECTURES.md writes act(D + S)): as in `sequential`, f ends
-  in the activation and the sum is left linear, so that the identity variant is exactly a
-  residual net with long branches.
+- No activation after the sum (the paper's deep + shallow instance reads act(D + S)): as in
+  `sequential`, f ends in the activation and the sum is left linear, so that the identity
+  variant is exactly a residual net with long branches.
 """
 from __future__ import annotations
 

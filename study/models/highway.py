@@ -1,4 +1,6 @@
-"""Seed 003 (Greff, Srivastava, Schmidhuber): Highway layers and their gate variants.
+"""Highway layers (Srivastava, Greff, Schmidhuber, 2015, "Highway Networks") and the gate
+variants of Greff, Srivastava, Schmidhuber (ICLR 2017, "Highway and Residual Networks learn
+Unrolled Iterative Estimation").
 
     y = H(x) * T(x) + x * C(x),   H = conv unit f, T and C sigmoid convs (kernel `gate_kernel`)
 
@@ -67,7 +69,6 @@ class HighwayNet(ConvNet):
                  gate_bias: float = -2.0, gate_kernel: int = 1,
                  **skeleton):
         super().__init__(in_channels, n_classes, filters, kernel, activation, **skeleton)
-        self.gate = gate
         self.blocks = nn.ModuleList(
             HighwayLayer(filters, kernel, activation, batch_norm, gate, gate_bias, gate_kernel)
             for _ in range(layers))

@@ -1,5 +1,5 @@
-"""Seed 004 (Ahmed, Torresani; MaskConnect): multi-branch residual blocks whose connections
-between neighbouring blocks are learned.
+"""Multi-branch residual blocks whose connections between neighbouring blocks are learned
+(MaskConnect: Ahmed, Torresani, 2017, "Connectivity Learning in Multi-Branch Networks").
 
 Each block has C = `branches` branches (conv units). Branch i of block b reads the sum of
 exactly K = `active_inputs` of the previous block's branch outputs, picked by a binary mask

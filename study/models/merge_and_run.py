@@ -1,4 +1,5 @@
-"""Seed 001 (Zhao, Wang, Li, Tu, Zeng; DMRNet): merge-and-run blocks over K streams.
+"""Merge-and-run blocks over K streams (DMRNet: Zhao, Wang, Li, Tu, Zeng, 2016, "Deep
+Convolutional Neural Networks with Merge-and-Run Mappings").
 
 Every stream starts as the stem output. Per block, with stream inputs x_1..x_K:
     m = (1/K) sum_j x_j             (merge)

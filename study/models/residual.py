@@ -1,4 +1,5 @@
-"""Seed 002 (Bermeitinger et al.): the deep residual stack and its parallel-shallow twin.
+"""The deep residual stack and its parallel-shallow twin (Bermeitinger, Hrycej, Handschuh,
+2023, "Make Deep Networks Shallow Again").
 
 sequential: x_{k+1} = x_k + f_k(x_k)        parallel: y = x + sum_k f_k(x)
 Both are built by the same code from the same module list, so their parameter counts are
