@@ -111,12 +111,27 @@ def _load_cifar(data_dir) -> tuple:
             *parts["test_batch"], 10, 255.0)
 
 
-def _load_digits(data_dir=None) -> tuple:
-    from sklearn.datasets import load_digits
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits file, read directly: importing sklearn.datasets costs
+    seconds of every command's start-up (scipy and more) for a 1,797-row CSV."""
+    import importlib.util
 
-    d = load_digits()
-    x = d.images.astype(np.uint8)[:, None]  # values 0..16
-    y = d.target.astype(np.int64)
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz" \
+        if spec and spec.submodule_search_locations else None
+    if path is None or not path.is_file():  # a layout we do not know: ask sklearn
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        return d.images, d.target
+    data = np.loadtxt(path, delimiter=",")  # 64 pixel columns, then the label
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1]
+
+
+def _load_digits(data_dir=None) -> tuple:
+    images, target = _digits_arrays()
+    x = images.astype(np.uint8)[:, None]  # values 0..16
+    y = target.astype(np.int64)
     # digits has no official test split: hold out a fixed 20 %.
     perm = np.random.default_rng(SPLIT_SEED).permutation(len(x))
     n_test = len(x) // 5
