@@ -52,16 +52,14 @@ from sweep import Cell  # noqa: E402
 
 from .errors import ClusterError  # noqa: E402
 from .options import TrialOptions  # noqa: E402
+from .rows import cell_row, failed_result, now  # noqa: E402
 from .store import Store, StoreError  # noqa: E402
 
 Land = Callable[[dict, list[dict]], None]
 
 
-def _cell_dict(c: Cell) -> dict:
-    return {"config": c.config, "cell_id": c.cell_id, "pair_key": c.pair_key}
-
-
-def run_local(pending: list[Cell], opts: TrialOptions, land: Land, progress) -> None:
+def run_local(pending: list[Cell], opts: TrialOptions, land: Land, progress, run_opts=None,
+              store: Store | None = None) -> None:
     """Debugging/test executor: the same trial function, in this process, in order; the
     checkpoints and weights go straight into the results folder (this is the driver)."""
     from .train import run_cell
@@ -70,7 +68,7 @@ def run_local(pending: list[Cell], opts: TrialOptions, land: Land, progress) -> 
     for c in pending:
         progress.running = 1
         progress.tick()
-        row, epochs = run_cell(_cell_dict(c), opts, report=lambda m: progress.tick(), files=files)
+        row, epochs = run_cell(c.to_dict(), opts, report=lambda m: progress.tick(), files=files)
         progress.running = 0
         land(row, epochs)
 
@@ -302,6 +300,7 @@ class StoreCallback(tune.Callback):
                  cells: list[dict]):
         self.land, self.progress, self.opts, self.max_failures = land, progress, opts, max_failures
         self.cells = cells
+        self.started: dict[str, object] = {}  # trial_id -> when it started (a failed row's)
 
     def __getstate__(self):
         # Tune pickles its callbacks with the experiment; ours hold the live driver
@@ -309,6 +308,7 @@ class StoreCallback(tune.Callback):
         return {}
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        self.started.setdefault(trial.trial_id, now())  # a restart keeps the first
         self.progress.running += 1
         self.progress.tick()
 
@@ -322,6 +322,7 @@ class StoreCallback(tune.Callback):
         self.progress.tick()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self.started.pop(trial.trial_id, None)
         self.progress.running = max(0, self.progress.running - 1)
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -331,10 +332,10 @@ class StoreCallback(tune.Callback):
         cell = self.cells[trial.config["i"]]
         err = getattr(trial, "error_message", None) or "Ray trial failed (worker lost)"
         lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
-        row = {**cell["config"], "cell_id": cell["cell_id"], "pair_key": cell["pair_key"],
-               "study": self.opts.study, "status": "failed",
-               "error": lines[-1] if lines else "Ray trial failed",
-               "attempts": self.max_failures + 1, "epochs_done": 0}
+        row = cell_row(cell, failed_result(lines[-1] if lines else "Ray trial failed"),
+                       study=self.opts.study, attempts=self.max_failures + 1,
+                       started_at=self.started.pop(trial.trial_id, None),
+                       host=getattr(trial, "node_ip", None), node_id=None)  # as Ray knows it
         self.land(row, [])
 
 
@@ -364,7 +365,7 @@ def run_ray(pending: list[Cell], opts: TrialOptions, land: Land, progress, run_o
             store_errors.append(e)
             raise
 
-    cells = [_cell_dict(c) for c in pending]
+    cells = [c.to_dict() for c in pending]
     callback = StoreCallback(land_or_stop, progress, opts, run_opts.max_failures, cells)
     files = start_driver_files(opts.results_dir)
     shared = {"cells": ray.put(cells), "data": _ship_datasets(cells, opts), "files": files,

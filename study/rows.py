@@ -6,7 +6,6 @@ trial whose worker died (executors.StoreCallback) without importing torch.
 from __future__ import annotations
 
 import datetime as dt
-import socket
 import sys
 from importlib import metadata
 
@@ -30,14 +29,13 @@ def torch_version() -> str | None:
 
 
 def cell_row(cell: dict, result: dict, *, study: str, attempts: int, started_at: dt.datetime,
-             node_id: str | None = "", host: str | None = None,
-             device: str | None = None) -> dict:
+             host: str | None, node_id: str | None = "", device: str | None = None) -> dict:
     """The store row of one cell: its config, what training returned (`result`: status,
-    error, metrics...) and where and when it ran. `cell` is `Cell.to_dict()`'s form; `host`
-    defaults to this machine's name; `device` fills in only where `result` has none."""
+    error, metrics...) and where and when it ran. `cell` is `Cell.to_dict()`'s form; `device`
+    fills in only where `result` has none."""
     row = {**cell["config"], **result, "cell_id": cell["cell_id"], "pair_key": cell["pair_key"],
            "study": study, "attempts": attempts, "started_at": started_at,
-           "finished_at": now(), "host": socket.gethostname() if host is None else host,
+           "finished_at": now(), "host": host,
            "node_id": node_id, "torch_version": torch_version(),
            "project_version": __version__}
     row.setdefault("device", device)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import math
+import socket
 import time
 import traceback
 from typing import Callable, Protocol
@@ -276,4 +277,5 @@ def run_cell(cell: dict, opts: TrialOptions, report: Callable[[dict], None] | No
         epochs = ckpt["epochs"] if ckpt is not None else []
         result = failed_result(last_error, len(epochs))
     return cell_row(cell, result, study=opts.study, attempts=attempt, started_at=started,
-                    node_id=node_id, device=str(_pick_device(opts.device))), epochs
+                    host=socket.gethostname(), node_id=node_id,
+                    device=str(_pick_device(opts.device))), epochs
