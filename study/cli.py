@@ -13,6 +13,7 @@ from pathlib import Path
 
 from sweep import SpecError, load_spec, parse_spec
 
+from . import executor_registry as executors
 from .counts import STATUS_COLUMNS, count_cells
 from .store import Store, StoreError
 
@@ -26,11 +27,9 @@ def _results_dir(args, spec) -> Path:
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="folder holding datasets in torchvision's layout")
     p.add_argument("--download", action="store_true", help="download missing datasets into --data-dir")
-    from .executor_registry import get, list_executors
-
-    names = list_executors()
+    names = executors.list_executors()
     p.add_argument("--executor", choices=names, default=names[0],
-                   help="; ".join(f"{n}{' (default)' if n == names[0] else ''}: {get(n).help}"
+                   help="; ".join(f"{n}{' (default)' if n == names[0] else ''}: {executors.get(n).help}"
                                   for n in names))
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     p.add_argument("--cpus-per-trial", type=float, default=1, help="CPUs (and torch threads) per cell")

@@ -1,6 +1,7 @@
 """How to run the pending cells: in-process one after another, or as Ray Tune trials.
 
-Both run `train.run_cell` and hand each finished (row, epochs) to the driver's `land`.
+Both run `train.run_cell` and hand each finished (row, epochs) to the driver's `land`; both
+have the one signature of study.executor_registry, where they are registered by name.
 
 Under Ray nothing assumes a shared disk: the driver ships the cell table and the datasets
 through Ray's object store once, and a small actor pinned to the driver's node (DriverFiles)
@@ -335,8 +336,16 @@ class StoreCallback(tune.Callback):
         row = cell_row(cell, failed_result(lines[-1] if lines else "Ray trial failed"),
                        study=self.opts.study, attempts=self.max_failures + 1,
                        started_at=self.started.pop(trial.trial_id, None),
-                       host=getattr(trial, "node_ip", None), node_id=None)  # as Ray knows it
+                       host=_hostname(getattr(trial, "node_ip", None)), node_id=None)
         self.land(row, [])
+
+
+def _hostname(ip: str | None) -> str | None:
+    """The name of the machine at a node address Ray reported (what a worker's row holds)."""
+    if not ip:
+        return None
+    names = [n.get("NodeManagerHostname") for n in ray.nodes() if n.get("NodeManagerAddress") == ip]
+    return next((h for h in names if h), ip)
 
 
 def _ship_datasets(cells: list[dict], opts: TrialOptions) -> dict:

@@ -1,4 +1,5 @@
-"""Running a study: what to run (the spec's pending cells) apart from how (an executor).
+"""Running a study: what to run (the spec's pending cells) apart from how (an executor, taken
+by name from study.executor_registry).
 
 Both executors call the same trial function, `train.run_cell`; finished rows come back to
 the driver, which alone writes the store (so a multi-node cluster needs no shared results
