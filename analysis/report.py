@@ -12,6 +12,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
+from study.counts import count_cells
 from study.store import Store, atomic_write_text
 from sweep import SpecError, parse_spec
 
@@ -75,25 +76,21 @@ def _table(headers: list[str], rows: list[list[str]], left: int = 1, cls: str = 
 def _progress(res: Analysis) -> tuple[dict, str, str]:
     """Counts of the study's cells, the spec text and a note on the spec (if unreadable)."""
     store = Store(res.root)
-    df = res.trials
-    counts = {s: int((df["status"] == s).sum()) for s in ("ok", "failed", "diverged")}
-    done = set(df["cell_id"])
-    running = set(store.in_flight())
-    counts["running"] = len(running)
-    source, spec_note = "", ""
+    source, spec_note, ids = "", "", None
     try:
         source = store.spec_path.read_text()
     except (OSError, UnicodeDecodeError) as e:
         spec_note = f"spec.toml unreadable or missing ({type(e).__name__}); grid size unknown"
-    counts["grid"] = counts["pending"] = None
     if source:
         try:
-            ids = {c.cell_id for c in parse_spec(source, origin=str(store.spec_path)).cells()}
-            counts["grid"] = len(ids)
-            counts["pending"] = len(ids - done - running)
-            counts["outside_spec"] = len(done - ids)
+            ids = [c.cell_id for c in parse_spec(source, origin=str(store.spec_path)).cells()]
         except SpecError as e:
             spec_note = f"spec.toml does not parse ({e}); grid size unknown"
+    n = count_cells(res.trials, ids, in_flight=store.in_flight())
+    counts = {**n.by_status(), "running": n.in_flight, "grid": n.total,
+              # pending here: neither done nor running
+              "pending": None if n.pending is None else n.pending - n.in_flight,
+              "outside_spec": n.outside}
     return counts, source, spec_note
 
 

@@ -26,7 +26,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import overhead  # noqa: E402  (make_mnist_folder)
-from study.train import TrialOptions, train_cell  # noqa: E402
+from study.options import TrialOptions  # noqa: E402
+from study.train import train_cell  # noqa: E402
 from sweep import Cell  # noqa: E402
 from sweep.params import PARAMS  # noqa: E402
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from sweep import SpecError, load_spec, parse_spec
 
+from . import executor_registry as executors
+from .counts import STATUS_COLUMNS, count_cells
 from .store import Store, StoreError
 
 EXIT_SPEC, EXIT_ENV = 2, 3
@@ -25,8 +27,10 @@ def _results_dir(args, spec) -> Path:
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="folder holding datasets in torchvision's layout")
     p.add_argument("--download", action="store_true", help="download missing datasets into --data-dir")
-    p.add_argument("--executor", choices=["ray", "local"], default="ray",
-                   help="ray (default): Ray Tune trials; local: in this process, one by one")
+    names = executors.list_executors()
+    p.add_argument("--executor", choices=names, default=names[0],
+                   help="; ".join(f"{n}{' (default)' if n == names[0] else ''}: {executors.get(n).help}"
+                                  for n in names))
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     p.add_argument("--cpus-per-trial", type=float, default=1, help="CPUs (and torch threads) per cell")
     p.add_argument("--gpus-per-trial", type=float, default=0, help="GPUs per cell (fractions share a GPU)")
@@ -90,13 +94,9 @@ def cmd_plan(args) -> int:
     print("fixed: " + ", ".join(f"{k}={v}" for k, v in fixed.items()))
     _print_counts(cells)
     store = Store(_results_dir(args, spec))
-    df = store.read_trials(columns=["cell_id", "status"])
-    ids = {c.cell_id for c in cells}
-    df = df[df["cell_id"].isin(ids)]
-    counts = df["status"].value_counts().to_dict()
-    print(f"results: {store.root}: {len(df)} done ({counts.get('ok', 0)} ok, "
-          f"{counts.get('failed', 0)} failed, {counts.get('diverged', 0)} diverged), "
-          f"{len(cells) - len(df)} pending")
+    n = count_cells(store.read_trials(columns=STATUS_COLUMNS), [c.cell_id for c in cells])
+    print(f"results: {store.root}: {n.done} done ({n.ok} ok, {n.failed} failed, "
+          f"{n.diverged} diverged), {n.pending} pending")
     from .coverage import format_coverage, q_coverage
 
     print("\n".join(format_coverage(q_coverage(cells))))

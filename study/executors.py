@@ -1,6 +1,7 @@
 """How to run the pending cells: in-process one after another, or as Ray Tune trials.
 
-Both run `train.run_cell` and hand each finished (row, epochs) to the driver's `land`.
+Both run `train.run_cell` and hand each finished (row, epochs) to the driver's `land`; both
+have the one signature of study.executor_registry, where they are registered by name.
 
 Under Ray nothing assumes a shared disk: the driver ships the cell table and the datasets
 through Ray's object store once, and a small actor pinned to the driver's node (DriverFiles)
@@ -66,16 +67,14 @@ from sweep import Cell  # noqa: E402
 
 from .errors import ClusterError  # noqa: E402
 from .options import TrialOptions  # noqa: E402
+from .rows import cell_row, failed_result, now  # noqa: E402
 from .store import Store, StoreError  # noqa: E402
 
 Land = Callable[[dict, list[dict]], None]
 
 
-def _cell_dict(c: Cell) -> dict:
-    return {"config": c.config, "cell_id": c.cell_id, "pair_key": c.pair_key}
-
-
-def run_local(pending: list[Cell], opts: TrialOptions, land: Land, progress) -> None:
+def run_local(pending: list[Cell], opts: TrialOptions, land: Land, progress, run_opts=None,
+              store: Store | None = None) -> None:
     """Debugging/test executor: the same trial function, in this process, in order; the
     checkpoints and weights go straight into the results folder (this is the driver)."""
     from .train import run_cell
@@ -84,7 +83,7 @@ def run_local(pending: list[Cell], opts: TrialOptions, land: Land, progress) -> 
     for c in pending:
         progress.running = 1
         progress.tick()
-        row, epochs = run_cell(_cell_dict(c), opts, report=lambda m: progress.tick(), files=files)
+        row, epochs = run_cell(c.to_dict(), opts, report=lambda m: progress.tick(), files=files)
         progress.running = 0
         land(row, epochs)
 
@@ -320,6 +319,7 @@ class StoreCallback(tune.Callback):
                  cells: list[dict]):
         self.land, self.progress, self.opts, self.max_failures = land, progress, opts, max_failures
         self.cells = cells
+        self.started: dict[str, object] = {}  # trial_id -> when it started (a failed row's)
 
     def __getstate__(self):
         # Tune pickles its callbacks with the experiment; ours hold the live driver
@@ -327,6 +327,7 @@ class StoreCallback(tune.Callback):
         return {}
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        self.started.setdefault(trial.trial_id, now())  # a restart keeps the first
         self.progress.running += 1
         self.progress.tick()
 
@@ -340,6 +341,7 @@ class StoreCallback(tune.Callback):
         self.progress.tick()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self.started.pop(trial.trial_id, None)
         self.progress.running = max(0, self.progress.running - 1)
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -349,11 +351,19 @@ class StoreCallback(tune.Callback):
         cell = self.cells[trial.config["i"]]
         err = getattr(trial, "error_message", None) or "Ray trial failed (worker lost)"
         lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
-        row = {**cell["config"], "cell_id": cell["cell_id"], "pair_key": cell["pair_key"],
-               "study": self.opts.study, "status": "failed",
-               "error": lines[-1] if lines else "Ray trial failed",
-               "attempts": self.max_failures + 1, "epochs_done": 0}
+        row = cell_row(cell, failed_result(lines[-1] if lines else "Ray trial failed"),
+                       study=self.opts.study, attempts=self.max_failures + 1,
+                       started_at=self.started.pop(trial.trial_id, None),
+                       host=_hostname(getattr(trial, "node_ip", None)), node_id=None)
         self.land(row, [])
+
+
+def _hostname(ip: str | None) -> str | None:
+    """The name of the machine at a node address Ray reported (what a worker's row holds)."""
+    if not ip:
+        return None
+    names = [n.get("NodeManagerHostname") for n in ray.nodes() if n.get("NodeManagerAddress") == ip]
+    return next((h for h in names if h), ip)
 
 
 def _ship_datasets(cells: list[dict], opts: TrialOptions) -> dict:
@@ -382,7 +392,7 @@ def run_ray(pending: list[Cell], opts: TrialOptions, land: Land, progress, run_o
             store_errors.append(e)
             raise
 
-    cells = [_cell_dict(c) for c in pending]
+    cells = [c.to_dict() for c in pending]
     callback = StoreCallback(land_or_stop, progress, opts, run_opts.max_failures, cells)
     files = start_driver_files(opts.results_dir)
     shared = {"cells": ray.put(cells), "data": _ship_datasets(cells, opts), "files": files,

@@ -1,4 +1,5 @@
-"""Running a study: what to run (the spec's pending cells) apart from how (an executor).
+"""Running a study: what to run (the spec's pending cells) apart from how (an executor, taken
+by name from study.executor_registry).
 
 Both executors call the same trial function, `train.run_cell`; finished rows come back to
 the driver, which alone writes the store (so a multi-node cluster needs no shared results
@@ -18,8 +19,10 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sweep import Cell, Spec, SpecError, parse_spec
+from sweep import Cell, Spec, parse_spec
 
+from . import executor_registry as executors
+from .counts import STATUS_COLUMNS, count_cells
 from .store import DriverLock, ReadReport, Store, StoreError
 
 
@@ -114,16 +117,9 @@ def plan(spec: Spec, store: Store, retry_failed: bool = False, trials=None,
     `cells`: the spec's cells when already enumerated."""
     cells = spec.cells() if cells is None else cells
     df = store.read_trials(columns=STATUS_COLUMNS) if trials is None else trials
-    status = dict(zip(df["cell_id"], df["status"]))
-    counts = {"ok": 0, "failed": 0, "diverged": 0}
-    pending = []
-    for c in cells:
-        s = status.get(c.cell_id)
-        if s in counts:
-            counts[s] += 1
-        if s is None or (s == "failed" and retry_failed):
-            pending.append(c)
-    return pending, counts
+    counts = count_cells(df, [c.cell_id for c in cells], retry_failed=retry_failed)
+    to_run = set(counts.to_run)
+    return [c for c in cells if c.cell_id in to_run], counts.by_status()
 
 
 # -- same-network twins (sweep.twins): trained once, recorded under every cell_id ----------
@@ -213,9 +209,6 @@ def _python_row(raw: dict) -> dict:
     return out
 
 
-STATUS_COLUMNS = ["cell_id", "status"]
-
-
 @dataclass
 class StoreView:
     """The one read of the store `study run` makes before its first cell."""
@@ -225,21 +218,6 @@ class StoreView:
     pending: list[Cell]
     counts: dict[str, int]
     enumerated: list[Cell] | None  # the spec's cells, when they had to be enumerated
-
-
-def _counts_from_ids(ids: list[str], trials, retry_failed: bool) -> tuple[int, dict[str, int]]:
-    """(cells to run, counts by status) from cached cell ids: no need to enumerate the grid
-    when nothing is left to run."""
-    status = dict(zip(trials["cell_id"], trials["status"]))
-    counts = {"ok": 0, "failed": 0, "diverged": 0}
-    todo = 0
-    for cid in ids:
-        s = status.get(cid)
-        if s in counts:
-            counts[s] += 1
-        if s is None or (s == "failed" and retry_failed):
-            todo += 1
-    return todo, counts
 
 
 def preflight(spec: Spec, store: Store, opts: RunOptions) -> StoreView:
@@ -255,18 +233,17 @@ def preflight(spec: Spec, store: Store, opts: RunOptions) -> StoreView:
     report = ReadReport()
     trials = store.read_trials(columns=STATUS_COLUMNS, report=report)
     ids = store.cached_cell_ids(spec.source)
-    if ids is not None:
-        todo, counts = _counts_from_ids(ids, trials, opts.retry_failed)
-        if not todo:
+    if ids is not None:  # cached cell ids: no need to enumerate the grid if nothing is left
+        counts = count_cells(trials, ids, retry_failed=opts.retry_failed)
+        if not counts.to_run:
             store.ensure_writable()
-            return StoreView(len(ids), trials, report, [], counts, None)
+            return StoreView(len(ids), trials, report, [], counts.by_status(), None)
     cells = spec.cells()
     pending, counts = plan(spec, store, opts.retry_failed, trials=trials, cells=cells)
     for name in sorted({c["dataset"] for c in pending}):
         datasets.check_available(name, opts.data_dir, opts.download)
-    if pending and opts.executor == "ray":
-        from .executors import connect
-        connect(opts)  # a trial size the cluster cannot hold is refused before any write
+    if pending:  # e.g. a trial size the cluster cannot hold is refused before any write
+        executors.get(opts.executor).preflight(opts)
     store.ensure_writable()
     return StoreView(len(cells), trials, report, pending, counts, cells)
 
@@ -276,6 +253,7 @@ def run_study(spec: Spec, opts: RunOptions, out=sys.stderr) -> RunSummary:
     from .options import TrialOptions
 
     store = Store(opts.results_dir)
+    executor = executors.get(opts.executor)
     view = preflight(spec, store, opts)
     lock = DriverLock(store)
     stale = lock.acquire()
@@ -318,7 +296,7 @@ def run_study(spec: Spec, opts: RunOptions, out=sys.stderr) -> RunSummary:
             download=False,  # the driver has downloaded already; workers only read
             threads=max(1, int(opts.cpus_per_trial)), max_failures=opts.max_failures,
             save_weights=spec.save_weights,
-            device="auto" if (opts.gpus_per_trial or opts.executor == "local") else "cpu",
+            device="auto" if (opts.gpus_per_trial or not executor.gpus_on_request) else "cpu",
             checkpoint_every_s=float(os.environ.get("STUDY_CHECKPOINT_EVERY_S", 30)),
             inject_fault=os.environ.get("STUDY_INJECT_FAULT") or None)
         progress = Progress(total, done + summary.copied, out=out, quiet=opts.quiet,
@@ -354,14 +332,7 @@ def run_study(spec: Spec, opts: RunOptions, out=sys.stderr) -> RunSummary:
             progress.done += len(landed) - 1
             progress.tick()
 
-        if opts.executor == "local":
-            from .executors import run_local
-            run_local(pending, trial_opts, land, progress)
-        elif opts.executor == "ray":
-            from .executors import run_ray
-            run_ray(pending, trial_opts, land, progress, opts, store)
-        else:
-            raise SpecError(f"unknown executor {opts.executor!r}; use ray or local")
+        executor.runner()(pending, trial_opts, land, progress, opts, store)
         store.compact()  # readers find a handful of files, not one per cell
         summary.wall_s = time.time() - t0
         store.remove_empty_checkpoints_dir()  # only in-flight cells' checkpoints stay
@@ -387,24 +358,21 @@ def status(store: Store) -> dict:
         spec = parse_spec(source, origin=str(store.spec_path))
         cells = {c.cell_id for c in spec.cells()}
     df = store.read_trials(report=ReadReport(), columns=["cell_id", "status", "wall_s", "same_network_as"])
-    in_flight = [c for c in store.in_flight(done=df["cell_id"]) if c in cells]
+    counts = count_cells(df, cells, in_flight=store.in_flight(done=df["cell_id"]))
     df = df[pc.is_in(pa.array(df["cell_id"], pa.string()),
                      value_set=pa.array(list(cells), pa.string())).to_numpy(zero_copy_only=False)]
-    by = df["status"].value_counts().to_dict()
-    holder = DriverLock(store).holder()
     lock = DriverLock(store)
+    holder = lock.holder()
     driver_alive = bool(holder) and not lock.is_stale(holder)
-    running = len(in_flight) if driver_alive else 0
-    done = int(len(df))
+    running = counts.in_flight if driver_alive else 0
     trained = df[df["same_network_as"].isna()]  # a twin's row copies its cell's time
     ok_wall = trained.loc[trained["status"] == "ok", "wall_s"]
     mean_s = float(ok_wall.mean()) if len(ok_wall) else None
-    pending = len(cells) - done
+    pending = counts.pending
     return {
-        "study": spec.name, "results": str(store.root), "total": len(cells), "done": done,
-        "ok": int(by.get("ok", 0)), "failed": int(by.get("failed", 0)),
-        "diverged": int(by.get("diverged", 0)), "pending": pending, "running": running,
-        "interrupted": len(in_flight) - running,
+        "study": spec.name, "results": str(store.root), "total": counts.total,
+        "done": counts.done, **counts.by_status(), "pending": pending, "running": running,
+        "interrupted": counts.in_flight - running,
         "compute_s": float(trained["wall_s"].fillna(0).sum()),
         "mean_cell_s": mean_s,
         "eta_compute_s": None if mean_s is None else mean_s * pending,

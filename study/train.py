@@ -4,10 +4,13 @@ A flat loop (nanoGPT/airbench style): the whole dataset lives as tensors on the 
 epoch draws a permutation from a generator seeded by (seed, epoch), so a deep/shallow pair with
 the same seed starts from identical weights and sees identical batches, and a cell resumed from
 a checkpoint sees exactly the batches it would have seen.
+
+`train_cell` reads top to bottom: set up, `restore`, one `train_epoch` per epoch (with the
+divergence checks, the epoch row, a `checkpoint` now and then), `finish`. `run_cell` wraps it
+with retries and builds the row (study.rows).
 """
 from __future__ import annotations
 
-import datetime as dt
 import io
 import math
 import socket
@@ -18,9 +21,10 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 
-from . import __version__, data as datasets
+from . import data as datasets
 from .models import build_for_cell, n_params
-from .options import TrialOptions  # noqa: F401 - re-exported: the trial's options
+from .options import TrialOptions
+from .rows import cell_row, failed_result, now
 from .store import Store
 
 
@@ -37,16 +41,8 @@ class CellFiles(Protocol):
 EVAL_BATCH = {"cpu": 256, "cuda": 4096}
 
 
-class Diverged(Exception):
-    pass
-
-
 class InjectedFault(RuntimeError):
     pass
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
 
 
 def _pick_device(pref: str) -> torch.device:
@@ -104,6 +100,98 @@ def _load_checkpoint(files: CellFiles, cell_id: str, mark_in_flight: bool = Fals
     return state if isinstance(state, dict) and state.get("cell_id") == cell_id else None
 
 
+def _setup(config: dict, opts: TrialOptions, raw: "datasets.Raw | None"):
+    """(device, data, model, filters used, optimizer) of a cell, seeded: twins start alike."""
+    device = _pick_device(opts.device)
+    torch.set_num_threads(max(1, int(opts.threads)))
+    data = datasets.load(config["dataset"], opts.data_dir, config["val_fraction"],
+                         config.get("max_train_examples"), device, opts.download, raw=raw)
+    torch.manual_seed(config["seed"])  # same seed -> same initial weights for twins
+    model, filters_used = build_for_cell(config, data.in_channels, data.n_classes,
+                                         tuple(data.train_x.shape[-2:]))
+    model.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    return device, data, model, filters_used, opt
+
+
+def restore(files: CellFiles, cell_id: str, model, opt, device: torch.device
+            ) -> tuple[list[dict], int, float]:
+    """Load the cell's checkpoint into model and optimizer, if there is one; returns (epoch
+    rows so far, first epoch to train, training time so far)."""
+    state = _load_checkpoint(files, cell_id, mark_in_flight=True)  # one round trip
+    if state is None:
+        return [], 1, 0.0
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    if state.get("cuda_rng") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["epochs"], state["epoch"] + 1, state["wall_s"]
+
+
+def checkpoint(files: CellFiles, cell_id: str, epoch: int, model, opt, epochs: list[dict],
+               wall_s: float, device: torch.device) -> None:
+    files.save_checkpoint(cell_id, _to_bytes({
+        "cell_id": cell_id, "epoch": epoch, "model": model.state_dict(),
+        "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
+        # mask sampling (learned_connectivity) draws from the CUDA generator on a GPU
+        "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+        "epochs": epochs, "wall_s": wall_s}))
+
+
+def train_epoch(model, opt, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int,
+                epoch: int, epochs: int) -> tuple[float, float]:
+    """One pass over (x, y) in the order drawn from (seed, epoch); returns (mean training
+    loss, running accuracy). The loss is NaN once a batch's loss is not finite."""
+    if hasattr(model, "on_epoch_start"):
+        model.on_epoch_start(epoch, epochs)
+    model.train()
+    n = len(x)
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(n, generator=g).to(x.device)
+    loss_sum = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device, dtype=torch.long)
+    loss = torch.zeros(())
+    # On a CPU checking every batch costs nothing, so a divergence stops at once; on a GPU
+    # that would sync every step, so the check waits for the epoch's end.
+    check_each_batch = x.device.type == "cpu"
+    for i in range(0, n, batch_size):
+        idx = perm[i:i + batch_size]
+        xb, yb = x[idx], y[idx]
+        logits = model(xb)
+        loss = F.cross_entropy(logits, yb)
+        if check_each_batch and not math.isfinite(loss.item()):
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if hasattr(model, "after_step"):
+            model.after_step()
+        loss_sum += loss.detach() * len(idx)
+        correct += (logits.argmax(1) == yb).sum()
+    train_loss = loss_sum.item() / n  # one device sync per epoch, not per batch
+    return (train_loss if math.isfinite(loss.item()) else math.nan), correct.item() / n
+
+
+def finish(model, data, result: dict, files: CellFiles, cell_id: str, config: dict,
+           filters_used: int, save_weights: bool) -> dict:
+    """The final full evaluation of every split, and the weights when the study keeps them."""
+    t0 = time.perf_counter()
+    for split, (x, y) in {"train": (data.train_x, data.train_y), "val": (data.val_x, data.val_y),
+                          "test": (data.test_x, data.test_y)}.items():
+        result[f"{split}_loss"], result[f"{split}_acc"] = evaluate(model, x, y)
+    result["wall_s"] += time.perf_counter() - t0
+    result["status"] = "ok"
+    if save_weights:
+        rel = files.save_weights(cell_id, _to_bytes({
+            "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "config": config,
+            "filters_used": filters_used, "in_channels": data.in_channels,
+            "n_classes": data.n_classes, "image_size": list(data.train_x.shape[-2:])}))
+        if rel:
+            result["weights_path"] = rel
+    return result
+
+
 def train_cell(config: dict, cell_id: str, opts: TrialOptions, attempt: int = 1,
                report: Callable[[dict], None] | None = None, files: CellFiles | None = None,
                raw: "datasets.Raw | None" = None) -> tuple[dict, list[dict]]:
@@ -111,66 +199,18 @@ def train_cell(config: dict, cell_id: str, opts: TrialOptions, attempt: int = 1,
 
     Raises on errors; `run_cell` turns them into retries and a failed row.
     """
-    device = _pick_device(opts.device)
-    torch.set_num_threads(max(1, int(opts.threads)))
-    data = datasets.load(config["dataset"], opts.data_dir, config["val_fraction"],
-                         config.get("max_train_examples"), device, opts.download, raw=raw)
-
-    torch.manual_seed(config["seed"])  # same seed -> same initial weights for twins
-    image_size = tuple(data.train_x.shape[-2:])
-    model, filters_used = build_for_cell(config, data.in_channels, data.n_classes, image_size)
-    model.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
-
+    device, data, model, filters_used, opt = _setup(config, opts, raw)
     files = files if files is not None else Store(opts.results_dir)
-    epochs: list[dict] = []
-    start_epoch, wall_s = 1, 0.0
-    state = _load_checkpoint(files, cell_id, mark_in_flight=True)  # one round trip
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        if state.get("cuda_rng") is not None and device.type == "cuda":
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        epochs = state["epochs"]
-        start_epoch = state["epoch"] + 1
-        wall_s = state["wall_s"]
-    resumed_from = start_epoch - 1
-
-    n, bs = len(data.train_x), config["batch_size"]
-    check_each_batch = device.type == "cpu"
-    diverged = None
-    last_saved = time.perf_counter()
+    epochs, start_epoch, wall_s = restore(files, cell_id, model, opt, device)
+    n, diverged, last_saved = len(data.train_x), None, time.perf_counter()
     for epoch in range(start_epoch, config["epochs"] + 1):
         if _fault_matches(opts.inject_fault, config, epoch, attempt):
             raise InjectedFault(f"injected fault at epoch {epoch} (attempt {attempt})")
         t0 = time.perf_counter()
-        if hasattr(model, "on_epoch_start"):
-            model.on_epoch_start(epoch, config["epochs"])
-        model.train()
-        g = torch.Generator().manual_seed(config["seed"] * 100_003 + epoch)
-        perm = torch.randperm(n, generator=g).to(device)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        loss = torch.zeros(())
-        for i in range(0, n, bs):
-            idx = perm[i:i + bs]
-            xb, yb = data.train_x[idx], data.train_y[idx]
-            logits = model(xb)
-            loss = F.cross_entropy(logits, yb)
-            # On a CPU checking every batch costs nothing, so a divergence stops at once; on a
-            # GPU that would sync every step, so the check waits for the epoch's end.
-            if check_each_batch and not math.isfinite(loss.item()):
-                break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if hasattr(model, "after_step"):
-                model.after_step()
-            loss_sum += loss.detach() * len(idx)
-            correct += (logits.argmax(1) == yb).sum()
-        train_loss = loss_sum.item() / n  # one device sync per epoch, not per batch
-        if not (math.isfinite(train_loss) and math.isfinite(loss.item())):
+        train_loss, train_acc = train_epoch(model, opt, data.train_x, data.train_y,
+                                            config["batch_size"], config["seed"], epoch,
+                                            config["epochs"])
+        if not math.isfinite(train_loss):
             diverged = f"non-finite training loss at epoch {epoch}"
             break
         val_loss, val_acc = evaluate(model, data.val_x, data.val_y)
@@ -178,48 +218,27 @@ def train_cell(config: dict, cell_id: str, opts: TrialOptions, attempt: int = 1,
             diverged = f"non-finite validation loss at epoch {epoch}"
             break
         wall_s += time.perf_counter() - t0
-        row = {"cell_id": cell_id, "epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
-               "train_acc": correct.item() / n, "val_acc": val_acc, "wall_s": wall_s}
-        epochs.append(row)
+        epochs.append({"cell_id": cell_id, "epoch": epoch, "train_loss": train_loss,
+                       "val_loss": val_loss, "train_acc": train_acc, "val_acc": val_acc,
+                       "wall_s": wall_s})
         # Time-based: at most one checkpoint per checkpoint_every_s (a resume loses at most
         # that), none after the last epoch (the row itself lands next).
-        if (epoch < config["epochs"]
-                and time.perf_counter() - last_saved >= opts.checkpoint_every_s):
-            files.save_checkpoint(cell_id, _to_bytes({
-                "cell_id": cell_id, "epoch": epoch, "model": model.state_dict(),
-                "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
-                # mask sampling (learned_connectivity) draws from the CUDA generator on a GPU
-                "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
-                "epochs": epochs, "wall_s": wall_s}))
+        if epoch < config["epochs"] and time.perf_counter() - last_saved >= opts.checkpoint_every_s:
+            checkpoint(files, cell_id, epoch, model, opt, epochs, wall_s, device)
             last_saved = time.perf_counter()
         if report is not None:
             report({"epoch": epoch})  # a heartbeat: the epoch rows travel with the final row
-
     result = {
         "n_params": n_params(model), "filters_used": filters_used, "n_train": n,
         "n_val": len(data.val_x), "n_test": len(data.test_x), "n_classes": data.n_classes,
         "epochs_done": len(epochs), "wall_s": wall_s, "device": str(device),
-        "resumed_from_epoch": resumed_from,
+        "resumed_from_epoch": start_epoch - 1,
         "pruned_branches": getattr(model, "pruned_branches", None),
     }
     if diverged:
-        result.update(status="diverged", error=diverged)
-        return result, epochs
-    t0 = time.perf_counter()
-    for split, (x, y) in {"train": (data.train_x, data.train_y), "val": (data.val_x, data.val_y),
-                          "test": (data.test_x, data.test_y)}.items():
-        result[f"{split}_loss"], result[f"{split}_acc"] = evaluate(model, x, y)
-    result["wall_s"] = wall_s + time.perf_counter() - t0
-    result["status"] = "ok"
-    if opts.save_weights:
-        state_dict = {k: v.cpu() for k, v in model.state_dict().items()}
-        rel = files.save_weights(cell_id, _to_bytes({
-            "state_dict": state_dict, "config": config, "filters_used": filters_used,
-            "in_channels": data.in_channels, "n_classes": data.n_classes,
-            "image_size": list(image_size)}))
-        if rel:
-            result["weights_path"] = rel
-    return result, epochs
+        return {**result, "status": "diverged", "error": diverged}, epochs
+    return finish(model, data, result, files, cell_id, config, filters_used,
+                  opts.save_weights), epochs
 
 
 def _last_line(exc: BaseException) -> str:
@@ -232,13 +251,13 @@ def run_cell(cell: dict, opts: TrialOptions, report: Callable[[dict], None] | No
              raw: "datasets.Raw | None" = None) -> tuple[dict, list[dict]]:
     """The trial function: train a cell, retrying errors, and return its finished row.
 
-    `cell` is {"config": ..., "cell_id": ..., "pair_key": ...}. Never raises for a cell's own
+    `cell` is `sweep.Cell.to_dict()`. Never raises for a cell's own
     errors: after `max_failures` retries the row says status = failed with the error's last
     line, so one bad cell cannot stop a study.
     """
     config, cell_id = cell["config"], cell["cell_id"]
     files = files if files is not None else Store(opts.results_dir)
-    started = _now()
+    started = now()
     attempt, last_error = 0, None
     result, epochs = None, []
     while attempt <= opts.max_failures:
@@ -254,14 +273,9 @@ def run_cell(cell: dict, opts: TrialOptions, report: Callable[[dict], None] | No
             if torch.cuda.is_available() and "out of memory" in last_error.lower():
                 torch.cuda.empty_cache()
     if result is None:
-        result = {"status": "failed", "error": last_error, "epochs_done": 0}
         ckpt = _load_checkpoint(files, cell_id)
-        if ckpt is not None:
-            epochs = ckpt["epochs"]
-            result["epochs_done"] = len(epochs)
-    row = {**config, **result, "cell_id": cell_id, "pair_key": cell["pair_key"],
-           "study": opts.study, "attempts": attempt, "started_at": started,
-           "finished_at": _now(), "host": socket.gethostname(), "node_id": node_id,
-           "torch_version": torch.__version__, "project_version": __version__}
-    row.setdefault("device", str(_pick_device(opts.device)))
-    return row, epochs
+        epochs = ckpt["epochs"] if ckpt is not None else []
+        result = failed_result(last_error, len(epochs))
+    return cell_row(cell, result, study=opts.study, attempts=attempt, started_at=started,
+                    host=socket.gethostname(), node_id=node_id,
+                    device=str(_pick_device(opts.device))), epochs

@@ -71,6 +71,14 @@ class Cell:
     def __getitem__(self, key):
         return self.config[key]
 
+    def to_dict(self) -> dict:
+        """The plain form a cell travels in (Ray's object store, a trial's arguments)."""
+        return {"config": self.config, "cell_id": self.cell_id, "pair_key": self.pair_key}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Cell":
+        return cls(config=d["config"], cell_id=d["cell_id"], pair_key=d["pair_key"])
+
 
 @dataclass
 class Spec:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
-import torch.nn.functional as F
 
 import analysis
 import sweep
@@ -12,6 +11,7 @@ from study import data as sdata
 from study.lesion import LesionError, lesion_orders, run_lesion, val_loss
 from study.models import build_for_cell, model_kwargs
 from study.store import Store
+from study.train import train_epoch
 
 SPEC = """
 [study]
@@ -38,16 +38,10 @@ def _save_cell(root, cell, data):
     config = cell.config
     torch.manual_seed(config["seed"])
     model, width = build_for_cell(config, data.in_channels, data.n_classes)
-    if config["architecture"] in TRAINED:
+    if config["architecture"] in TRAINED:  # one epoch of the tool's own loop
         opt = torch.optim.AdamW(model.parameters(), lr=config["lr"])
-        model.train()
-        for i in range(0, len(data.train_x), config["batch_size"]):
-            bs = config["batch_size"]
-            x, y = data.train_x[i:i + bs], data.train_y[i:i + bs]
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        train_epoch(model, opt, data.train_x, data.train_y, config["batch_size"],
+                    config["seed"], epoch=1, epochs=1)
     rel = f"weights/{cell.cell_id}.pt"
     (root / "weights").mkdir(exist_ok=True)
     torch.save({"state_dict": model.state_dict(), "config": config, "filters_used": width,

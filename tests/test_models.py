@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from study import data as sdata
 from study.models import build, build_for_cell, list_models, match_width, n_params
 from study.models.merge_and_run import merge_matrix
+from study.train import evaluate, train_epoch
 
 COMMON = dict(kernel=3, activation="relu", batch_norm=False)
 # The stem and head every family shares; 8x8 inputs as in digits.
@@ -332,23 +333,9 @@ def test_trains_on_digits_above_chance(digits, name, extra):
     model = build(name, in_channels=1, n_classes=10, layers=2, filters=8, **COMMON, **SKELETON,
                   **extra)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    epochs = 2
-    for epoch in range(1, epochs + 1):
-        if hasattr(model, "on_epoch_start"):
-            model.on_epoch_start(epoch, epochs)
-        model.train()
-        perm = torch.randperm(len(digits.train_x))
-        for i in range(0, len(perm), 32):
-            idx = perm[i:i + 32]
-            loss = F.cross_entropy(model(digits.train_x[idx]), digits.train_y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if hasattr(model, "after_step"):
-                model.after_step()
-    model.eval()
-    with torch.no_grad():
-        acc = (model(digits.val_x).argmax(1) == digits.val_y).float().mean().item()
+    for epoch in (1, 2):  # the tool's own epoch and evaluation (study.train)
+        train_epoch(model, opt, digits.train_x, digits.train_y, 32, seed=0, epoch=epoch, epochs=2)
+    _, acc = evaluate(model, digits.val_x, digits.val_y)
     assert acc > 0.7, f"{name} {extra}: val acc {acc:.3f}"
 
 

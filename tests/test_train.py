@@ -9,7 +9,8 @@ import torch
 from study import data as datasets
 from study.errors import DatasetError
 from study.models import build_for_cell, n_params
-from study.train import TrialOptions, run_cell
+from study.options import TrialOptions
+from study.train import run_cell
 from sweep import Cell
 
 BASE = {"dataset": "digits", "layers": 1, "filters": 4, "kernel": 3, "activation": "relu",
@@ -18,8 +19,7 @@ BASE = {"dataset": "digits", "layers": 1, "filters": 4, "kernel": 3, "activation
 
 
 def cell(**over):
-    c = Cell.from_config({"architecture": "sequential", **BASE, **over})
-    return {"config": c.config, "cell_id": c.cell_id, "pair_key": c.pair_key}
+    return Cell.from_config({"architecture": "sequential", **BASE, **over}).to_dict()
 
 
 def opts(tmp_path, **kw):

@@ -12,6 +12,7 @@ import torch
 from study.models import build_for_cell, n_params
 from study.runner import RunOptions, run_study
 from study.store import Store
+from study.train import train_epoch
 from sweep import parse_spec, twins
 
 from conftest import run_cli
@@ -38,19 +39,15 @@ branches = [1, 2]
 
 
 def _train(config: dict, steps: int = 4):
-    """A few AdamW steps on fixed random data, seeded as train.py seeds a cell."""
+    """A few AdamW steps of the tool's own epoch (train.train_epoch, one batch each) on fixed
+    random data, seeded as train.py seeds a cell."""
     torch.manual_seed(config["seed"])
     model, _ = build_for_cell(config, in_channels=1, n_classes=10)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-4)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
-    losses = []
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = [train_epoch(model, opt, x, y, len(x), config["seed"], epoch, steps)[0]
+              for epoch in range(1, steps + 1)]
     model.eval()
     with torch.no_grad():
         out = model(x)
