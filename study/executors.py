@@ -288,10 +288,22 @@ def _cached(ref):
     return _WORKER_CACHE[key]
 
 
+def _unnice() -> None:
+    """Train at normal priority on nodes started without RAY_worker_niceness=0 (Ray runs its
+    workers at nice 15): where the process may raise its priority (root, CAP_SYS_NICE), this
+    training thread takes back its share of the CPU; elsewhere it stays as Ray set it."""
+    try:
+        if os.getpriority(os.PRIO_PROCESS, 0) > 0:
+            os.setpriority(os.PRIO_PROCESS, 0, 0)  # on Linux: the calling thread
+    except OSError:
+        pass
+
+
 def tune_trial(config: dict, shared: dict) -> None:
     """The Ray Tune function trainable: cell number config["i"] of the shipped table."""
     from .train import run_cell
 
+    _unnice()
     cell = _cached(shared["cells"])[config["i"]]
     opts = TrialOptions(**shared["opts"])
     raw = _cached(shared["data"][cell["config"]["dataset"]]) \
