@@ -4,9 +4,10 @@ Both run `train.run_cell` and hand each finished (row, epochs) to the driver's `
 have the one signature of study.executor_registry, where they are registered by name.
 
 Under Ray nothing assumes a shared disk: the driver ships the cell table and the datasets
-through Ray's object store once, and a small actor pinned to the driver's node (DriverFiles)
-writes and reads the checkpoints and final weights in the driver's results folder. Workers
-need this package and torch, nothing else. No torch is imported here (the driver never
+through Ray's object store once, and on a cluster (--address) a small actor pinned to the
+driver's node (DriverFiles) writes and reads the checkpoints and final weights in the
+driver's results folder (on the one-node Ray the tool starts itself, trials write there
+directly). Workers need this package and torch, nothing else. No torch is imported here (the driver never
 trains); the trial function imports it on the worker.
 """
 from __future__ import annotations
@@ -299,6 +300,13 @@ def _unnice() -> None:
         pass
 
 
+def _trial_files(handle, opts: TrialOptions):
+    """Where a trial reads and writes its checkpoints and weights: through the driver's
+    actor on a cluster; straight into the results folder on the Ray this driver started on
+    its own machine (one node: the trial runs where the folder is; no actor round trips)."""
+    return _RemoteFiles(handle) if handle is not None else Store(opts.results_dir)
+
+
 def tune_trial(config: dict, shared: dict) -> None:
     """The Ray Tune function trainable: cell number config["i"] of the shipped table."""
     from .train import run_cell
@@ -320,7 +328,7 @@ def tune_trial(config: dict, shared: dict) -> None:
             tune.report(metrics)
 
     row, epochs = run_cell(cell, opts, report=heartbeat, node_id=node_id,
-                           files=_RemoteFiles(shared["files"]), raw=raw)
+                           files=_trial_files(shared["files"], opts), raw=raw)
     tune.report({"final": 1, **_encode(row, epochs)})
 
 
@@ -406,7 +414,9 @@ def run_ray(pending: list[Cell], opts: TrialOptions, land: Land, progress, run_o
 
     cells = [c.to_dict() for c in pending]
     callback = StoreCallback(land_or_stop, progress, opts, run_opts.max_failures, cells)
-    files = start_driver_files(opts.results_dir)
+    # A Ray started here has one node, this machine: trials reach the results folder
+    # directly. Joined to a cluster (--address), no node but the driver's may assume it.
+    files = None if _STARTED_HERE else start_driver_files(opts.results_dir)
     shared = {"cells": ray.put(cells), "data": _ship_datasets(cells, opts), "files": files,
               "opts": opts.to_dict()}
     slots = max(1, trial_slots(run_opts.cpus_per_trial, run_opts.gpus_per_trial))
@@ -438,7 +448,8 @@ def run_ray(pending: list[Cell], opts: TrialOptions, land: Land, progress, run_o
             raise store_errors[0] from None
         raise
     finally:
-        ray.kill(files)
+        if files is not None:
+            ray.kill(files)
         shutdown_if_started()
         # Tune's own bookkeeping: our store is the record of the study.
         shutil.rmtree(tune_dir, ignore_errors=True)
