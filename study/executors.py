@@ -37,18 +37,7 @@ WORKER_ENV = {
 }
 
 
-def warm_worker() -> None:
-    """Every worker process of the job imports the training code (torch) as it starts: Ray
-    starts workers for the job while the driver is still setting up, so the first cell does
-    not wait for the import. A node without torch fails its cells later, with a clear error."""
-    try:
-        import study.train  # noqa: F401
-    except Exception:  # noqa: BLE001 - the trial reports it with its own error
-        pass
-
-
-WORKER_RUNTIME_ENV = {"env_vars": dict(WORKER_ENV),
-                      "worker_process_setup_hook": "study.executors.warm_worker"}
+WORKER_RUNTIME_ENV = {"env_vars": dict(WORKER_ENV)}
 
 
 def _quiet_ray_env() -> None:
@@ -90,7 +79,8 @@ def run_local(pending: list[Cell], opts: TrialOptions, land: Land, progress, run
 
 
 # -- Ray: connecting and checking the cluster -----------------------------------------------
-_STARTED_HERE = False
+_STARTED_HERE = False  # this process called ray.init (connected to a cluster, or started one)
+_OWN_LOCAL_RAY = False  # ... and that Ray is the one-node instance it started on this machine
 
 
 def ensure_ray(address: str | None, num_cpus: int | None = None) -> bool:
@@ -99,6 +89,7 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> bool:
     Without an address we always start our own instance ("local"): never attach by surprise
     to some other Ray running on this machine (RAY_ADDRESS, /tmp/ray/ray_current_cluster).
     """
+    global _OWN_LOCAL_RAY
     if ray.is_initialized():
         return False
     kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
@@ -111,14 +102,15 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> bool:
         # a cell trains measurably slower than the same loop in a plain process.
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(),
                  _system_config={"worker_niceness": 0}, **kwargs)
+    _OWN_LOCAL_RAY = not address
     return True
 
 
 def shutdown_if_started() -> None:
-    global _STARTED_HERE
+    global _STARTED_HERE, _OWN_LOCAL_RAY
     if _STARTED_HERE and ray.is_initialized():
         ray.shutdown()
-    _STARTED_HERE = False
+    _STARTED_HERE = _OWN_LOCAL_RAY = False
 
 
 def _fmt(x: float) -> str:
@@ -416,7 +408,7 @@ def run_ray(pending: list[Cell], opts: TrialOptions, land: Land, progress, run_o
     callback = StoreCallback(land_or_stop, progress, opts, run_opts.max_failures, cells)
     # A Ray started here has one node, this machine: trials reach the results folder
     # directly. Joined to a cluster (--address), no node but the driver's may assume it.
-    files = None if _STARTED_HERE else start_driver_files(opts.results_dir)
+    files = None if _OWN_LOCAL_RAY else start_driver_files(opts.results_dir)
     shared = {"cells": ray.put(cells), "data": _ship_datasets(cells, opts), "files": files,
               "opts": opts.to_dict()}
     slots = max(1, trial_slots(run_opts.cpus_per_trial, run_opts.gpus_per_trial))
