@@ -231,15 +231,15 @@ class CellSearcher(Searcher):
     """Hands Tune one index into the cell table at a time: constant work per trial, where a
     `tune.grid_search` over the cell dicts is deep-copied for every variant (quadratic)."""
 
-    def __init__(self, n: int):
+    def __init__(self, indices: list[int]):
         super().__init__()
-        self.n, self.next = n, 0
+        self.indices, self.next = indices, 0
 
     def suggest(self, trial_id: str):
-        if self.next >= self.n:
+        if self.next >= len(self.indices):
             return Searcher.FINISHED
         self.next += 1
-        return {"i": self.next - 1}
+        return {"i": self.indices[self.next - 1]}
 
     def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
         pass
@@ -332,6 +332,8 @@ class StoreCallback(tune.Callback):
         self.land, self.progress, self.opts, self.max_failures = land, progress, opts, max_failures
         self.cells = cells
         self.started: dict[str, object] = {}  # trial_id -> when it started (a failed row's)
+        self.requeue: list[int] = []  # cells Tune gave up on before max_failures (see below)
+        self.may_requeue = False
 
     def __getstate__(self):
         # Tune pickles its callbacks with the experiment; ours hold the live driver
@@ -360,6 +362,13 @@ class StoreCallback(tune.Callback):
         # Ray gave up on the trial (its worker died more than max_failures times):
         # record it as failed so the study goes on; --retry-failed runs it again.
         self.progress.running = max(0, self.progress.running - 1)
+        # Tune retries a RUNNING trial up to max_failures times, but errs a PENDING one at
+        # once when the reused actor it was handed died with its node: such a cell goes
+        # into the next pass instead of failing for a loss that was not its own.
+        if self.may_requeue and trial.run_metadata.num_failures <= self.max_failures:
+            self.requeue.append(trial.config["i"])
+            self.started.pop(trial.trial_id, None)
+            return
         cell = self.cells[trial.config["i"]]
         err = getattr(trial, "error_message", None) or "Ray trial failed (worker lost)"
         lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
@@ -419,22 +428,31 @@ def run_ray(pending: list[Cell], opts: TrialOptions, land: Land, progress, run_o
     trainable = tune.with_resources(tune.with_parameters(tune_trial, shared=shared), resources)
     # Tune's own bookkeeping stays on the driver's machine, outside the results folder.
     tune_dir = tempfile.mkdtemp(prefix="study-tune-")
-    tuner = tune.Tuner(
-        trainable,
-        param_space={},
-        tune_config=tune.TuneConfig(
-            search_alg=CellSearcher(len(cells)), num_samples=len(cells),
-            reuse_actors=True,  # ~40 ms per trial instead of ~1 s of actor start-up
-            max_concurrent_trials=run_opts.max_concurrent,
-        ),
-        run_config=tune.RunConfig(
-            name="tune", storage_path=tune_dir,
-            failure_config=tune.FailureConfig(max_failures=run_opts.max_failures),
-            callbacks=[callback], verbose=0, log_to_file=False,
-        ),
-    )
+
+    def fit(indices: list[int], name: str) -> None:
+        tune.Tuner(
+            trainable,
+            param_space={},
+            tune_config=tune.TuneConfig(
+                search_alg=CellSearcher(indices), num_samples=len(indices),
+                reuse_actors=True,  # ~40 ms per trial instead of ~1 s of actor start-up
+                max_concurrent_trials=run_opts.max_concurrent,
+            ),
+            run_config=tune.RunConfig(
+                name=name, storage_path=tune_dir,
+                failure_config=tune.FailureConfig(max_failures=run_opts.max_failures),
+                callbacks=[callback], verbose=0, log_to_file=False,
+            ),
+        ).fit()
+
     try:
-        tuner.fit()
+        todo = list(range(len(cells)))
+        for n_pass in range(run_opts.max_failures + 1):  # further passes: requeued cells only
+            callback.may_requeue = n_pass < run_opts.max_failures
+            fit(todo, f"tune-{n_pass}")
+            todo, callback.requeue = callback.requeue, []
+            if not todo:
+                break
     except Exception:
         if store_errors:
             raise store_errors[0] from None
