@@ -397,6 +397,42 @@ def _ship_datasets(cells: list[dict], opts: TrialOptions) -> dict:
     return refs
 
 
+def _trainable(shared: dict, run_opts):
+    """tune_trial with the shipped table and data, at the trial size asked for."""
+    slots = max(1, trial_slots(run_opts.cpus_per_trial, run_opts.gpus_per_trial))
+    # A custom searcher gets one pending trial at a time by default: let as many wait as can
+    # run, so the cluster fills at once.
+    os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(max(2, 2 * slots))
+    resources = {"cpu": run_opts.cpus_per_trial, "gpu": run_opts.gpus_per_trial}
+    return tune.with_resources(tune.with_parameters(tune_trial, shared=shared), resources)
+
+
+def _fit_in_passes(trainable, callback: StoreCallback, n_cells: int, run_opts,
+                   tune_dir: str) -> None:
+    """All cells through Tune; then, in further passes (at most max_failures), the cells
+    the callback requeued because Tune gave up on them before max_failures."""
+    todo = list(range(n_cells))
+    for n_pass in range(run_opts.max_failures + 1):
+        callback.may_requeue = n_pass < run_opts.max_failures
+        tune.Tuner(
+            trainable,
+            param_space={},
+            tune_config=tune.TuneConfig(
+                search_alg=CellSearcher(todo), num_samples=len(todo),
+                reuse_actors=True,  # ~40 ms per trial instead of ~1 s of actor start-up
+                max_concurrent_trials=run_opts.max_concurrent,
+            ),
+            run_config=tune.RunConfig(
+                name=f"tune-{n_pass}", storage_path=tune_dir,
+                failure_config=tune.FailureConfig(max_failures=run_opts.max_failures),
+                callbacks=[callback], verbose=0, log_to_file=False,
+            ),
+        ).fit()
+        todo, callback.requeue = callback.requeue, []
+        if not todo:
+            return
+
+
 def run_ray(pending: list[Cell], opts: TrialOptions, land: Land, progress, run_opts, store) -> None:
     global _STARTED_HERE
     _STARTED_HERE = ensure_ray(run_opts.address) or _STARTED_HERE
@@ -420,39 +456,11 @@ def run_ray(pending: list[Cell], opts: TrialOptions, land: Land, progress, run_o
     files = None if _OWN_LOCAL_RAY else start_driver_files(opts.results_dir)
     shared = {"cells": ray.put(cells), "data": _ship_datasets(cells, opts), "files": files,
               "opts": opts.to_dict()}
-    slots = max(1, trial_slots(run_opts.cpus_per_trial, run_opts.gpus_per_trial))
-    # A custom searcher gets one pending trial at a time by default: let as many wait as can
-    # run, so the cluster fills at once.
-    os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(max(2, 2 * slots))
-    resources = {"cpu": run_opts.cpus_per_trial, "gpu": run_opts.gpus_per_trial}
-    trainable = tune.with_resources(tune.with_parameters(tune_trial, shared=shared), resources)
+    trainable = _trainable(shared, run_opts)
     # Tune's own bookkeeping stays on the driver's machine, outside the results folder.
     tune_dir = tempfile.mkdtemp(prefix="study-tune-")
-
-    def fit(indices: list[int], name: str) -> None:
-        tune.Tuner(
-            trainable,
-            param_space={},
-            tune_config=tune.TuneConfig(
-                search_alg=CellSearcher(indices), num_samples=len(indices),
-                reuse_actors=True,  # ~40 ms per trial instead of ~1 s of actor start-up
-                max_concurrent_trials=run_opts.max_concurrent,
-            ),
-            run_config=tune.RunConfig(
-                name=name, storage_path=tune_dir,
-                failure_config=tune.FailureConfig(max_failures=run_opts.max_failures),
-                callbacks=[callback], verbose=0, log_to_file=False,
-            ),
-        ).fit()
-
     try:
-        todo = list(range(len(cells)))
-        for n_pass in range(run_opts.max_failures + 1):  # further passes: requeued cells only
-            callback.may_requeue = n_pass < run_opts.max_failures
-            fit(todo, f"tune-{n_pass}")
-            todo, callback.requeue = callback.requeue, []
-            if not todo:
-                break
+        _fit_in_passes(trainable, callback, len(cells), run_opts, tune_dir)
     except Exception:
         if store_errors:
             raise store_errors[0] from None
