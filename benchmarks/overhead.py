@@ -76,16 +76,6 @@ lr = 1e-3
 """
 
 
-def evaluate(model, x, y, bs=256):
-    import torch
-    import torch.nn.functional as F
-
-    model.eval()
-    with torch.no_grad():
-        return sum(F.cross_entropy(model(x[i:i + bs]), y[i:i + bs], reduction="sum").item()
-                   for i in range(0, len(x), bs)) / len(x)
-
-
 def bare(spec_path: Path, data_dir: str | None, threads: int) -> float:
     """The baseline: the cells' training and nothing else, in this process."""
     import torch
@@ -93,6 +83,7 @@ def bare(spec_path: Path, data_dir: str | None, threads: int) -> float:
 
     from study import data as datasets
     from study.models import build_for_cell
+    from study.train import evaluate  # the tool's own evaluation: the same batches, same cost
     from sweep import load_spec
 
     torch.set_num_threads(threads)
