@@ -50,9 +50,12 @@ def did_you_mean(word, candidates) -> str:
 def _hash(config: dict) -> str:
     # json.dumps writes floats with repr(), the shortest round-trip spelling, so 3e-3 and
     # 0.003 hash alike; sort_keys makes the id independent of key order.
-    canon = json.dumps({k: v for k, v in config.items() if v is not None},
-                       sort_keys=True, separators=(",", ":"))
+    canon = _CANON.encode({k: v for k, v in config.items() if v is not None})
     return hashlib.sha256(canon.encode()).hexdigest()[:16]
+
+
+# What json.dumps(..., sort_keys=True, separators=(",", ":")) builds on every call.
+_CANON = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
 
 
 @dataclass(frozen=True)
@@ -99,31 +102,44 @@ class Spec:
             out.update({f"{arch}.{k}": v for k, v in g.items() if len(v) > 1})
         return out
 
+    def _axes(self, arch: str) -> tuple[list[str], list[list]]:
+        """The parameter names and value lists of one architecture's part of the grid."""
+        keys, value_lists = [], []
+        for p in PARAMS.values():
+            if p.name == "architecture" or not p.applies_to(arch):
+                continue
+            keys.append(p.name)
+            value_lists.append(self.arch_grids.get(arch, {}).get(
+                p.name, self.grid.get(p.name, [p.default_for(arch)])))
+        return keys, value_lists
+
+    def _configs(self, arch: str):
+        """One architecture's cell configs, in grid order, exclusions applied (no hashing)."""
+        keys, value_lists = self._axes(arch)
+        for combo in itertools.product(*value_lists):
+            config = {"architecture": arch, **dict(zip(keys, combo))}
+            if arch == "learned_connectivity" and config.get("active_inputs") is None:
+                config["active_inputs"] = max(1, config["branches"] // 2)
+            if not any(_matches(config, ex) for ex in self.exclude):
+                yield config
+
+    def _check(self) -> None:
+        """What no cell of the grid may be, checked on the axes (not cell by cell)."""
+        if "learned_connectivity" in self.grid["architecture"]:
+            keys, value_lists = self._axes("learned_connectivity")
+            axes = dict(zip(keys, value_lists))
+            for a, b in itertools.product(axes["active_inputs"], axes["branches"]):
+                if a is not None and a > b:
+                    raise SpecError(
+                        f"spec error: active_inputs = {a} exceeds branches = {b} for "
+                        "learned_connectivity; a branch can sum at most all of the previous "
+                        "block's branches")
+        if not any(next(self._configs(arch), None) for arch in self.grid["architecture"]):
+            raise SpecError("spec error: the [[exclude]] tables drop every cell of the grid")
+
     def cells(self) -> list[Cell]:
-        by_arch: list[list[Cell]] = []
-        for arch in self.grid["architecture"]:
-            keys, value_lists = [], []
-            for p in PARAMS.values():
-                if p.name == "architecture" or not p.applies_to(arch):
-                    continue
-                keys.append(p.name)
-                value_lists.append(self.arch_grids.get(arch, {}).get(
-                    p.name, self.grid.get(p.name, [p.default_for(arch)])))
-            cells = []
-            for combo in itertools.product(*value_lists):
-                config = {"architecture": arch, **dict(zip(keys, combo))}
-                if arch == "learned_connectivity":
-                    if config.get("active_inputs") is None:
-                        config["active_inputs"] = max(1, config["branches"] // 2)
-                    elif config["active_inputs"] > config["branches"]:
-                        raise SpecError(
-                            f"spec error: active_inputs = {config['active_inputs']} exceeds "
-                            f"branches = {config['branches']} for learned_connectivity; "
-                            "a branch can sum at most all of the previous block's branches")
-                if any(_matches(config, ex) for ex in self.exclude):
-                    continue
-                cells.append(Cell.from_config(config))
-            by_arch.append(cells)
+        by_arch = [[Cell.from_config(c) for c in self._configs(arch)]
+                   for arch in self.grid["architecture"]]
         # Interleave architectures so a cell's twins run next to it: a partial study then
         # holds complete pairs rather than all of one architecture.
         order: dict[str, int] = {}
@@ -211,10 +227,11 @@ def _values(p: Param, raw: Any, where: str) -> list:
     items = raw if isinstance(raw, list) else [raw]
     if not items:
         raise SpecError(f"spec error: '{where}' is an empty list; give at least one value")
-    out = []
+    out, seen = [], set()
     for v in items:
         v = _check_value(p, v, where)
-        if v not in out:
+        if v not in seen:  # a set: a list here made a 25,000-seed axis take seconds
+            seen.add(v)
             out.append(v)
     return out
 
@@ -304,8 +321,7 @@ def parse_spec(text: str, origin: str = "<string>") -> Spec:
     spec = Spec(name=name, grid=grid, arch_grids=arch_grids, exclude=exclude,
                 description=study.get("description", ""),
                 save_weights=study.get("save_weights", False), source=text, origin=origin)
-    if not spec.cells():
-        raise SpecError("spec error: the [[exclude]] tables drop every cell of the grid")
+    spec._check()  # on the axes: a 50,000-cell grid is not enumerated to be parsed
     return spec
 
 

@@ -70,7 +70,9 @@ def groups(cells: Iterable) -> dict[str, list]:
     """network_id -> the cells (of a spec's grid, in grid order) that train that network."""
     out: dict[str, list] = {}
     for c in cells:
-        out.setdefault(network_id(c.config), []).append(c)
+        # A canonical cell's network_id is its own cell_id: no second hash (50,000 cells)
+        nid = c.cell_id if is_canonical(c.config) else network_id(c.config)
+        out.setdefault(nid, []).append(c)
     return out
 
 

@@ -78,6 +78,7 @@ def test_cli_run_plan_status_and_rerun(tiny_spec, tmp_path):
     (["run", "MNIST", "--executor", "local"], 3, "dataset mnist needs --data-dir"),
     (["run", "MNIST", "--executor", "local", "--data-dir", "NODATA"], 3, "dataset mnist not found"),
     (["resume", "NOSTUDY"], 3, "holds no study"),
+    (["report", "NOSTUDY"], 3, "is not a folder; give the results folder"),  # AnalysisError
 ])
 def test_cli_user_errors_are_one_line(tmp_path, args, code, needle):
     bad = tmp_path / "bad.toml"

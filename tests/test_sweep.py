@@ -138,6 +138,19 @@ def test_sweep_imports_neither_torch_nor_ray():
     assert out.stdout.strip() == "[]"
 
 
+def test_the_driver_imports_neither_torch_nor_the_figures(tmp_path):
+    # The CLI imported analysis (matplotlib, scipy: ~1.7 s of every `study run`'s start-up)
+    # only to catch its error type; the driver's modules never need torch. Both now load
+    # only where they are used.
+    code = ("import sys; from study import cli, executors, runner; "
+            "assert cli.main(['resume', sys.argv[1]]) == 3; "
+            "print(sorted(m for m in ('torch', 'analysis', 'matplotlib', 'scipy') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "none")],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def _imported_packages(path: Path) -> set[str]:
     """Top-level packages a module imports anywhere in it (inside functions too)."""
     out = set()

@@ -178,3 +178,25 @@ def test_weights_file_records_the_image_size(tmp_path):
     model, saved = load_model(tmp_path / row["weights_path"])
     assert list(saved["image_size"]) == [8, 8]
     assert model.head.in_features == BASE["filters"] * 8 * 8
+
+
+def test_a_cell_trains_the_same_whatever_strides_its_images_arrived_with(tmp_path, monkeypatch):
+    # A one-channel image's layout is told apart only by the stride of its size-1 channel
+    # dimension: 1 after a numpy read here, 64/784 after Ray's object store. That stride
+    # picked the convolution kernel, so the same cell trained at another speed and with other
+    # rounding under Ray than in process. Both must now give the same tensors and results.
+    raw = datasets.load_raw("digits")
+    shipped = datasets.Raw(**{**raw.__dict__, "train_x": np.array(raw.train_x),
+                              "test_x": np.array(raw.test_x)})
+    assert shipped.train_x.strides != raw.train_x.strides  # as Ray hands them over
+    monkeypatch.setattr(datasets, "_CACHE", {})  # this process's cache stays as it was
+    rows = []
+    for i, r in enumerate((raw, shipped)):
+        datasets._CACHE.clear()
+        d = datasets.load("digits", None, 0.1, None, raw=r)
+        assert d.train_x.stride() == (64, 1, 8, 1)  # channels-last, stated
+        assert d.train_x.is_contiguous(memory_format=torch.channels_last)
+        rows.append(run_cell(cell(layers=2), opts(tmp_path / str(i)), raw=r)[0])
+    assert rows[0]["status"] == rows[1]["status"] == "ok"
+    for k in ("train_loss", "val_loss", "test_loss", "val_acc"):
+        assert rows[0][k] == rows[1][k], k
