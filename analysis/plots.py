@@ -6,6 +6,8 @@ A figure that cannot be drawn from the data raises NothingToPlot with the reason
 """
 from __future__ import annotations
 
+import matplotlib as mpl
+import matplotlib.font_manager  # noqa: F401 - mpl.font_manager below
 import numpy as np
 import pandas as pd
 from matplotlib import colormaps
@@ -103,20 +105,27 @@ def tick_labels(ticks) -> list[str]:
     return [f"{t:.8g}" for t in ticks]
 
 
-def nice_log_ticks(lo: float, hi: float, most: int = 6) -> list[float]:
+def nice_log_ticks(lo: float, hi: float, most: int = 6, fits=None) -> list[float]:
     """Two to `most` readable tick values in [lo, hi] for a log scale: 1-2-5 steps (finer on
     a short range), else evenly spaced values rounded to the fewest digits that keep them
-    apart (a range of a few per cent still gets labelled ticks)."""
+    apart (a range of a few per cent still gets labelled ticks). `fits(ticks)`, if given,
+    says whether the ticks' labels fit side by side (a horizontal axis): 1-2-5 steps whose
+    labels would overlap give way to decades."""
     if not (np.isfinite(lo) and np.isfinite(hi) and 0 < lo < hi):
         return [lo] if np.isfinite(lo) and lo > 0 else []
+    fits = fits or (lambda ticks: True)
     for subs in ((1.0, 2.0, 5.0), (1.0,), tuple(np.arange(1, 10.0))):
         ticks = [m * 10.0 ** k for k in range(int(np.floor(np.log10(lo))) - 1,
                                                   int(np.ceil(np.log10(hi))) + 1)
                  for m in subs if lo <= m * 10.0 ** k <= hi]
-        if 2 <= len(ticks) <= most:
+        if 2 <= len(ticks) <= most and fits(ticks):
             return ticks
-        if len(ticks) > most and subs == (1.0,):
-            return ticks[::-(-len(ticks) // most)]
+        if len(ticks) >= 2 and subs == (1.0,):
+            step = -(-len(ticks) // most)
+            while step < len(ticks) and not fits(ticks[::step]):
+                step += 1
+            if step < len(ticks):
+                return ticks[::step]
     inner = np.geomspace(lo, hi, 4)[1:-1]  # two, away from the edges: labels never collide
     for d in range(1, 8):
         ticks = sorted({float(f"{v:.{d}g}") for v in inner})
@@ -124,6 +133,23 @@ def nice_log_ticks(lo: float, hi: float, most: int = 6) -> list[float]:
         if len(ticks) >= 2:
             return ticks
     return list(inner)
+
+
+def _labels_fit(ax, lo: float, hi: float):
+    """For a horizontal log axis spanning [lo, hi]: whether tick labels fit side by side,
+    from the axis's width and the tick font (labels about 0.6 em per character)."""
+    width_in = ax.get_position().width * ax.figure.get_figwidth()
+    em_in = mpl.rcParams["xtick.labelsize"]
+    em_in = (em_in if isinstance(em_in, (int, float)) else
+             mpl.font_manager.FontProperties(size=em_in).get_size_in_points()) / 72
+    span = np.log10(hi / lo)
+
+    def fits(ticks) -> bool:
+        labels = tick_labels(ticks)
+        x = [np.log10(t / lo) / span * width_in for t in ticks]
+        return all(b - a >= 0.6 * em_in * (len(la) + len(lb)) / 2 + 0.5 * em_in
+                   for a, b, la, lb in zip(x, x[1:], labels, labels[1:]))
+    return fits
 
 
 def log_axis(ax, which: str = "y", values=None) -> None:
@@ -138,7 +164,7 @@ def log_axis(ax, which: str = "y", values=None) -> None:
     lo, hi = float(v.min()), float(v.max())
     if hi <= lo * 1.000001:
         lo, hi = lo / 1.05, hi * 1.05
-    ticks = nice_log_ticks(lo, hi)
+    ticks = nice_log_ticks(lo, hi, fits=_labels_fit(ax, lo, hi) if which == "x" else None)
     axis.set_major_locator(FixedLocator(ticks))
     axis.set_major_formatter(FixedFormatter(tick_labels(ticks)))
     axis.set_minor_locator(LogLocator(base=10, subs=tuple(np.arange(2, 10.0)), numticks=12))

@@ -664,3 +664,25 @@ def test_write_figures_at_paper_scale(tmp_path):
     assert res.notes == []
     assert took < 120
     assert len(analysis.pairs(analysis.load(tmp_path))) > 3000
+
+
+@pytest.mark.parametrize("width_in", [2.5, 4.0, 8.0])
+def test_log_x_tick_labels_never_overlap(width_in):
+    # equivalence_loss.png once printed "0.00050.001": 1-2-5 ticks on a narrow log x axis.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from analysis.plots import log_axis
+
+    for lo, hi in ((3e-4, 0.025), (0.05, 0.25), (2e3, 6e4), (1e-6, 10.0)):
+        fig = Figure(figsize=(width_in, 2.5))
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        ax.plot([lo, hi], [1, 2])
+        log_axis(ax, "x", [lo, hi])
+        fig.canvas.draw()
+        boxes = sorted((t.get_window_extent() for t in ax.get_xticklabels()
+                        if t.get_text() and lo <= t.get_position()[0] <= hi),
+                       key=lambda b: b.x0)
+        assert len(boxes) >= 2, (lo, hi, width_in)
+        assert all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:])), (lo, hi, width_in)
