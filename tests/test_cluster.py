@@ -253,9 +253,10 @@ def test_fractional_gpus_pack_trials_on_one_gpu(cluster, tmp_path):
     spec_path = tmp_path / "g.toml"
     spec_path.write_text(SPEC.replace("save_weights = true", "save_weights = false")
                          .replace("layers = [1, 2, 3]", "layers = [1, 2]")
-                         .replace("epochs = 12", "epochs = 60"))
-    # 60 epochs: the first cells outlast the start-up of the next actors (each one imports
-    # torch, on 2 cores busy training; seen to take over 10 s in CI), so four cells overlap
+                         .replace("epochs = 12", "epochs = 150"))
+    # 150 epochs (~25 s a cell here): the first cells outlast the start-up of the next actors
+    # (each imports torch on 2 cores busy training: seen to take over 10 s in CI, where at 60
+    # epochs the first three cells ended before the fourth started), so four cells overlap
     out = tmp_path / "res"
     r = run_cli("run", spec_path, "--results", out, "--data-dir", cluster.data, "--address",
                 cluster.address, "--gpus-per-trial", "0.25", "--no-figures", env=cluster.env)
