@@ -7,12 +7,12 @@ A figure that cannot be drawn from the data raises NothingToPlot with the reason
 from __future__ import annotations
 
 import matplotlib as mpl
-import matplotlib.font_manager  # noqa: F401 - mpl.font_manager below
 import numpy as np
 import pandas as pd
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
 from matplotlib.lines import Line2D
 from matplotlib.colors import LogNorm
 from matplotlib.ticker import (FixedFormatter, FixedLocator, FuncFormatter, LogLocator,
@@ -139,9 +139,7 @@ def _labels_fit(ax, lo: float, hi: float):
     """For a horizontal log axis spanning [lo, hi]: whether tick labels fit side by side,
     from the axis's width and the tick font (labels about 0.6 em per character)."""
     width_in = ax.get_position().width * ax.figure.get_figwidth()
-    em_in = mpl.rcParams["xtick.labelsize"]
-    em_in = (em_in if isinstance(em_in, (int, float)) else
-             mpl.font_manager.FontProperties(size=em_in).get_size_in_points()) / 72
+    em_in = FontProperties(size=mpl.rcParams["xtick.labelsize"]).get_size_in_points() / 72
     span = np.log10(hi / lo)
 
     def fits(ticks) -> bool:

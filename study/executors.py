@@ -7,8 +7,8 @@ Under Ray nothing assumes a shared disk: the driver ships the cell table and the
 through Ray's object store once, and on a cluster (--address) a small actor pinned to the
 driver's node (DriverFiles) writes and reads the checkpoints and final weights in the
 driver's results folder (on the one-node Ray the tool starts itself, trials write there
-directly). Workers need this package and torch, nothing else. No torch is imported here (the driver never
-trains); the trial function imports it on the worker.
+directly). Workers need this package and torch, nothing else. No torch is imported here
+(the driver never trains); the trial function imports it on the worker.
 """
 from __future__ import annotations
 

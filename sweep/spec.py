@@ -242,14 +242,8 @@ def _unknown(key: str, where: str, allowed) -> SpecError:
                      "allowed keys: " + ", ".join(allowed))
 
 
-def parse_spec(text: str, origin: str = "<string>") -> Spec:
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise SpecError(f"spec error: {origin} is not valid TOML: {e}") from None
-    for key in raw:
-        if key not in ("study", "grid", "exclude"):
-            raise _unknown(key, "", ["study", "grid", "exclude"])
+def _parse_study(raw: dict, origin: str) -> tuple[dict, str]:
+    """The [study] table, checked, and the study's name."""
     study = raw.get("study", {})
     if not isinstance(study, dict):
         raise SpecError("spec error: 'study' must be a table: [study]")
@@ -262,8 +256,11 @@ def parse_spec(text: str, origin: str = "<string>") -> Spec:
                                  if not origin.startswith("<") else "study")
     if not all(ch.isalnum() or ch in "-_." for ch in name):
         raise SpecError(f"spec error: study.name {name!r} may hold only letters, digits, '-', '_' and '.'")
+    return study, name
 
-    grid_raw = raw.get("grid")
+
+def _parse_grid(grid_raw) -> tuple[dict[str, list], dict[str, dict[str, list]]]:
+    """The [grid] table and its [grid.<architecture>] sub-tables, checked: (grid, arch_grids)."""
     if not isinstance(grid_raw, dict):
         raise SpecError("spec error: the spec needs a [grid] table with at least "
                         + ", ".join(REQUIRED))
@@ -298,14 +295,17 @@ def parse_spec(text: str, origin: str = "<string>") -> Spec:
         if arch not in grid["architecture"]:
             raise SpecError(f"spec error: [grid.{arch}] is given but '{arch}' is not in "
                             "grid.architecture; add it there or drop the table")
-    for key, vals in grid.items():
+    for key in grid:
         p = PARAMS[key]
         if p.architectures is not None and not any(p.applies_to(a) for a in grid["architecture"]):
             raise SpecError(f"spec error: 'grid.{key}' is used only by "
                             + ", ".join(p.architectures) + ", none of which is in grid.architecture")
+    return grid, arch_grids
 
+
+def _parse_exclude(ex_raw) -> list[dict[str, list]]:
+    """The [[exclude]] tables, checked."""
     exclude = []
-    ex_raw = raw.get("exclude", [])
     if not isinstance(ex_raw, list):
         raise SpecError("spec error: exclusions are written as [[exclude]] tables")
     for i, ex in enumerate(ex_raw):
@@ -317,7 +317,20 @@ def parse_spec(text: str, origin: str = "<string>") -> Spec:
                 raise _unknown(k, "exclude.", PARAMS)
             entry[k] = _values(PARAMS[k], v, f"exclude.{k}")
         exclude.append(entry)
+    return exclude
 
+
+def parse_spec(text: str, origin: str = "<string>") -> Spec:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise SpecError(f"spec error: {origin} is not valid TOML: {e}") from None
+    for key in raw:
+        if key not in ("study", "grid", "exclude"):
+            raise _unknown(key, "", ["study", "grid", "exclude"])
+    study, name = _parse_study(raw, origin)
+    grid, arch_grids = _parse_grid(raw.get("grid"))
+    exclude = _parse_exclude(raw.get("exclude", []))
     spec = Spec(name=name, grid=grid, arch_grids=arch_grids, exclude=exclude,
                 description=study.get("description", ""),
                 save_weights=study.get("save_weights", False), source=text, origin=origin)
