@@ -24,12 +24,25 @@ Three layers (as in rliable):
                                       use the evidence only);
    ``table2(df)``                    mean train/val loss per dataset x architecture x Q bin
                                       (``table2_wide``/``table2_markdown``: the paper's layout);
-   ``stats(pairs_df)``               per dataset and dataset x Q bin, train and val loss:
-                                      median ratio (bootstrap CI), win rate of b (Wilson CI),
-                                      paired Wilcoxon signed-rank test on log losses, Holm p.
+   ``settings(pairs_df)``            one row per setting (the unit of evidence): the pairs
+                                      that differ only in seed averaged (mean log ratio b/a,
+                                      geometric-mean losses, ``n_seeds``);
+   ``seed_noise(df)`` / ``seed_pairs(df)``  seed-to-seed |log loss ratio| of cells that differ
+                                      only in seed, per dataset x Q bin x architecture x
+                                      metric (median, 90th percentile) / one row per seed pair;
+   ``arch_effect(pairs_df)``         |log(b/a)| of each pair measured the same way;
+   ``stats(pairs_or_settings, margin=0.1, noise=None)``  per dataset and dataset x Q bin,
+                                      train and val loss, on settings: the ratio with 90/95 %
+                                      t intervals, TOST against the margin and a two-sided
+                                      t-test (Holm-adjusted per family), Lakens' verdict, and
+                                      rank-based counterparts (median ratio with bootstrap CI,
+                                      win rate with Wilson CI, Wilcoxon); ``equivalence(...)``
+                                      its equivalence columns; ``margin="seed"`` takes the
+                                      margin from ``noise`` (a seed_noise table).
 2. Figures, one function per figure, each returning a matplotlib Figure (``fig=None``):
    ``plot_equivalence``, ``plot_table2``, ``plot_ratio_distribution``,
-   ``plot_factor_effects``, ``plot_learning_curves``, ``plot_zoo`` (module ``analysis.plots``);
+   ``plot_factor_effects``, ``plot_learning_curves``, ``plot_zoo``, ``plot_forest``,
+   ``plot_seed_noise`` (module ``analysis.plots``);
    ``plot_lesions`` (module ``analysis.lesions``) from the table `study lesion` computes.
 3. Outputs: ``write_figures(DIR, compare=("sequential", "parallel"), pairs=None) -> list[Path]``
    writes DIR/figures/*.png + *.pdf (the lesion figure too when DIR/lesions/lesions.parquet
@@ -43,17 +56,21 @@ store or an unknown architecture; a figure that cannot be drawn is a note, never
 """
 from ._common import Q_LABELS, AnalysisError, NothingToPlot, add_q
 from .data import (control_summary, controls, evidence, load, load_epochs, network_ids, pairs,
-                   swept_factors, table2, table2_markdown, table2_wide)
+                   settings, swept_factors, table2, table2_markdown, table2_wide)
 from .figures import FigureResult, write_figures, write_lesion_figure
 from .lesions import plot_lesions
-from .plots import (plot_equivalence, plot_factor_effects, plot_learning_curves,
-                    plot_ratio_distribution, plot_table2, plot_zoo)
+from .plots import (plot_equivalence, plot_factor_effects, plot_forest, plot_learning_curves,
+                    plot_ratio_distribution, plot_seed_noise, plot_table2, plot_zoo)
 from .report import write_report
-from .stats import bootstrap_median_ci, stats, wilson_interval
+from .stats import (arch_effect, bootstrap_median_ci, equivalence, seed_noise, seed_pairs, stats,
+                    wilson_interval)
+from sweep.spec import DEFAULT_MARGIN
 
 __all__ = ["AnalysisError", "NothingToPlot", "Q_LABELS", "add_q", "load", "load_epochs", "pairs",
-           "evidence", "controls", "control_summary", "network_ids",
-           "swept_factors", "table2", "table2_wide", "table2_markdown", "stats",
+           "evidence", "controls", "control_summary", "network_ids", "settings",
+           "swept_factors", "table2", "table2_wide", "table2_markdown", "stats", "equivalence",
+           "seed_noise", "seed_pairs", "arch_effect", "DEFAULT_MARGIN",
            "wilson_interval", "bootstrap_median_ci", "plot_equivalence", "plot_table2",
            "plot_ratio_distribution", "plot_factor_effects", "plot_learning_curves", "plot_zoo",
+           "plot_forest", "plot_seed_noise",
            "plot_lesions", "write_figures", "write_lesion_figure", "FigureResult", "write_report"]

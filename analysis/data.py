@@ -126,6 +126,70 @@ def pairs(df: pd.DataFrame, a: str = "sequential", b: str = "parallel") -> pd.Da
     return merged
 
 
+LOSS_METRICS = tuple(m for m in METRICS if m.endswith("_loss"))
+
+
+def setting_columns(pairs_df: pd.DataFrame) -> list[str]:
+    """What makes a setting: every shared grid parameter but the seed, and each side's
+    architecture-specific parameters (a highway gate, a number of branches)."""
+    shared = [c for c in SHARED_PARAMS if c != "seed" and c in pairs_df.columns]
+    variant = [c + suf for suf in ("_a", "_b") for c in ARCH_SPECIFIC if c + suf in pairs_df.columns]
+    return shared + variant
+
+
+def settings(pairs_df: pd.DataFrame) -> pd.DataFrame:
+    """One row per setting: the pairs that differ only in `seed` are repeats of one deep/shallow
+    comparison and are averaged into one (the unit of evidence of every statistic and pair
+    figure). Same-network pairs are left out.
+
+    Columns: the setting's parameters (as in `pairs`, without seed), architecture_a/_b,
+    variant_a/_b, q/q_bin, `n_seeds` (pairs averaged), `cell_id_a`/`cell_id_b` of its first
+    seed; per loss metric `<m>_log_ratio` = mean over seeds of log(b/a), `<m>_a`/`<m>_b` the
+    geometric means (so `<m>_ratio` = exp(<m>_log_ratio) = b/a of those); per accuracy the
+    arithmetic means and their ratio; `<m>_diff` = mean of b - a.
+    """
+    p = evidence(pairs_df)
+    keys = setting_columns(p)
+    cols = [*keys, "architecture_a", "architecture_b", "variant_a", "variant_b", "q", "q_bin",
+            "n_seeds", "cell_id_a", "cell_id_b", "wall_s_a", "wall_s_b"]
+    if p.empty:
+        return pd.DataFrame(columns=cols)
+    work = p.assign(_g=p.groupby(keys, dropna=False, sort=False).ngroup())
+    agg = {"n_seeds": ("pair_key", "size")}
+    for c in ("architecture_a", "architecture_b", "variant_a", "variant_b", "q", "cell_id_a",
+              "cell_id_b", *keys):
+        if c in work.columns:
+            agg[c] = (c, "first")
+    agg["q_bin"] = ("q_bin", "first")
+    for c in ("wall_s_a", "wall_s_b"):
+        agg[c] = (c, "mean")
+    for m in METRICS:
+        for suf in ("_a", "_b"):
+            v = pd.to_numeric(work[m + suf], errors="coerce").astype(float)
+            if m in LOSS_METRICS:
+                work["_l" + m + suf] = np.log(v.where(v > 0))
+                agg["_l" + m + suf] = ("_l" + m + suf, "mean")
+            else:
+                work["_v" + m + suf] = v
+                agg[m + suf] = ("_v" + m + suf, "mean")
+        work["_d" + m] = (pd.to_numeric(work[m + "_b"], errors="coerce").astype(float)
+                          - pd.to_numeric(work[m + "_a"], errors="coerce").astype(float))
+        agg[m + "_diff"] = ("_d" + m, "mean")
+    out = work.groupby("_g", sort=True).agg(**agg).reset_index(drop=True)
+    for m in METRICS:
+        if m in LOSS_METRICS:
+            la, lb = out.pop("_l" + m + "_a"), out.pop("_l" + m + "_b")
+            out[m + "_a"], out[m + "_b"] = np.exp(la), np.exp(lb)
+            out[m + "_log_ratio"] = lb - la
+            out[m + "_ratio"] = np.exp(out[m + "_log_ratio"])
+        else:
+            va = out[m + "_a"]
+            out[m + "_ratio"] = (out[m + "_b"] / va.where(va != 0)).replace([np.inf, -np.inf], np.nan)
+    out["q_bin"] = pd.Categorical(out["q_bin"], categories=list(Q_LABELS), ordered=True)
+    out["same_network"] = False
+    return out
+
+
 def network_ids(df: pd.DataFrame) -> pd.Series:
     """Each row's network identity (sweep.twins.network_id of its config): rows with equal ids
     are one network trained once (or, in a store from before the rule, trained twice)."""

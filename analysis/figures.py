@@ -16,29 +16,44 @@ from . import data as _data
 from . import plots
 from ._common import AnalysisError, NothingToPlot, check_compare, check_store
 from .lesions import plot_lesions
+from .stats import seed_noise as _seed_noise
+from .stats import seed_pairs as _seed_pairs
 from .stats import stats as _stats
+from sweep import SpecError, parse_spec
+from sweep.spec import DEFAULT_MARGIN, SEED_MARGIN, parse_margin
 
 # stem -> one-line caption: what each mark, bar and band is ({a}, {b}: the architectures,
 # {n}: complete pairs that compare two different networks, {cells}: finished cells).
 FIGURES = {
+    "forest": "Equivalence of {b} and {a}: per dataset, loss and Q bin, the ratio {b}/{a} of the "
+              "loss (exp of the settings' mean log ratio; n = settings), its 90% (thick) and "
+              "95% (thin) t intervals, the margin {margin} (green band), the seed noise "
+              "(hatched: median ratio between two seeds of one network, where the study has "
+              "repeats) and the verdict (two one-sided t-tests and a two-sided t-test, "
+              "Holm-adjusted, at 0.05). Log-ratio axis.",
+    "seed_noise": "Seed noise against the architecture effect, on one log-ratio axis: the loss "
+                  "ratio (larger/smaller) between two seeds of one network of {a} and of {b}, "
+                  "and between {a} and {b} at one setting and seed; boxes: quartiles and median, "
+                  "whiskers: 5th to 95th percentile.",
     "equivalence_loss": "Final train and validation loss of {b} (y) against {a} (x), one dot per "
-                        "pair of cells with equal settings (n = {n} pairs), colour = Q bin; "
-                        "dashed: y = x; panel titles: median ratio {b}/{a} and the pairs {b} "
-                        "wins. Log-log axes.",
+                        "setting (the geometric mean over its seeds; n = {n} settings), colour = "
+                        "Q bin; dashed: y = x; panel titles: median ratio {b}/{a} and the "
+                        "settings {b} wins. Log-log axes.",
     "table2": "Table 2 as a figure: mean train and validation loss per architecture (rows) and "
               "Q bin (columns); each cell gives the mean and n, the number of finished cells "
               "averaged; one log colour scale per dataset; grey '–': no cell in that bin.",
-    "ratio_distribution": "Histogram of log10({b}/{a}) of the final loss over n = {n} pairs; "
+    "ratio_distribution": "Histogram of log10({b}/{a}) of the final loss over n = {n} settings "
+                          "(seeds averaged); "
                           "red line: median, red band: its percentile-bootstrap 95% interval "
                           "(2,000 resamples); dashed: equal loss.",
     "factor_effects": "Median log10({b}/{a}) loss ratio at each value of each swept grid axis; "
                       "error bars: percentile-bootstrap 95% interval of that median over the "
-                      "pairs at that value (n = {n} pairs in all); dashed: equal loss.",
+                      "settings at that value (n = {n} settings in all); dashed: equal loss.",
     "learning_curves": "Learning curves of the pairs with the largest, smallest and median "
                        "validation-loss ratio: train (dashed) and validation (solid) loss per "
                        "epoch, {a} and {b} in their colours; log loss axis.",
     "equivalence_accuracy": "Final validation and test accuracy of {b} (y) against {a} (x), one "
-                            "dot per pair (n = {n} pairs), colour = Q bin; dashed: y = x. "
+                            "dot per setting (n = {n} settings), colour = Q bin; dashed: y = x. "
                             "Linear axes.",
     "zoo": "Final validation loss against parameter count of every finished cell (n = {cells}), "
            "colour = architecture (cells per architecture in the legend); log-log axes.",
@@ -64,7 +79,7 @@ class Analysis:
     a: str
     b: str
     trials: pd.DataFrame
-    pairs: pd.DataFrame  # evidence: pairs of two different networks
+    pairs: pd.DataFrame  # evidence: pairs of two different networks (one row per seed)
     table2: pd.DataFrame
     stats: pd.DataFrame
     bad_parts: list[str]
@@ -72,6 +87,10 @@ class Analysis:
     all_pairs: pd.DataFrame | None = None  # evidence and same-network controls
     controls: dict = field(default_factory=dict)  # data.control_summary
     table2_acc: pd.DataFrame | None = None
+    settings: pd.DataFrame | None = None  # evidence with seeds averaged: the unit of evidence
+    noise: pd.DataFrame | None = None  # stats.seed_noise
+    margin: float | str = DEFAULT_MARGIN  # a delta, or "seed"
+    margin_from: str = "default"  # "--margin", "spec [analysis]" or "default"
     pngs: dict[str, Path] = field(default_factory=dict)  # stem -> PNG written
     files: list[Path] = field(default_factory=list)
 
@@ -94,15 +113,32 @@ def _save(fig, out_dir: Path, stem: str, **savefig_kw) -> list[Path]:
     return paths
 
 
+def study_margin(root: Path, margin=None) -> tuple[float | str, str]:
+    """The margin to judge with, and where it came from: `margin` if given (--margin), else the
+    saved spec's [analysis] margin, else DEFAULT_MARGIN."""
+    if margin is not None:
+        return parse_margin(margin, "--margin"), "--margin"
+    try:
+        saved = parse_spec(Store(root).spec_path.read_text()).analysis.get("margin")
+    except (OSError, UnicodeDecodeError, SpecError):
+        saved = None  # no readable spec: the report says so under Progress
+    if saved is not None:
+        return saved, "spec [analysis]"
+    return DEFAULT_MARGIN, "default"
+
+
 def analyse(root: str | Path, compare=("sequential", "parallel"),
-            pairs: Iterable[str] | None = None, only: Iterable[str] | None = None) -> Analysis:
-    """Load the store, compute pairs / Table 2 / statistics and write the figures (all, or
-    the stems in `only`)."""
+            pairs: Iterable[str] | None = None, only: Iterable[str] | None = None,
+            margin=None) -> Analysis:
+    """Load the store, compute pairs / settings / Table 2 / seed noise / statistics and write
+    the figures (all, or the stems in `only`). `margin`: the equivalence margin (a positive
+    number or "seed"), default the spec's [analysis] margin or DEFAULT_MARGIN."""
     root = check_store(root)
     if isinstance(compare, str) or len(compare) != 2:
         raise AnalysisError(f"compare takes two architectures (a, b), got {compare!r}")
     a, b = compare
     check_compare(a, b)
+    margin, margin_from = study_margin(root, margin)
     out_dir = Store(root).figures_dir
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -114,11 +150,15 @@ def analyse(root: str | Path, compare=("sequential", "parallel"),
     all_pairs = _data.pairs(df, a, b)
     # Same-network pairs are controls, not evidence: out of every statistic and pair figure.
     pdf = _data.evidence(all_pairs)
+    sdf = _data.settings(pdf)  # seeds of a setting averaged: n counts settings
     t2 = _data.table2(df)
+    seeds = _seed_pairs(df[df["architecture"].isin([a, b])])
+    noise = _seed_noise(df[df["architecture"].isin([a, b])])
     res = Analysis(root=root, a=a, b=b, trials=df, pairs=pdf, table2=t2,
-                   stats=_stats(pdf), bad_parts=list(report.bad_parts), all_pairs=all_pairs,
-                   controls=_data.control_summary(all_pairs),
-                   table2_acc=_data.table2(df, ("train_acc", "val_acc")))
+                   stats=_stats(sdf, margin=margin, noise=noise), bad_parts=list(report.bad_parts),
+                   all_pairs=all_pairs, controls=_data.control_summary(all_pairs),
+                   table2_acc=_data.table2(df, ("train_acc", "val_acc")), settings=sdf,
+                   noise=noise, margin=margin, margin_from=margin_from)
     notes = res.notes
     ctl = res.controls
     if ctl["n"] and ctl["identical"] < ctl["n"]:
@@ -158,12 +198,14 @@ def analyse(root: str | Path, compare=("sequential", "parallel"),
         res.files.extend(paths)
 
     with mpl.rc_context(plots.STYLE):
-        job("equivalence_loss", lambda: plots.plot_equivalence(pdf, ("train_loss", "val_loss")))
+        job("forest", lambda: plots.plot_forest(res.stats, noise))
+        job("seed_noise", lambda: plots.plot_seed_noise(seeds, pdf))
+        job("equivalence_loss", lambda: plots.plot_equivalence(sdf, ("train_loss", "val_loss")))
         job("table2", lambda: plots.plot_table2(t2))
-        job("ratio_distribution", lambda: plots.plot_ratio_distribution(pdf))
-        job("factor_effects", lambda: plots.plot_factor_effects(pdf))
+        job("ratio_distribution", lambda: plots.plot_ratio_distribution(sdf))
+        job("factor_effects", lambda: plots.plot_factor_effects(sdf))
         job("learning_curves", lambda: _curves(root, pdf, pairs, notes))
-        job("equivalence_accuracy", lambda: plots.plot_equivalence(pdf, ("val_acc", "test_acc")))
+        job("equivalence_accuracy", lambda: plots.plot_equivalence(sdf, ("val_acc", "test_acc")))
         job("zoo", lambda: plots.plot_zoo(df))
     if (root / LESIONS_TABLE).is_file():  # no lesion study, no figure and no note
         # outside plots.STYLE: the lesion figure styles itself
@@ -178,6 +220,10 @@ def analyse(root: str | Path, compare=("sequential", "parallel"),
         notes.append(f"stats.csv: skipped, no complete {a}/{b} pairs")
     else:
         res.files.append(_write(out_dir / "stats.csv", res.stats.to_csv(index=False)))
+    if noise.empty:
+        (out_dir / "seed_noise.csv").unlink(missing_ok=True)  # a stale table would mislead
+    else:
+        res.files.append(_write(out_dir / "seed_noise.csv", noise.to_csv(index=False)))
     stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     body = "\n".join(f"- {n}" for n in notes) if notes else "(none: every figure was drawn)"
     res.files.append(_write(out_dir / "NOTES.txt",
@@ -230,8 +276,8 @@ def write_lesion_figure(root: str | Path) -> list[Path]:
 
 
 def write_figures(root: str | Path, compare=("sequential", "parallel"),
-                  pairs: Iterable[str] | None = None, only: Iterable[str] | None = None
-                  ) -> list[Path]:
+                  pairs: Iterable[str] | None = None, only: Iterable[str] | None = None,
+                  margin=None) -> list[Path]:
     """Write every figure (PNG + PDF), table2.csv/.md, stats.csv and NOTES.txt to DIR/figures.
 
     `compare` = (a, b): the architectures set against each other (a on x, b on y; ratios are
@@ -240,6 +286,7 @@ def write_figures(root: str | Path, compare=("sequential", "parallel"),
     drawn is skipped with a line in NOTES.txt (also on the result's `.notes`). `only`: draw
     just these figures (stems of FIGURES, e.g. ["learning_curves"]); tables always. Raises
     AnalysisError for a folder that is not a results store or an unknown architecture.
+    `margin`: the equivalence margin (see `analyse`).
     """
-    res = analyse(root, compare, pairs, only)
+    res = analyse(root, compare, pairs, only, margin)
     return FigureResult(res.files, res.notes)

@@ -67,6 +67,11 @@ def _names(pairs_df: pd.DataFrame) -> tuple[str, str]:
     return str(pairs_df["architecture_a"].iloc[0]), str(pairs_df["architecture_b"].iloc[0])
 
 
+def _unit(pairs_df: pd.DataFrame) -> str:
+    """What one row of a pairs-like frame is: a setting (seeds averaged) or a pair of cells."""
+    return "settings" if "n_seeds" in pairs_df.columns else "pairs"
+
+
 def _need_pairs(pairs_df) -> pd.DataFrame:
     """The pairs of two different networks (same-network controls left out), or raise."""
     if pairs_df is not None and "same_network" in pairs_df.columns:
@@ -236,7 +241,7 @@ def plot_equivalence(pairs_df: pd.DataFrame, metrics=("train_loss", "val_loss"),
             text = f"median ratio {ratio.median():.3g}; {b} better in {wins}/{n}"
             if hidden:
                 text += f"; {hidden} with loss ≤ 0 not shown"
-            ax.set_title(f"{dataset_label(ds)} · {PRETTY[m]} (n = {n} pairs)\n{text}",
+            ax.set_title(f"{dataset_label(ds)} · {PRETTY[m]} (n = {n} {_unit(pairs_df)})\n{text}",
                          fontsize=8)
             ax.set_xlabel(f"{a} {PRETTY[m]}")
             ax.set_ylabel(f"{b} {PRETTY[m]}")
@@ -339,11 +344,11 @@ def plot_ratio_distribution(pairs_df: pd.DataFrame, metrics=("train_loss", "val_
             ax.axvline(0, color="0.2", lw=0.8, ls="--")
             ax.axvspan(lo, hi, color="crimson", alpha=0.2, lw=0, zorder=0)  # behind the bars
             ax.axvline(med, color="crimson", lw=1.2, label="median")
-            ax.set_title(f"{dataset_label(ds)} · {PRETTY[m]} (n = {lr.size} pairs)\n"
+            ax.set_title(f"{dataset_label(ds)} · {PRETTY[m]} (n = {lr.size} {_unit(pairs_df)})\n"
                          f"median {b}/{a} {10**med:.3g} [{10**lo:.3g}, {10**hi:.3g}]",
                          fontsize=8)
             ax.set_xlabel(f"log10({b} / {a})")
-            ax.set_ylabel("pairs")
+            ax.set_ylabel(_unit(pairs_df))
     handles = [Line2D([], [], color="crimson", lw=1.2, label="median"),
                Line2D([], [], color="crimson", alpha=0.3, lw=6,
                       label="bootstrap 95% interval of the median"),
@@ -404,9 +409,10 @@ def plot_factor_effects(pairs_df: pd.DataFrame, factors=None, metrics=("train_lo
         ax.set_xticks(range(len(levels)), [str(v) for v in levels])
         name = f[:-2] + f" ({a if f.endswith('_a') else b})" if f[-2:] in ("_a", "_b") else f
         n = int(pairs_df[f].notna().sum())
-        ax.set_title(f"{name} (n = {n} pairs)")
+        ax.set_title(f"{name} (n = {n} {_unit(pairs_df)})")
         ax.set_xlabel(name)
-        ax.set_ylabel(f"median log10({b}/{a})")
+        # Two lines: one would run past the top of a 2.6-inch panel (test_analysis checks).
+        ax.set_ylabel(f"median log10\n({b}/{a})")
     for ax in list(axes.flat)[len(factors):]:
         ax.set_visible(False)
     handles, labels = axes.flat[0].get_legend_handles_labels()
@@ -509,4 +515,142 @@ def plot_zoo(df: pd.DataFrame, metric: str = "val_loss", fig=None) -> Figure:
     handles = [Line2D([], [], ls="", marker="o", color=arch_color(x), label=f"{x} ({counts[x]})")
                for x in archs]
     fig.legend(handles=handles, loc="outside lower center", ncols=min(4, len(handles)))
+    return fig
+
+
+# -- (8) the equivalence forest ----------------------------------------------------------------
+VERDICT_COLORS = {"equivalent": "#1b7837", "equivalent but different": "#5aae61",
+                  "different": "#b2182b", "inconclusive": "#8a5a00",
+                  "too few settings": "0.45"}
+
+
+def plot_forest(stats_df: pd.DataFrame, noise: pd.DataFrame | None = None,
+                metrics=("train_loss", "val_loss"), fig=None) -> Figure:
+    """One row per dataset x loss x Q bin ('all' first): the settings' mean ratio b/a with its
+    90% (thick) and 95% (thin) t intervals, the margin band [1/(1+delta), 1+delta] (green), the
+    seed-noise band exp(+-median seed-to-seed |log ratio|) of that row (hatched grey, where the
+    study has repeats), and the verdict at the row's end. Log-ratio axis, ratio tick labels."""
+    from .stats import noise_of
+
+    if stats_df is None or stats_df.empty:
+        raise NothingToPlot("no statistics (no complete pairs of two different networks)")
+    s = stats_df[stats_df["metric"].isin(metrics) & (stats_df["n"] > 0)].copy()
+    if s.empty:
+        raise NothingToPlot("no statistics of these losses")
+    a, b = str(s["a"].iloc[0]), str(s["b"].iloc[0])
+    order_q = {q: i for i, q in enumerate(("all", *Q_LABELS))}
+    order_d = {d: i for i, d in enumerate(dataset_order(s["dataset"]))}
+    order_m = {m: i for i, m in enumerate(metrics)}
+    s = s.assign(_d=s["dataset"].map(order_d), _m=s["metric"].map(order_m),
+                 _q=s["q_bin"].map(order_q)).sort_values(["_d", "_m", "_q"], kind="stable")
+    n_rows = len(s)
+    fig, axes = _figure(fig, 1, 1, panel=(6.4, 0.6 + 0.27 * n_rows))
+    ax = axes[0, 0]
+    ys = np.arange(n_rows)[::-1].astype(float)
+    values = [1.0]
+    labels, verdicts = [], []
+    last_group = None
+    for y, r in zip(ys, s.itertuples(index=False)):
+        group = (r.dataset, r.metric)
+        if last_group is not None and group != last_group:
+            ax.axhline(y + 0.5, color="0.75", lw=0.6)
+        last_group = group
+        lo_m, hi_m = 1 / (1 + r.margin), 1 + r.margin
+        ax.fill_betweenx([y - 0.42, y + 0.42], lo_m, hi_m, color="#1b7837", alpha=0.13, lw=0)
+        values += [lo_m, hi_m]
+        med = noise_of(noise, r.dataset, r.q_bin, r.metric)
+        if np.isfinite(med) and med > 0:
+            ax.fill_betweenx([y - 0.22, y + 0.22], np.exp(-med), np.exp(med), facecolor="none",
+                             edgecolor="0.45", hatch="////", lw=0.0)
+            values += [np.exp(-med), np.exp(med)]
+        if np.isfinite(r.ratio):
+            color = VERDICT_COLORS.get(r.verdict, "0.2")
+            if np.isfinite(r.ratio_ci95_low):
+                ax.plot([r.ratio_ci95_low, r.ratio_ci95_high], [y, y], color=color, lw=1.0)
+                ax.plot([r.ratio_ci90_low, r.ratio_ci90_high], [y, y], color=color, lw=3.2,
+                        solid_capstyle="butt")
+                values += [r.ratio_ci95_low, r.ratio_ci95_high]
+            ax.plot([r.ratio], [y], "o", color=color, ms=4.5, mec="white", mew=0.6, zorder=3)
+            values.append(r.ratio)
+        q = "all Q" if r.q_bin == "all" else f"Q∈{r.q_bin}"
+        labels.append(f"{dataset_label(r.dataset)} · {PRETTY.get(r.metric, r.metric)} · {q} "
+                      f"(n = {r.n})")
+        verdicts.append(r.verdict)
+    ax.axvline(1.0, color="0.2", lw=0.8, ls="--", zorder=0)
+    v = np.asarray(values, float)
+    v = v[np.isfinite(v) & (v > 0)]
+    lo, hi = float(v.min()), float(v.max())
+    pad = (hi / lo) ** 0.06
+    log_axis(ax, "x", [lo / pad, hi * pad])
+    ax.set_xlim(lo / pad, hi * pad)
+    ax.set_ylim(-0.6, n_rows - 0.4)
+    ax.set_yticks(ys, labels)
+    ax.grid(False, axis="y")
+    ax.tick_params(axis="y", length=0)
+    right = ax.twinx()  # the verdicts as right-hand tick labels: the layout makes room for them
+    right.set_ylim(ax.get_ylim())
+    right.set_yticks(ys, verdicts)
+    right.tick_params(axis="y", length=0)
+    for t, vd in zip(right.get_yticklabels(), verdicts):
+        t.set_color(VERDICT_COLORS.get(vd, "0.2"))
+    right.grid(False)
+    for sp in right.spines.values():
+        sp.set_visible(False)
+    ax.set_xlabel(f"ratio {b}/{a} of the loss (settings' mean log ratio; log axis)")
+    handles = [Line2D([], [], color="0.2", lw=3.2, label="90% interval"),
+               Line2D([], [], color="0.2", lw=1.0, label="95% interval"),
+               mpl.patches.Patch(color="#1b7837", alpha=0.25, label="margin"),
+               mpl.patches.Patch(facecolor="none", edgecolor="0.45", hatch="////",
+                                 label="seed noise (median)")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=4)
+    return fig
+
+
+# -- (9) seed noise against the architecture effect ------------------------------------------
+def plot_seed_noise(seed_pairs_df: pd.DataFrame, pairs_df: pd.DataFrame,
+                    metrics=("train_loss", "val_loss"), fig=None) -> Figure:
+    """Per dataset (rows) x loss (columns), on one log-ratio axis: the ratio exp(|log r|) between
+    two seeds of one network (each architecture), and between the two architectures at one
+    setting and seed (the architecture effect measured the same way). Boxes: quartiles and
+    median; whiskers: 5th-95th percentile."""
+    if seed_pairs_df is None or seed_pairs_df.empty:
+        raise NothingToPlot("one seed per setting: no seed noise to measure (add "
+                            "seed = [0, 1] to [grid])")
+    pairs_df = _need_pairs(pairs_df)
+    a, b = _names(pairs_df)
+    datasets = dataset_order(seed_pairs_df["dataset"])
+    fig, axes = _figure(fig, len(datasets), len(metrics), panel=(3.6, 2.2))
+    for r, ds in enumerate(datasets):
+        for c, m in enumerate(metrics):
+            ax = axes[r, c]
+            rows, names = [], []
+            for arch in (a, b):
+                g = seed_pairs_df[(seed_pairs_df["dataset"] == ds) & (seed_pairs_df["metric"] == m)
+                                  & (seed_pairs_df["architecture"] == arch)]
+                rows.append(np.exp(g["abs_log_ratio"].to_numpy(float)))
+                names.append(f"re-seeding {arch}\n(n = {len(g)} seed pairs)")
+            ratio = pairs_df.loc[pairs_df["dataset"] == ds, m + "_ratio"].to_numpy(float)
+            ratio = ratio[np.isfinite(ratio) & (ratio > 0)]
+            rows.append(np.exp(np.abs(np.log(ratio))))
+            names.append(f"{a} → {b}\n(n = {ratio.size} pairs)")
+            keep = [i for i, x in enumerate(rows) if x.size]
+            ax.set_title(f"{dataset_label(ds)} · {PRETTY[m]}")
+            if not keep:
+                _empty_panel(ax)
+                continue
+            colors = [arch_color(a), arch_color(b), "0.3"]
+            bp = ax.boxplot([rows[i] for i in keep], orientation="horizontal", whis=(5, 95),
+                            showfliers=False, widths=0.55, patch_artist=True,
+                            medianprops={"color": "black", "lw": 1.2})
+            for patch, i in zip(bp["boxes"], keep):
+                patch.set_facecolor(colors[i])
+                patch.set_alpha(0.45)
+            ax.set_yticks(range(1, len(keep) + 1), [names[i] for i in keep], fontsize=7)
+            allv = np.concatenate([rows[i] for i in keep])
+            hi = float(np.percentile(allv, 99)) if allv.size else 1.1
+            hi = max(hi, 1.01)
+            log_axis(ax, "x", [1.0, hi * 1.05])
+            ax.set_xlim(1.0, hi * 1.05)
+            ax.set_xlabel("loss ratio, larger / smaller (log axis)")
+            ax.grid(False, axis="y")
     return fig

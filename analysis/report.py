@@ -95,47 +95,119 @@ def _progress(res: Analysis) -> tuple[dict, str, str]:
 
 
 STATS_PARAGRAPH = """
-<p><b>What these numbers show.</b> Each row compares {b} with {a} on the pairs of cells that
-share every setting except the architecture and are two different networks (the same-network
-pairs, one network on both sides, are the control below and count in no row). <i>median {b}/{a}</i> is the typical loss ratio
-(below 1: {b} lower) with a bootstrap 95% interval; <i>{b} wins</i> is the share of pairs where
-{b} reached the lower loss, with a Wilson 95% interval; the p-value is a paired Wilcoxon
-signed-rank test on the log losses (does {b}'s loss tend to sit above or below {a}'s by a
-constant factor?), and the Holm column adjusts it for the number of tests in this table.</p>
-<p><b>What they do not show.</b> The pairs are the cells of a designed grid of settings, not a
-random sample from a population of networks or tasks: a p-value says how consistent the
-difference is across <i>this</i> grid, not that it would hold on other grids or datasets.
-{seeds} A large p-value does not prove the architectures equivalent: absence of evidence is
-not evidence of absence; equivalence would need a pre-chosen margin and an equivalence test (or
-read the interval of the median ratio against the margin you care about). Many tests are shown
-(per dataset and per Q bin, train and validation), so some small p-values are expected by
-chance; prefer the Holm-adjusted column, and note that a bin with few pairs has little power.</p>
+<p><b>What these numbers show.</b> Each row compares {b} with {a} over the <i>settings</i> that
+share every grid value except the architecture and are two different networks (the
+same-network pairs, one network on both sides, are the control below and count in no row). The
+seeds of a setting are repeats of one comparison, so each setting's log ratios log({b}/{a}) are
+averaged over its seeds first: <i>n</i> counts settings, <i>runs</i> the seeds behind them.
+<i>ratio</i> is exp of the mean log ratio, with t intervals at 90 % and 95 %. The equivalence
+test is two one-sided t-tests (TOST) against the margin ±log(1+δ): both one-sided p-values are
+shown, and the TOST p is the larger. Beside it, the ordinary two-sided paired t-test. Each p
+family (TOST, t-test) is Holm-adjusted over the rows of this table, and the verdict follows
+Lakens' four outcomes on the adjusted p-values at 0.05: <i>equivalent</i> (TOST significant,
+t-test not), <i>equivalent but different</i> (both: a real effect smaller than the margin),
+<i>different</i> (t-test only), <i>inconclusive</i> (neither). A row with fewer than 3 settings
+gets no verdict.</p>
+<p><b>What they do not show.</b> The settings are the cells of a designed grid, not a random
+sample from a population of networks or tasks: a verdict says how the two architectures
+compare across <i>this</i> grid, not that it would hold on other grids or datasets. {seeds}
+"Equivalent" is relative to the margin: a different δ can change a verdict, which is why the
+margin and where it came from are stated in the headline. The rank-based columns below (median
+ratio with a bootstrap interval, the share of settings {b} wins with a Wilson interval, a
+Wilcoxon signed-rank test) are counterparts that do not decide the verdict.</p>
 """
+
+
+def _p(v) -> str:
+    return _num(v, ".2g")
+
+
+def _margin_text(res: Analysis, delta: float | None = None) -> str:
+    if res.margin == "seed":
+        return "the seed noise of each row (δ = exp(median seed-to-seed |log ratio|) − 1)"
+    d = res.margin if delta is None else delta
+    return f"±{_num(100 * d, '.3g')} %"
 
 
 def _stats_html(res: Analysis) -> str:
     s = res.stats
     if s.empty:
         return f'<p class="note">No complete {esc(res.a)}/{esc(res.b)} pairs: no statistics.</p>'
-    rows = []
-    for r in s.itertuples(index=False):
-        rows.append([esc(dataset_label(r.dataset)), esc(r.q_bin), esc(PRETTY.get(r.metric, r.metric)),
-                     str(r.n), _num(r.mean_a, ".4g"), _num(r.mean_b, ".4g"),
-                     f"{_num(r.median_ratio, '.3f')} [{_num(r.ratio_ci_low, '.3f')}, "
-                     f"{_num(r.ratio_ci_high, '.3f')}]",
-                     f"{r.b_wins}/{r.n} = {_num(r.win_rate_b, '.2f')} "
-                     f"[{_num(r.win_ci_low, '.2f')}, {_num(r.win_ci_high, '.2f')}]",
-                     _num(r.p_value, ".3g"), _num(r.p_holm, ".3g")])
     a, b = esc(res.a), esc(res.b)
-    head = ["dataset", "Q bin", "loss", "pairs", f"mean {a}", f"mean {b}",
-            f"median {b}/{a} [95% CI]", f"{b} wins [95% CI]", "Wilcoxon p", "Holm p"]
-    n_seeds = res.pairs["seed"].nunique() if "seed" in res.pairs else 1
-    seeds = ("Each setting was trained with one seed, so seed-to-seed noise is not separated "
-             "from the architecture effect." if n_seeds <= 1 else
-             f"Each setting was trained with {n_seeds} seeds and every seed counts as its own "
-             "pair, so pairs that share their settings are not independent; judge the gap "
-             "against the spread between seeds.")
-    return _table(head, rows, left=3, cls="num") + STATS_PARAGRAPH.format(a=a, b=b, seeds=seeds)
+    eq_rows, rank_rows = [], []
+    for r in s.itertuples(index=False):
+        where = [esc(dataset_label(r.dataset)), esc(r.q_bin), esc(PRETTY.get(r.metric, r.metric))]
+        eq_rows.append(where + [
+            f"{r.n} ({r.n_runs})", _num(r.mean_a, ".4g"), _num(r.mean_b, ".4g"),
+            f"{_num(r.ratio, '.3f')}",
+            f"[{_num(r.ratio_ci90_low, '.3f')}, {_num(r.ratio_ci90_high, '.3f')}]",
+            f"[{_num(r.ratio_ci95_low, '.3f')}, {_num(r.ratio_ci95_high, '.3f')}]",
+            f"±{_num(100 * r.margin, '.3g')} %" + (" (seed)" if r.margin_source == "seed noise"
+                                                   else ""),
+            f"{_p(r.p_lower)} / {_p(r.p_upper)}", f"{_p(r.p_tost)} ({_p(r.p_tost_holm)})",
+            f"{_p(r.p_ttest)} ({_p(r.p_ttest_holm)})", f"<b>{esc(r.verdict)}</b>"])
+        rank_rows.append(where + [
+            str(r.n), f"{_num(r.median_ratio, '.3f')} [{_num(r.ratio_ci_low, '.3f')}, "
+                      f"{_num(r.ratio_ci_high, '.3f')}]",
+            f"{r.b_wins}/{r.n} = {_num(r.win_rate_b, '.2f')} "
+            f"[{_num(r.win_ci_low, '.2f')}, {_num(r.win_ci_high, '.2f')}]",
+            _p(r.wilcoxon_p), _p(r.wilcoxon_p_holm)])
+    eq_head = ["dataset", "Q bin", "loss", "settings (runs)", f"mean {a}", f"mean {b}",
+               f"ratio {b}/{a}", "90% CI", "95% CI", "margin", "one-sided p (lower / upper)",
+               "TOST p (Holm)", "t-test p (Holm)", "verdict"]
+    rank_head = ["dataset", "Q bin", "loss", "settings", f"median {b}/{a} [95% bootstrap CI]",
+                 f"{b} wins [95% Wilson CI]", "Wilcoxon p", "Holm p"]
+    seeds = (_one_seed_sentence() if res.noise is None or res.noise.empty else
+             "Seed-to-seed noise is measured (table and figure above) and shown beside the "
+             "architecture effect; a margin set from it says “no larger than what re-seeding "
+             "does”.")
+    return ("<h3>Equivalence</h3>" + _table(eq_head, eq_rows, left=3, cls="num")
+            + "<h3>Rank-based counterparts</h3>" + _table(rank_head, rank_rows, left=3, cls="num")
+            + STATS_PARAGRAPH.format(a=a, b=b, seeds=seeds))
+
+
+def _one_seed_sentence() -> str:
+    return ("Each setting was trained with one seed, so the seed-to-seed noise cannot be "
+            "measured and the architecture effect cannot be set against it; add "
+            "<code>seed = [0, 1]</code> to the spec's [grid] (then <code>study run</code> "
+            "trains only the new seeds).")
+
+
+def _noise_html(res: Analysis) -> str:
+    """The seed-noise table beside the architecture effect measured the same way."""
+    from .stats import arch_effect
+
+    noise = res.noise
+    if noise is None or noise.empty:
+        return f'<p class="note">{_one_seed_sentence()}</p>'
+    eff = arch_effect(res.pairs)
+    eff_of = {(r.dataset, r.q_bin, r.metric): r for r in eff.itertuples(index=False)}
+    archs = [x for x in (res.a, res.b) if (noise["architecture"] == x).any()]
+    rows = []
+    for r in noise[noise["architecture"] == "all"].itertuples(index=False):
+        per_arch = []
+        for x in archs:
+            h = noise[(noise["dataset"] == r.dataset) & (noise["q_bin"] == r.q_bin)
+                      & (noise["metric"] == r.metric) & (noise["architecture"] == x)]
+            per_arch.append(f"{_num(h['median_ratio'].iloc[0], '.3f')} ({int(h['n_groups'].iloc[0])})"
+                            if len(h) else "–")
+        e = eff_of.get((r.dataset, r.q_bin, r.metric))
+        rows.append([esc(dataset_label(r.dataset)), esc(r.q_bin), esc(PRETTY.get(r.metric, r.metric)),
+                     f"{r.n_groups} ({r.n_seed_pairs})", _num(r.median_ratio, ".3f"),
+                     _num(r.p90_ratio, ".3f"), *per_arch,
+                     _num(e.median_ratio, ".3f") if e else "–", _num(e.p90_ratio, ".3f") if e else "–",
+                     str(e.n_pairs) if e else "–"])
+    head = ["dataset", "Q bin", "loss", "repeat groups (seed pairs)", "re-seeding: median",
+            "90th pct", *[f"median {esc(x)} (groups)" for x in archs],
+            f"swapping {esc(res.a)}↔{esc(res.b)}: median", "90th pct", "pairs"]
+    return (_table(head, rows, left=3, cls="num") +
+            "<p>Seed noise: the loss ratio (larger / smaller) between two seeds of one network, "
+            "over every pair of seeds of every repeat group (cells that differ only in seed; "
+            "same-network copies are not repeats), pooled over both architectures and per "
+            "architecture. Beside it the architecture effect measured the same way: the ratio "
+            "between the two architectures at each setting and seed. Where swapping moves the "
+            "loss no more than re-seeding does, the grid cannot tell the architectures apart "
+            "from noise.</p>")
 
 
 def _table2_html(t2: pd.DataFrame, what: str = "loss") -> str:
@@ -150,16 +222,52 @@ def _table2_html(t2: pd.DataFrame, what: str = "loss") -> str:
             "A same-network twin is both architectures and counts in both rows.</p>")
 
 
-def _reliable(r) -> bool:
-    """A difference we call reliable: the bootstrap interval of the median ratio excludes 1
-    and the Holm-adjusted Wilcoxon p is below 0.05."""
-    return (np.isfinite(r.ratio_ci_low) and np.isfinite(r.p_holm) and r.p_holm < 0.05
-            and (r.ratio_ci_high < 1 or r.ratio_ci_low > 1))
+def _verdict_sentence(res: Analysis, r, noise_med: float, effect_med: float) -> str:
+    """One dataset x loss: the verdict with its numbers, then the seed-noise comparison."""
+    a, b = esc(res.a), esc(res.b)
+    margin = f"±{_num(100 * r.margin, '.3g')} %"
+    ci = f"[{_num(r.ratio_ci90_low, '.3f')}, {_num(r.ratio_ci90_high, '.3f')}]"
+    n = f"n = {r.n} settings" + (f", {r.n_runs} runs" if r.n_runs != r.n else "")
+    head = f"<b>{esc(dataset_label(r.dataset))}, {esc(PRETTY.get(r.metric, r.metric))}</b>: "
+    lower = b if r.ratio < 1 else a
+    pct = _num(100 * abs(1 - r.ratio), ".2g")
+    if r.verdict == "equivalent":
+        text = (f"{b} and {a} are <b>equivalent</b> within {margin} (TOST p = "
+                f"{_p(r.p_tost_holm)}, {n}, 90 % interval of the ratio {b}/{a} {ci})")
+    elif r.verdict == "equivalent but different":
+        text = (f"{b} and {a} are <b>equivalent but different</b>: {lower} has the lower loss "
+                f"by about {pct} %, a real difference inside the {margin} margin (ratio "
+                f"{_num(r.ratio, '.3f')}, 90 % interval {ci}; TOST p = {_p(r.p_tost_holm)}, "
+                f"t-test p = {_p(r.p_ttest_holm)}; {n})")
+    elif r.verdict == "different":
+        text = (f"{b} and {a} are <b>different</b>: {lower} has the lower loss by about {pct} % "
+                f"(ratio {_num(r.ratio, '.3f')}, 90 % interval {ci} not inside the {margin} "
+                f"margin; t-test p = {_p(r.p_ttest_holm)}; {n})")
+    elif r.verdict == "inconclusive":
+        need = r.settings_needed
+        more = (f"; about {int(need):,} settings would narrow it enough, if the spread stays as "
+                "measured (a rough √n estimate)" if np.isfinite(need) and need > r.n else
+                "; the mean ratio itself lies outside the margin, so more settings alone would "
+                "not make the two equivalent" if not np.isfinite(need) else "")
+        text = (f"<b>inconclusive</b>: the 90 % interval {ci} of the ratio {b}/{a} crosses the "
+                f"{margin} margin and the t-test finds no difference (TOST p = "
+                f"{_p(r.p_tost_holm)}, t-test p = {_p(r.p_ttest_holm)}; {n}){more}")
+    else:
+        text = f"no verdict: fewer than 3 settings ({n})"
+    if np.isfinite(noise_med) and np.isfinite(effect_med):
+        verb = "less" if effect_med < noise_med else "more"
+        text += (f"; swapping the architecture moves the loss {verb} than re-seeding does "
+                 f"(median |log ratio| {_num(effect_med, '.3f')} between architectures vs "
+                 f"{_num(noise_med, '.3f')} between seeds)")
+    return head + text + ". "
 
 
 def _headline(res: Analysis) -> str:
-    """The report's first paragraph: per dataset the median ratio of train and validation
-    loss with its interval, the win rate, and the Q bins where one side is reliably better."""
+    """The report's first paragraph: the margin and where it came from, then per dataset and
+    loss the verdict of the equivalence test with its numbers, the verdicts per Q bin, the
+    seeds, and the same-network control."""
+    from .stats import arch_effect, noise_of
+
     a, b = esc(res.a), esc(res.b)
     s = res.stats
     ctl = res.controls or {}
@@ -167,43 +275,36 @@ def _headline(res: Analysis) -> str:
     if s.empty:
         out.append(f"No complete {a}/{b} pairs of two different networks yet: no comparison "
                    "to report.")
+    else:
+        src = {"--margin": "given by --margin", "spec [analysis]": "from the spec's [analysis] "
+               "table", "default": "the default; set <code>[analysis] margin</code> in the spec "
+               "or <code>--margin</code>"}[res.margin_from]
+        fallback = (" (rows without seed repeats fall back to ±10 %)"
+                    if res.margin == "seed" and (s["margin_source"] != "seed noise").any() else "")
+        out.append(f"Equivalence margin: {_margin_text(res)}, {src}{fallback}; a ratio {b}/{a} "
+                   "inside it counts as the same loss.")
+    eff = arch_effect(res.pairs)
     for ds in dict.fromkeys(s["dataset"]) if not s.empty else []:
-        rows = {(r.q_bin, r.metric): r for r in s[s["dataset"] == ds].itertuples(index=False)}
-        tr, va = rows.get(("all", "train_loss")), rows.get(("all", "val_loss"))
-        if va is None:
-            continue
-        bits = [f"<b>{esc(dataset_label(ds))}</b> ({va.n} pairs): the median {b}/{a} loss "
-                "ratio is "]
-        if tr is not None:
-            bits.append(f"{_num(tr.median_ratio, '.3f')} [{_num(tr.ratio_ci_low, '.3f')}, "
-                        f"{_num(tr.ratio_ci_high, '.3f')}] on training loss and ")
-        bits.append(f"{_num(va.median_ratio, '.3f')} [{_num(va.ratio_ci_low, '.3f')}, "
-                    f"{_num(va.ratio_ci_high, '.3f')}] on validation loss (bootstrap 95% "
-                    f"intervals); {b} reached the lower validation loss in {va.b_wins} of "
-                    f"{va.n} pairs ({_num(va.win_rate_b * 100, '.0f')}%, Wilson 95% interval "
-                    f"{_num(va.win_ci_low * 100, '.0f')}–{_num(va.win_ci_high * 100, '.0f')}%)"
-                    + (f" and the lower training loss in {tr.b_wins} of {tr.n}" if tr is not None
-                       else "") + ". ")
-        reliable = []
-        for (q, m), r in rows.items():
-            if _reliable(r):
-                better = b if r.median_ratio < 1 else a
-                where = "over all its pairs" if q == "all" else f"in Q∈{esc(q)}"
-                reliable.append(f"{better} has the lower {esc(PRETTY.get(m, m))} {where} "
-                                f"(median ratio {_num(r.median_ratio, '.3f')}, "
-                                f"Holm p = {_num(r.p_holm, '.2g')})")
-        if reliable:
-            bits.append("Reliably (interval of the median ratio excluding 1 and Holm-adjusted "
-                        "Wilcoxon p &lt; 0.05): " + "; ".join(reliable) + ". ")
-        else:
-            bits.append("Neither architecture is reliably better, over all pairs or in any Q bin "
-                        "(none has an interval of the median ratio excluding 1 together with a "
-                        "Holm-adjusted Wilcoxon p &lt; 0.05). ")
-        out.append("".join(bits))
-    n_seeds = res.pairs["seed"].nunique() if "seed" in res.pairs and len(res.pairs) else 1
-    out.append("These numbers describe this grid of settings"
-               + (" with one seed per setting" if n_seeds <= 1 else f" with {n_seeds} seeds")
-               + "; they neither prove the two architectures equivalent nor carry over to other "
+        for m in ("train_loss", "val_loss"):
+            hit = s[(s["dataset"] == ds) & (s["metric"] == m)]
+            top = hit[hit["q_bin"] == "all"]
+            if top.empty:
+                continue
+            e = eff[(eff["dataset"] == ds) & (eff["q_bin"] == "all") & (eff["metric"] == m)]
+            out.append(_verdict_sentence(res, next(top.itertuples(index=False)),
+                                         noise_of(res.noise, ds, "all", m),
+                                         float(e["median_abs_log_ratio"].iloc[0]) if len(e)
+                                         else np.nan))
+            bins = hit[hit["q_bin"] != "all"]
+            if len(bins) and (bins["n"] < 3).all():
+                out.append("No Q bin has the 3 settings a verdict needs.")
+            elif len(bins):
+                out.append("By Q bin: " + "; ".join(
+                    f"Q∈{esc(r.q_bin)} {esc(r.verdict)} (n = {r.n})"
+                    for r in bins.itertuples(index=False)) + ".")
+    if res.noise is None or res.noise.empty:
+        out.append(_one_seed_sentence())
+    out.append("These verdicts describe this grid of settings; they do not carry over to other "
                "grids or datasets (see “What they do not show” below).")
     if ctl.get("n"):
         out.append(_control_sentence(res))
@@ -315,6 +416,8 @@ def render(res: Analysis) -> str:
           ("created", esc(meta.get("created_at", ""))), ("compared", f"{a} (a) vs {b} (b)"),
           ("cells in the grid", c("grid")), ("done (ok)", c("ok")), ("failed", c("failed")),
           ("diverged", c("diverged")), ("running", c("running")), ("pending", c("pending")),
+          ("settings compared", f"{len(res.settings) if res.settings is not None else 0:,} "
+           f"(from {len(res.pairs):,} pairs of cells, seeds counted apart)"),
           ("complete pairs", f"{len(res.pairs):,} of different networks"
            + (f" + {res.controls['n']:,} same-network controls" if res.controls.get("n") else "")),
           ("compute time", esc(_duration(wall)))]
@@ -326,8 +429,9 @@ def render(res: Analysis) -> str:
     for stem, caption in FIGURES.items():
         if stem in res.pngs:
             num = len(figs) + 1
-            cap = esc(caption.format(a=res.a, b=res.b, n=f"{len(res.pairs):,}",
-                                     cells=f"{n_cells:,}"))
+            n_settings = len(res.settings) if res.settings is not None else len(res.pairs)
+            cap = esc(caption.format(a=res.a, b=res.b, n=f"{n_settings:,}",
+                                     cells=f"{n_cells:,}", margin=_margin_text(res)))
             figs.append(f'<figure id="fig{num}">{_img(res.pngs[stem], f"Figure {num}. {cap}")}'
                         f"<figcaption><b>Figure {num}.</b> {cap} (figures/{esc(stem)}.png, .pdf)"
                         "</figcaption></figure>")
@@ -351,6 +455,8 @@ def render(res: Analysis) -> str:
               "<h2>Table 2 of accuracy: mean accuracy by Q bin</h2>",
               _table2_html(res.table2_acc if res.table2_acc is not None else pd.DataFrame(),
                            "accuracy"),
+              "<h2>Seed noise: re-seeding against swapping the architecture</h2>",
+              _noise_html(res),
               f"<h2>Statistics: {b} vs {a}</h2>", _stats_html(res),
               "<h2>Same-network pairs: the control</h2>", _controls_html(res),
               "<h2>Figures</h2>",
@@ -365,9 +471,11 @@ def render(res: Analysis) -> str:
 
 
 def write_report(root: str | Path, compare=("sequential", "parallel"),
-                 pairs: Iterable[str] | None = None) -> Path:
-    """(Re)draw the figures and write DIR/report.html, a single self-contained file."""
-    res = analyse(root, compare, pairs)
+                 pairs: Iterable[str] | None = None, margin=None) -> Path:
+    """(Re)draw the figures and write DIR/report.html, a single self-contained file.
+    `margin`: the equivalence margin (a positive number or "seed"; default the spec's
+    [analysis] margin, else analysis.DEFAULT_MARGIN)."""
+    res = analyse(root, compare, pairs, margin=margin)
     out = res.root / "report.html"
     try:
         atomic_write_text(out, render(res))

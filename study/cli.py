@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from sweep import SpecError, load_spec, parse_spec
+from sweep.spec import parse_margin
 
 from . import executor_registry as executors
 from .counts import STATUS_COLUMNS, count_cells
@@ -72,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("results")
         p.add_argument("--compare", nargs=2, metavar=("A", "B"), default=["sequential", "parallel"],
                        help="the two architectures to compare (default sequential parallel)")
+        p.add_argument("--margin", help="equivalence margin: a relative loss margin such as 0.1 "
+                       "(the ratio within 1/1.1 and 1.1), or 'seed' (from the seed noise); "
+                       "default the spec's [analysis] margin, else 0.1")
         if name == "figures":
             p.add_argument("--pairs", help="comma-separated pair_keys for the learning curves")
 
@@ -100,7 +104,21 @@ def cmd_plan(args) -> int:
     from .coverage import format_coverage, q_coverage
 
     print("\n".join(format_coverage(q_coverage(cells))))
+    print(_seed_line(spec))
     return 0
+
+
+def _seed_line(spec) -> str:
+    """Whether the study can measure seed noise (the yardstick of its equivalence margin)."""
+    seeds = spec.grid.get("seed", [0])
+    margin = spec.analysis.get("margin", "default 0.1")
+    if len(seeds) < 2:
+        return ("seeds: one per setting, so seed-to-seed noise cannot be measured and an "
+                "equivalence margin cannot be set against it; add `seed = [0, 1]` to [grid] "
+                f"(equivalence margin: {margin})")
+    return (f"seeds: {len(seeds)} per setting ({', '.join(map(str, seeds))}): seed noise is "
+            f"measured; each setting's seeds are averaged into one comparison (equivalence "
+            f"margin: {margin})")
 
 
 def _print_counts(cells) -> None:
@@ -141,8 +159,9 @@ def _run(spec, results: Path, args) -> int:
                       cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
                       max_concurrent=args.max_concurrent, max_failures=args.max_failures,
                       retry_failed=args.retry_failed, quiet=args.quiet)
-    summary = run_study(spec, opts)
     store = Store(results)
+    judged_before = _saved_analysis(store, spec)
+    summary = run_study(spec, opts)
     print(f"ran {summary.ran} cells ({summary.ok} ok, {summary.failed} failed, "
           f"{summary.diverged} diverged) in {summary.wall_s:.1f} s"
           + (f", recorded {summary.copied} same-network twins without training"
@@ -153,12 +172,23 @@ def _run(spec, results: Path, args) -> int:
     report = Path(results) / "report.html"
     if args.no_figures:
         pass
-    elif summary.ran == summary.copied == 0 and report.is_file() and not args.redraw:
+    elif (summary.ran == summary.copied == 0 and report.is_file() and not args.redraw
+          and judged_before == spec.analysis):
         # Nothing new in the store: the figures and report on disk are up to date.
         print(f"report: {report} (unchanged: nothing ran; --redraw draws it again)")
     else:
         _outputs(results, ("sequential", "parallel"), None, report=True)
     return 1 if summary.failed else 0
+
+
+def _saved_analysis(store: Store, spec) -> dict | None:
+    """The [analysis] table of the study's saved spec (None without one): when a run changes
+    only it, no cell runs but the figures and report are drawn again."""
+    try:
+        saved = store.spec_path.read_text()
+        return spec.analysis if saved == spec.source else parse_spec(saved).analysis
+    except (OSError, UnicodeDecodeError, SpecError):
+        return None
 
 
 def cmd_run(args) -> int:
@@ -195,15 +225,18 @@ def cmd_status(args) -> int:
     return 0
 
 
-def _outputs(results, compare, pairs, report: bool) -> None:
+def _outputs(results, compare, pairs, report: bool, margin=None) -> None:
     """Draw the figures and tables (and the report, which embeds them) and print the paths."""
+    if margin is not None:
+        parse_margin(margin, "--margin")  # a bad margin is refused before anything is drawn
     import analysis
 
     if report:
-        html = analysis.write_report(results, compare=tuple(compare), pairs=pairs)
+        html = analysis.write_report(results, compare=tuple(compare), pairs=pairs, margin=margin)
         paths = sorted(p for p in Store(results).figures_dir.iterdir() if p.is_file())
     else:
-        paths = analysis.write_figures(results, compare=tuple(compare), pairs=pairs)
+        paths = analysis.write_figures(results, compare=tuple(compare), pairs=pairs,
+                                       margin=margin)
     for p in paths:
         print(f"{'figure' if p.suffix in ('.png', '.pdf') else 'written'}: {p}")
     if report:
@@ -212,12 +245,12 @@ def _outputs(results, compare, pairs, report: bool) -> None:
 
 def cmd_figures(args) -> int:
     pairs = [p for p in args.pairs.split(",") if p] if args.pairs else None
-    _outputs(Path(args.results), args.compare, pairs, report=False)
+    _outputs(Path(args.results), args.compare, pairs, report=False, margin=args.margin)
     return 0
 
 
 def cmd_report(args) -> int:
-    _outputs(Path(args.results), args.compare, None, report=True)
+    _outputs(Path(args.results), args.compare, None, report=True, margin=args.margin)
     return 0
 
 

@@ -20,6 +20,13 @@ from typing import Any
 from .params import ARCH_SPECIFIC, ARCHITECTURES, PARAMS, REQUIRED, Param
 
 STUDY_KEYS = {"name": str, "description": str, "save_weights": bool}
+ANALYSIS_KEYS = ("margin",)
+# The equivalence margin delta: the ratio b/a counts as "the same" inside [1/(1+delta), 1+delta].
+# 10 %: a loss ratio of 1.1 is small next to the gaps between Q bins in the paper's Table 2
+# (factors of 2 to 100) and of the order of what re-seeding small nets moves the loss; "seed"
+# takes it from the study's own repeats instead.
+DEFAULT_MARGIN = 0.1
+SEED_MARGIN = "seed"
 
 
 class SpecError(ValueError):
@@ -92,6 +99,8 @@ class Spec:
     description: str = ""
     save_weights: bool = False
     source: str = ""  # the TOML text, saved with the results
+    # [analysis]: how the results are judged (never part of a cell_id), e.g. {"margin": 0.1}
+    analysis: dict = field(default_factory=dict)
     origin: str = ""  # file path or "preset:<name>"
 
     # -- the grid ---------------------------------------------------------------------------
@@ -259,6 +268,37 @@ def _parse_study(raw: dict, origin: str) -> tuple[dict, str]:
     return study, name
 
 
+def parse_margin(value, where: str = "analysis.margin"):
+    """A margin as the spec or --margin gives it: a positive number (delta) or "seed"."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text == SEED_MARGIN:
+            return SEED_MARGIN
+        try:
+            value = float(text)
+        except ValueError:
+            raise SpecError(f"spec error: '{where}' = {value!r} is neither a number nor "
+                            f"'{SEED_MARGIN}'; give a relative margin such as 0.1 (±10 %) or "
+                            f"'{SEED_MARGIN}' (from the seed noise)") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value == value:
+        raise SpecError(f"spec error: '{where}' must be a positive number such as 0.1 or "
+                        f"'{SEED_MARGIN}', got {value!r}")
+    if not 0 < value < float("inf"):
+        raise SpecError(f"spec error: '{where}' = {value!r} must be positive (a relative "
+                        "margin: 0.1 means the ratio b/a within 1/1.1 and 1.1)")
+    return float(value)
+
+
+def _parse_analysis(raw) -> dict:
+    """The [analysis] table: how results are judged; it changes no cell_id."""
+    if not isinstance(raw, dict):
+        raise SpecError("spec error: 'analysis' must be a table: [analysis]")
+    for key in raw:
+        if key not in ANALYSIS_KEYS:
+            raise _unknown(key, "analysis.", ANALYSIS_KEYS)
+    return {"margin": parse_margin(raw["margin"])} if "margin" in raw else {}
+
+
 def _parse_grid(grid_raw) -> tuple[dict[str, list], dict[str, dict[str, list]]]:
     """The [grid] table and its [grid.<architecture>] sub-tables, checked: (grid, arch_grids)."""
     if not isinstance(grid_raw, dict):
@@ -326,14 +366,15 @@ def parse_spec(text: str, origin: str = "<string>") -> Spec:
     except tomllib.TOMLDecodeError as e:
         raise SpecError(f"spec error: {origin} is not valid TOML: {e}") from None
     for key in raw:
-        if key not in ("study", "grid", "exclude"):
-            raise _unknown(key, "", ["study", "grid", "exclude"])
+        if key not in ("study", "grid", "exclude", "analysis"):
+            raise _unknown(key, "", ["study", "grid", "exclude", "analysis"])
     study, name = _parse_study(raw, origin)
     grid, arch_grids = _parse_grid(raw.get("grid"))
     exclude = _parse_exclude(raw.get("exclude", []))
     spec = Spec(name=name, grid=grid, arch_grids=arch_grids, exclude=exclude,
                 description=study.get("description", ""),
-                save_weights=study.get("save_weights", False), source=text, origin=origin)
+                save_weights=study.get("save_weights", False), source=text, origin=origin,
+                analysis=_parse_analysis(raw.get("analysis", {})))
     spec._check()  # on the axes: a 50,000-cell grid is not enumerated to be parsed
     return spec
 

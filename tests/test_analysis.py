@@ -47,7 +47,7 @@ N_TRAIN, N_CLASSES = 1000, 10
 N_PARAMS = {(1, 4): 20000, (1, 8): 5000, (2, 4): 2000, (2, 8): 500, (4, 4): 10000, (4, 8): 1000}
 Q_BIN = {(1, 4): "[0,1)", (1, 8): "[1,3)", (2, 4): "[3,10)", (2, 8): "[10,inf)",
          (4, 4): "[1,3)", (4, 8): "[10,inf)"}
-FIGS = ["equivalence_loss", "table2", "ratio_distribution", "factor_effects", "learning_curves",
+FIGS = ["forest", "equivalence_loss", "table2", "ratio_distribution", "factor_effects", "learning_curves",
         "equivalence_accuracy", "zoo"]
 
 
@@ -264,14 +264,14 @@ def test_stats_give_back_ratio_and_win_rate(full):
     # 6 pairs per dataset, 2 of them (layers 1) one network: 4 comparisons, no ties
     assert sorted(per_ds["dataset"].unique()) == ["digits", "mnist"] and (per_ds["n"] == 4).all()
     # Exact two-sided signed-rank p for 4 differences of one sign: 2 / 2**4.
-    assert np.allclose(per_ds["p_value"], 2 / 16)
+    assert np.allclose(per_ds["wilcoxon_p"], 2 / 16)
     # Wilson interval of 4/4: [4 / (4 + z^2), 1].
     z2 = 1.959963984540054 ** 2
     assert np.allclose(per_ds["win_ci_low"], 4 / (4 + z2)) and np.allclose(per_ds["win_ci_high"], 1)
     by_bin = s[(s["q_bin"] != "all") & (s["dataset"] == "digits") & (s["metric"] == "val_loss")]
     # [0,1) held only the layers-1 control (1, 4): no comparison there
     assert dict(zip(by_bin["q_bin"], by_bin["n"])) == {"[1,3)": 1, "[3,10)": 1, "[10,inf)": 2}
-    assert (s["p_holm"] >= s["p_value"]).all()
+    assert (s["wilcoxon_p_holm"] >= s["wilcoxon_p"]).all()
 
 
 def test_same_network_pairs_are_controls_not_evidence(full):
@@ -339,8 +339,10 @@ def test_write_figures_writes_every_file(full, full_figures):
             assert f in paths and f.stat().st_size > 1000, f
     for name in ("table2.csv", "table2.md", "stats.csv", "NOTES.txt"):
         assert (out / name) in paths and (out / name).stat().st_size > 0
-    assert paths.notes == []
-    assert "(none" in (out / "NOTES.txt").read_text()
+    # one seed per setting: the only figure skipped is the seed noise, and it says what to do
+    assert paths.notes == ["seed_noise: skipped, one seed per setting: no seed noise to measure "
+                           "(add seed = [0, 1] to [grid])"]
+    assert "seed_noise: skipped, one seed per setting" in (out / "NOTES.txt").read_text()
     assert (out / "equivalence_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "zoo.pdf").read_bytes()[:5] == b"%PDF-"
     t2 = pd.read_csv(out / "table2.csv")
@@ -488,7 +490,7 @@ def test_report_is_self_contained(partial, partial_report):
     assert len(trained) < len(rows)
     assert "compute time" in text and f"({len(trained) * 2.5:,.0f} s)" in text
     assert "DIGITS sequential" in text and "Wilcoxon" in text
-    assert "not evidence of absence" in text and "Holm" in text
+    assert "What they do not show" in text and "Holm" in text and "TOST" in text
     assert 'name = &quot;tiny&quot;' in text  # the spec source, escaped
 
 
@@ -498,15 +500,18 @@ def test_report_leads_with_its_headline(full, tmp_path):
     shutil.copytree(root, work)
     text = analysis.write_report(work).read_text()
     head = text[text.index("<h2>Headline</h2>"):text.index("<h2>Progress</h2>")]
-    # per dataset: both ratios with intervals, the win rate, where one side is reliably better
+    # the margin and where it came from, then per dataset and loss the verdict with its numbers:
+    # parallel = 0.9 x sequential on every setting, outside the default ±10 % (1/1.1 = 0.909)
+    assert "Equivalence margin: ±10 %, the default" in head
     for ds in ("DIGITS", "MNIST"):
-        assert f"<b>{ds}</b> (4 pairs): the median parallel/sequential loss ratio is 0.900 " \
-               "[0.900, 0.900] on training loss and 0.900 [0.900, 0.900] on validation loss" in head
-    assert "parallel reached the lower validation loss in 4 of 4 pairs" in head
-    # 4 pairs of one sign: p = 0.125 before Holm, so nothing is called reliable
-    assert "Neither architecture is reliably better, over all pairs or in any Q bin" in head
+        for loss in ("train loss", "validation loss"):
+            assert (f"<b>{ds}, {loss}</b>: parallel and sequential are <b>different</b>: parallel "
+                    "has the lower loss by about 10 % (ratio 0.900, 90 % interval [0.900, 0.900] "
+                    "not inside the ±10 % margin; t-test p = 0; n = 4 settings)") in head
+    assert "equivalent" not in head and "reliably" not in head
+    assert "No Q bin has the 3 settings a verdict needs" in head
+    assert "Each setting was trained with one seed" in head and "seed = [0, 1]" in head
     assert "4 same-network pairs, all identical: the pairing works" in head
-    assert "neither prove the two architectures equivalent" in head
     assert text.index("<h2>Headline</h2>") < text.index("<h2>Table 2")
     # Table 2 with n, its accuracy version, numbered captioned figures, environment
     assert "(n = 2)" in text and "<h2>Table 2 of accuracy" in text
@@ -514,7 +519,7 @@ def test_report_leads_with_its_headline(full, tmp_path):
     n_img = text.count("<img ")
     for k in range(1, n_img + 1):
         assert f"<b>Figure {k}.</b>" in text
-    assert "error bars: percentile-bootstrap 95% interval" in text and "n = 8 pairs" in text
+    assert "error bars: percentile-bootstrap 95% interval" in text and "n = 8 settings" in text
     assert "Every loss axis is logarithmic" in text
     env = text[text.index("<h2>Environment</h2>"):]
     assert "torch" in env and "devices" in env and "hosts" in env and "compute time" in env
