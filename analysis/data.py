@@ -294,7 +294,8 @@ def table2_wide(t2: pd.DataFrame, with_n: bool = False) -> pd.DataFrame:
     wide = (pd.DataFrame({"row": label, "q": "Q∈" + t2["q_bin"], "cell": cell})
             .pivot(index="row", columns="q", values="cell"))
     rows = list(dict.fromkeys(label))  # t2 is already in dataset, architecture order
-    return wide.reindex(index=rows, columns=cols).fillna("–").rename_axis(index=None, columns=None)
+    return (wide.reindex(index=rows, columns=cols).astype(object).fillna("–")
+            .rename_axis(index=None, columns=None))
 
 
 def table2_markdown(t2: pd.DataFrame) -> str:

@@ -245,7 +245,10 @@ def _verdict_sentence(res: Analysis, r, noise_med: float, effect_med: float) -> 
                 f"margin; t-test p = {_p(r.p_ttest_holm)}; {n})")
     elif r.verdict == "inconclusive":
         need = r.settings_needed
-        more = (f"; about {int(need):,} settings would narrow it enough, if the spread stays as "
+        more = (f"; more than 100 times as many settings would be needed to narrow it "
+                "enough, if the spread stays as measured (a rough √n estimate): the effect sits "
+                "at the margin's edge" if np.isfinite(need) and need > 100 * r.n else
+                f"; about {int(need):,} settings would narrow it enough, if the spread stays as "
                 "measured (a rough √n estimate)" if np.isfinite(need) and need > r.n else
                 "; the mean ratio itself lies outside the margin, so more settings alone would "
                 "not make the two equivalent" if not np.isfinite(need) else "")

@@ -293,7 +293,7 @@ def test_misspelled_preset_and_far_off_names():
 def test_twin_groups_in_the_presets():
     from sweep import twins
 
-    for name, n_cells, n_twins in (("demo", 48, 6), ("paper", 6912, 576)):
+    for name, n_cells, n_twins in (("demo", 72, 6), ("paper", 6912, 576)):
         cells = load_spec(name).cells()
         groups = twins.groups(cells)
         extra = [c for g in groups.values() for c in g if c is not twins.trained_cell(g)]
