@@ -406,6 +406,7 @@ def plot_factor_effects(pairs_df: pd.DataFrame, factors=None, metrics=("train_lo
                             color=dataset_color(di), ls=styles.get(m, "-"), marker="o", ms=3,
                             lw=1, capsize=2, label=f"{dataset_label(ds)} {PRETTY[m]}")
         ax.axhline(0, color="0.2", lw=0.8, ls="--", zorder=0)
+        ax.ticklabel_format(axis="y", useOffset=False)  # an offset label sits above the panel
         ax.set_xticks(range(len(levels)), [str(v) for v in levels])
         name = f[:-2] + f" ({a if f.endswith('_a') else b})" if f[-2:] in ("_a", "_b") else f
         n = int(pairs_df[f].notna().sum())
@@ -416,7 +417,9 @@ def plot_factor_effects(pairs_df: pd.DataFrame, factors=None, metrics=("train_lo
     for ax in list(axes.flat)[len(factors):]:
         ax.set_visible(False)
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=min(4, max(1, len(labels))))
+    # as many columns as fit the figure's width (about 2 inches a label)
+    fit = max(1, int(fig.get_figwidth() // 2.0))
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(4, fit, max(1, len(labels))))
     return fig
 
 

@@ -691,3 +691,33 @@ def test_log_x_tick_labels_never_overlap(width_in):
                        key=lambda b: b.x0)
         assert len(boxes) >= 2, (lo, hi, width_in)
         assert all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:])), (lo, hi, width_in)
+
+
+def _outside_canvas(fig) -> str | None:
+    """Whether anything drawn (labels, titles, tick labels, legend) runs past the canvas: the
+    figure's tight box covers exactly what is drawn (ticks outside the limits are not)."""
+    fig.canvas.draw()
+    tight = fig.get_tightbbox(fig.canvas.get_renderer())
+    w, h = fig.get_size_inches()
+    if tight.x0 < -0.01 or tight.y0 < -0.01 or tight.x1 > w + 0.01 or tight.y1 > h + 0.01:
+        return f"drawn box {tight.bounds} outside the {w} x {h} in canvas"
+    return None
+
+
+def test_every_label_and_title_fits_inside_its_figure(full):
+    """factor_effects once cut its y label ("median log10(parallel/sequential)") at the top."""
+    import matplotlib as mpl
+
+    from analysis import plots
+
+    root, _ = full
+    df = analysis.load(root)
+    p = analysis.pairs(df)
+    st = analysis.settings(p)
+    with mpl.rc_context(plots.STYLE):
+        figs = {"factor_effects": plots.plot_factor_effects(st),
+                "forest": plots.plot_forest(analysis.stats(st)),
+                "equivalence_loss": plots.plot_equivalence(st),
+                "ratio_distribution": plots.plot_ratio_distribution(st)}
+        for name, fig in figs.items():
+            assert _outside_canvas(fig) is None, name
