@@ -34,7 +34,8 @@ pre{background:#f7f7f7;border:1px solid #e3e3e3;padding:.8em;overflow:auto;font-
 figure{margin:1.2em 0} figure img{max-width:100%;height:auto;border:1px solid #eee}
 table.num td{white-space:nowrap}
 figcaption{font-size:.9em;color:#555} .headline{font-size:1.05em;background:#f6f8fb;
-border-left:4px solid #4a6fa5;padding:.6em 1em} .alarm{color:#b00020;font-weight:700}
+border-left:4px solid #4a6fa5;padding:.1em 1em} .headline li{margin:.35em 0}
+.wide{overflow-x:auto} .alarm{color:#b00020;font-weight:700}
 .ok{color:#1b5e20} .note{color:#8a5a00} dl.kv{display:grid;
 grid-template-columns:max-content auto;gap:.2em 1.2em} dl.kv dt{font-weight:600} dl.kv dd{margin:0}
 """
@@ -138,8 +139,7 @@ def _stats_html(res: Analysis) -> str:
     for r in s.itertuples(index=False):
         where = [esc(dataset_label(r.dataset)), esc(r.q_bin), esc(PRETTY.get(r.metric, r.metric))]
         eq_rows.append(where + [
-            f"{r.n} ({r.n_runs})", _num(r.mean_a, ".4g"), _num(r.mean_b, ".4g"),
-            f"{_num(r.ratio, '.3f')}",
+            f"{r.n} ({r.n_runs})", f"{_num(r.ratio, '.3f')}",
             f"[{_num(r.ratio_ci90_low, '.3f')}, {_num(r.ratio_ci90_high, '.3f')}]",
             f"[{_num(r.ratio_ci95_low, '.3f')}, {_num(r.ratio_ci95_high, '.3f')}]",
             f"±{_num(100 * r.margin, '.3g')} %" + (" (seed)" if r.margin_source == "seed noise"
@@ -152,17 +152,18 @@ def _stats_html(res: Analysis) -> str:
             f"{r.b_wins}/{r.n} = {_num(r.win_rate_b, '.2f')} "
             f"[{_num(r.win_ci_low, '.2f')}, {_num(r.win_ci_high, '.2f')}]",
             _p(r.wilcoxon_p), _p(r.wilcoxon_p_holm)])
-    eq_head = ["dataset", "Q bin", "loss", "settings (runs)", f"mean {a}", f"mean {b}",
-               f"ratio {b}/{a}", "90% CI", "95% CI", "margin", "one-sided p (lower / upper)",
-               "TOST p (Holm)", "t-test p (Holm)", "verdict"]
+    eq_head = ["dataset", "Q bin", "loss", "settings (runs)", f"ratio {b}/{a}", "90% CI",
+               "95% CI", "margin", "one-sided p: lower / upper", "TOST p (Holm)",
+               "t-test p (Holm)", "verdict"]
     rank_head = ["dataset", "Q bin", "loss", "settings", f"median {b}/{a} [95% bootstrap CI]",
                  f"{b} wins [95% Wilson CI]", "Wilcoxon p", "Holm p"]
     seeds = (_one_seed_sentence() if res.noise is None or res.noise.empty else
              "Seed-to-seed noise is measured (table and figure above) and shown beside the "
              "architecture effect; a margin set from it says “no larger than what re-seeding "
              "does”.")
-    return ("<h3>Equivalence</h3>" + _table(eq_head, eq_rows, left=3, cls="num")
-            + "<h3>Rank-based counterparts</h3>" + _table(rank_head, rank_rows, left=3, cls="num")
+    return ("<h3>Equivalence</h3>" + '<div class="wide">' + _table(eq_head, eq_rows, left=3)
+            + "</div><h3>Rank-based counterparts</h3>" + '<div class="wide">'
+            + _table(rank_head, rank_rows, left=3, cls="num") + "</div>"
             + STATS_PARAGRAPH.format(a=a, b=b, seeds=seeds))
 
 
@@ -229,18 +230,18 @@ def _verdict_sentence(res: Analysis, r, noise_med: float, effect_med: float) -> 
     ci = f"[{_num(r.ratio_ci90_low, '.3f')}, {_num(r.ratio_ci90_high, '.3f')}]"
     n = f"n = {r.n} settings" + (f", {r.n_runs} runs" if r.n_runs != r.n else "")
     head = f"<b>{esc(dataset_label(r.dataset))}, {esc(PRETTY.get(r.metric, r.metric))}</b>: "
-    lower = b if r.ratio < 1 else a
-    pct = _num(100 * abs(1 - r.ratio), ".2g")
+    shift = (f"{b}'s loss is about {_num(100 * abs(1 - r.ratio), '.2g')} % "
+             f"{'lower' if r.ratio < 1 else 'higher'} than {a}'s")
     if r.verdict == "equivalent":
         text = (f"{b} and {a} are <b>equivalent</b> within {margin} (TOST p = "
                 f"{_p(r.p_tost_holm)}, {n}, 90 % interval of the ratio {b}/{a} {ci})")
     elif r.verdict == "equivalent but different":
-        text = (f"{b} and {a} are <b>equivalent but different</b>: {lower} has the lower loss "
-                f"by about {pct} %, a real difference inside the {margin} margin (ratio "
+        text = (f"{b} and {a} are <b>equivalent but different</b>: {shift}, a real difference "
+                f"inside the {margin} margin (ratio "
                 f"{_num(r.ratio, '.3f')}, 90 % interval {ci}; TOST p = {_p(r.p_tost_holm)}, "
                 f"t-test p = {_p(r.p_ttest_holm)}; {n})")
     elif r.verdict == "different":
-        text = (f"{b} and {a} are <b>different</b>: {lower} has the lower loss by about {pct} % "
+        text = (f"{b} and {a} are <b>different</b>: {shift} "
                 f"(ratio {_num(r.ratio, '.3f')}, 90 % interval {ci} not inside the {margin} "
                 f"margin; t-test p = {_p(r.p_ttest_holm)}; {n})")
     elif r.verdict == "inconclusive":
@@ -287,6 +288,7 @@ def _headline(res: Analysis) -> str:
         out.append(f"Equivalence margin: {_margin_text(res)}, {src}{fallback}; a ratio {b}/{a} "
                    "inside it counts as the same loss.")
     eff = arch_effect(res.pairs)
+    items = []
     for ds in dict.fromkeys(s["dataset"]) if not s.empty else []:
         for m in ("train_loss", "val_loss"):
             hit = s[(s["dataset"] == ds) & (s["metric"] == m)]
@@ -294,24 +296,28 @@ def _headline(res: Analysis) -> str:
             if top.empty:
                 continue
             e = eff[(eff["dataset"] == ds) & (eff["q_bin"] == "all") & (eff["metric"] == m)]
-            out.append(_verdict_sentence(res, next(top.itertuples(index=False)),
-                                         noise_of(res.noise, ds, "all", m),
-                                         float(e["median_abs_log_ratio"].iloc[0]) if len(e)
-                                         else np.nan))
+            item = _verdict_sentence(res, next(top.itertuples(index=False)),
+                                     noise_of(res.noise, ds, "all", m),
+                                     float(e["median_abs_log_ratio"].iloc[0]) if len(e) else np.nan)
             bins = hit[hit["q_bin"] != "all"]
             if len(bins) and (bins["n"] < 3).all():
-                out.append("No Q bin has the 3 settings a verdict needs.")
+                item += "No Q bin has the 3 settings a verdict needs."
             elif len(bins):
-                out.append("By Q bin: " + "; ".join(
+                item += "By Q bin: " + "; ".join(
                     f"Q∈{esc(r.q_bin)} {esc(r.verdict)} (n = {r.n})"
-                    for r in bins.itertuples(index=False)) + ".")
+                    for r in bins.itertuples(index=False)) + "."
+            items.append(item)
+    tail = []
     if res.noise is None or res.noise.empty:
-        out.append(_one_seed_sentence())
-    out.append("These verdicts describe this grid of settings; they do not carry over to other "
-               "grids or datasets (see “What they do not show” below).")
+        tail.append(_one_seed_sentence())
+    tail.append("These verdicts describe this grid of settings; they do not carry over to other "
+                "grids or datasets (see “What they do not show” below).")
     if ctl.get("n"):
-        out.append(_control_sentence(res))
-    return '<p class="headline">' + " ".join(x.strip() for x in out) + "</p>"
+        tail.append(_control_sentence(res))
+    return ('<div class="headline"><p>' + " ".join(out) + "</p>"
+            + ("<ul>" + "".join(f"<li>{x.strip()}</li>" for x in items) + "</ul>" if items else "")
+            + "<p>" + " ".join(x.strip() for x in tail) + "</p></div>")
+
 
 
 def _control_sentence(res: Analysis) -> str:

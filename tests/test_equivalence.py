@@ -239,10 +239,10 @@ def test_a_one_seed_study_says_so_and_seed_margin_falls_back(tmp_path):
 @pytest.mark.parametrize("name,words", [
     ("equivalent", "parallel and sequential are <b>equivalent</b> within ±10 % (TOST p = "),
     ("equivalent but different", "parallel and sequential are <b>equivalent but different</b>: "
-                                 "sequential has the lower loss by about 2.1 %, a real difference inside "
-                                 "the ±10 % margin"),
-    ("different", "parallel and sequential are <b>different</b>: sequential has the lower loss "
-                  "by about 30 %"),
+                                 "parallel's loss is about 2.1 % higher than sequential's, a real "
+                                 "difference inside the ±10 % margin"),
+    ("different", "parallel and sequential are <b>different</b>: parallel's loss is about 30 % "
+                  "higher than sequential's (ratio 1.3"),
     ("inconclusive", "<b>inconclusive</b>: the 90 % interval ["),
 ])
 def test_the_headline_words_each_verdict(stores, tmp_path, name, words):
