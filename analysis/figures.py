@@ -110,6 +110,9 @@ def _save(fig, out_dir: Path, stem: str, **savefig_kw) -> list[Path]:
             atomic_write(p, lambda tmp: fig.savefig(tmp, format=p.suffix[1:], **savefig_kw))
         except OSError as e:
             raise AnalysisError(f"cannot write {p}: {e.strerror or e}") from None
+        # The layout the PNG was drawn with holds for the PDF (figure-relative positions,
+        # text sized in points): not solving it again saves a third of a figure's time.
+        fig.set_layout_engine("none")
     return paths
 
 

@@ -83,8 +83,11 @@ def _progress(res: Analysis) -> tuple[dict, str, str]:
     except (OSError, UnicodeDecodeError) as e:
         spec_note = f"spec.toml unreadable or missing ({type(e).__name__}); grid size unknown"
     if source:
+        # the driver caches the grid's ids: a 100,000-cell grid is not enumerated again
+        ids = store.cached_cell_ids(source)
         try:
-            ids = [c.cell_id for c in parse_spec(source, origin=str(store.spec_path)).cells()]
+            if ids is None:
+                ids = [c.cell_id for c in parse_spec(source, origin=str(store.spec_path)).cells()]
         except SpecError as e:
             spec_note = f"spec.toml does not parse ({e}); grid size unknown"
     n = count_cells(res.trials, ids, in_flight=store.in_flight())

@@ -23,7 +23,7 @@ from ._common import Q_LABELS, dataset_order
 Z95 = 1.959963984540054
 BOOT_SEED = 20230101  # fixed: the same store always gives the same intervals
 BOOT_N = 2000
-EXACT_FROM = 1000  # above this many values the median's bootstrap is computed, not sampled
+EXACT_FROM = 400  # above this many values the median's bootstrap is computed, not sampled
 ALPHA = 0.05  # the verdicts' level, on Holm-adjusted p-values
 MIN_SETTINGS = 3  # fewer settings get no verdict
 VERDICTS = ("equivalent", "equivalent but different", "different", "inconclusive")
@@ -74,9 +74,10 @@ def _median_quantiles_exact(x: np.ndarray, qs) -> list[float]:
 def bootstrap_median_ci(x, n_boot: int = BOOT_N, seed: int = BOOT_SEED, level: float = 0.95):
     """Percentile bootstrap interval of the median of x (NaN for an empty x).
 
-    Up to EXACT_FROM values: `n_boot` resamples with a fixed seed (reproducible). Above it the
-    bootstrap distribution of the median is computed exactly from the order statistics, which
-    is what infinitely many resamples would give, in milliseconds for 50,000 values."""
+    Up to EXACT_FROM (400) values: `n_boot` resamples with a fixed seed (reproducible). Above
+    it the bootstrap distribution of the median is computed exactly from the order
+    statistics, which is what infinitely many resamples would give, in milliseconds for
+    50,000 values."""
     x = np.asarray(x, dtype=float)
     x = x[np.isfinite(x)]
     if x.size == 0:
@@ -165,25 +166,25 @@ def seed_noise(df: pd.DataFrame, metrics=("train_loss", "val_loss")) -> pd.DataF
     sp = seed_pairs(df, metrics)
     if sp.empty:
         return pd.DataFrame(columns=SEED_NOISE_COLUMNS)
-    rows = []
-    archs = list(dict.fromkeys(sp["architecture"]))
-    for ds in dataset_order(sp["dataset"]):
-        for q in ("all", *Q_LABELS):
-            for arch in ("all", *archs):
-                for m in metrics:
-                    g = sp[(sp["dataset"] == ds) & (sp["metric"] == m)]
-                    if q != "all":
-                        g = g[g["q_bin"] == q]
-                    if arch != "all":
-                        g = g[g["architecture"] == arch]
-                    if g.empty:
-                        continue
-                    med, p90 = np.percentile(g["abs_log_ratio"].to_numpy(float), [50, 90])
-                    rows.append({"dataset": ds, "q_bin": q, "architecture": arch, "metric": m,
-                                 "n_groups": int(g["group"].nunique()), "n_seed_pairs": len(g),
-                                 "median_abs_log_ratio": float(med), "p90_abs_log_ratio": float(p90),
-                                 "median_ratio": float(np.exp(med)), "p90_ratio": float(np.exp(p90))})
-    return pd.DataFrame(rows, columns=SEED_NOISE_COLUMNS)
+    sp = sp.assign(q_bin=sp["q_bin"].astype(object))
+    # every pair also counts in its dataset's "all" bin and in the pooled "all" architecture
+    parts = [sp, sp.assign(q_bin="all")]
+    parts += [x.assign(architecture="all") for x in list(parts)]
+    every = pd.concat(parts, ignore_index=True).dropna(subset=["q_bin"])
+    g = every.groupby(["dataset", "q_bin", "architecture", "metric"], sort=False)["abs_log_ratio"]
+    out = pd.DataFrame({"n_groups": every.groupby(["dataset", "q_bin", "architecture", "metric"],
+                                                  sort=False)["group"].nunique(),
+                        "n_seed_pairs": g.size(), "median_abs_log_ratio": g.median(),
+                        "p90_abs_log_ratio": g.quantile(0.9)}).reset_index()
+    out["median_ratio"] = np.exp(out["median_abs_log_ratio"])
+    out["p90_ratio"] = np.exp(out["p90_abs_log_ratio"])
+    # dataset, then "all" and the bins, then "all" and each architecture, then the metrics
+    rank = {"dataset": {d: i for i, d in enumerate(dataset_order(out["dataset"]))},
+            "q_bin": {q: i for i, q in enumerate(("all", *Q_LABELS))},
+            "architecture": {a: i for i, a in enumerate(("all", *dict.fromkeys(sp["architecture"])))},
+            "metric": {m: i for i, m in enumerate(metrics)}}
+    out = out.sort_values(list(rank), key=lambda c: c.map(rank[c.name]), kind="stable")
+    return out[SEED_NOISE_COLUMNS].reset_index(drop=True)
 
 
 def noise_of(noise: pd.DataFrame | None, dataset: str, q_bin: str, metric: str,
