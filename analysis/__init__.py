@@ -56,11 +56,12 @@ store or an unknown architecture; a figure that cannot be drawn is a note, never
 """
 from ._common import Q_LABELS, AnalysisError, NothingToPlot, add_q
 from .data import (control_summary, controls, evidence, load, load_epochs, network_ids, pairs,
-                   settings, swept_factors, table2, table2_markdown, table2_wide)
+                   settings, swept_factors, table2, table2_markdown, table2_wide, train_time)
 from .figures import FigureResult, write_figures, write_lesion_figure
 from .lesions import plot_lesions
 from .plots import (plot_equivalence, plot_factor_effects, plot_forest, plot_learning_curves,
-                    plot_ratio_distribution, plot_seed_noise, plot_table2, plot_zoo)
+                    plot_ratio_distribution, plot_seed_noise, plot_table2, plot_time_ratio,
+                    plot_zoo)
 from .report import write_report
 from .stats import (arch_effect, bootstrap_median_ci, equivalence, seed_noise, seed_pairs, stats,
                     wilson_interval)
@@ -72,5 +73,5 @@ __all__ = ["AnalysisError", "NothingToPlot", "Q_LABELS", "add_q", "load", "load_
            "seed_noise", "seed_pairs", "arch_effect", "DEFAULT_MARGIN",
            "wilson_interval", "bootstrap_median_ci", "plot_equivalence", "plot_table2",
            "plot_ratio_distribution", "plot_factor_effects", "plot_learning_curves", "plot_zoo",
-           "plot_forest", "plot_seed_noise",
+           "plot_forest", "plot_seed_noise", "plot_time_ratio", "train_time",
            "plot_lesions", "write_figures", "write_lesion_figure", "FigureResult", "write_report"]

@@ -25,6 +25,9 @@ SHARED_PARAMS = [c for c in schema.PARAM_COLUMNS
 SIDE_COLUMNS = ["cell_id", "architecture", "n_params", "filters_used", "epochs_done",
                 "wall_s", "q", "q_bin", "network_id", "same_network_as", *METRICS]
 PAIR_METRICS = METRICS
+# Per-cell timing a caller may add to the trials frame (see `train_time`): it gets a side each,
+# and settings average its log ratio over seeds like a loss.
+TIME_COLUMNS = ("train_s_per_epoch",)
 
 
 def load(root: str | Path, report: ReadReport | None = None,
@@ -97,7 +100,7 @@ def pairs(df: pd.DataFrame, a: str = "sequential", b: str = "parallel") -> pd.Da
     for arch, suf in ((a, "_a"), (b, "_b")):
         side = ok[ok["architecture"] == arch]
         specific = [c for c in ARCH_SPECIFIC if c in side.columns and side[c].notna().any()]
-        cols = SIDE_COLUMNS + specific
+        cols = SIDE_COLUMNS + [c for c in TIME_COLUMNS if c in side.columns] + specific
         out = side[cols].rename(columns={c: c + suf for c in cols})
         out["variant" + suf] = _variant(side, specific)
         out.insert(0, "pair_key", side["pair_key"])
@@ -106,7 +109,7 @@ def pairs(df: pd.DataFrame, a: str = "sequential", b: str = "parallel") -> pd.Da
                 out[c] = side[c]
         sides.append(out)
     merged = sides[0].merge(sides[1], on="pair_key", how="inner")
-    for m in PAIR_METRICS:
+    for m in PAIR_METRICS + tuple(c for c in TIME_COLUMNS if c + "_a" in merged.columns):
         va = pd.to_numeric(merged[m + "_a"], errors="coerce").astype(float)
         vb = pd.to_numeric(merged[m + "_b"], errors="coerce").astype(float)
         merged[m + "_diff"] = vb - va
@@ -127,6 +130,21 @@ def pairs(df: pd.DataFrame, a: str = "sequential", b: str = "parallel") -> pd.Da
 
 
 LOSS_METRICS = tuple(m for m in METRICS if m.endswith("_loss"))
+LOG_SCALED = LOSS_METRICS + TIME_COLUMNS  # averaged over seeds on the log scale
+
+
+def train_time(root: str | Path, cell_ids: Iterable[str] | None = None,
+               report: ReadReport | None = None) -> pd.Series:
+    """Training time per epoch of each cell (the median of its epochs' training-only
+    `train_s`, so a first epoch's warm-up does not count), indexed by cell_id; empty for a
+    store written before epochs recorded it."""
+    if "train_s" not in schema.EPOCH_COLUMNS:
+        return pd.Series(dtype=float)
+    ep = Store(check_store(root)).read_epochs(quarantine=False, report=report,
+                                              columns=["cell_id", "train_s"],
+                                              cell_ids=None if cell_ids is None else list(cell_ids))
+    ep = ep.dropna(subset=["train_s"])
+    return ep.groupby("cell_id")["train_s"].median() if len(ep) else pd.Series(dtype=float)
 
 
 def setting_columns(pairs_df: pd.DataFrame) -> list[str]:
@@ -163,10 +181,11 @@ def settings(pairs_df: pd.DataFrame) -> pd.DataFrame:
     agg["q_bin"] = ("q_bin", "first")
     for c in ("wall_s_a", "wall_s_b"):
         agg[c] = (c, "mean")
-    for m in METRICS:
+    metrics = METRICS + tuple(c for c in TIME_COLUMNS if c + "_a" in work.columns)
+    for m in metrics:
         for suf in ("_a", "_b"):
             v = pd.to_numeric(work[m + suf], errors="coerce").astype(float)
-            if m in LOSS_METRICS:
+            if m in LOG_SCALED:
                 work["_l" + m + suf] = np.log(v.where(v > 0))
                 agg["_l" + m + suf] = ("_l" + m + suf, "mean")
             else:
@@ -176,8 +195,8 @@ def settings(pairs_df: pd.DataFrame) -> pd.DataFrame:
                           - pd.to_numeric(work[m + "_a"], errors="coerce").astype(float))
         agg[m + "_diff"] = ("_d" + m, "mean")
     out = work.groupby("_g", sort=True).agg(**agg).reset_index(drop=True)
-    for m in METRICS:
-        if m in LOSS_METRICS:
+    for m in metrics:
+        if m in LOG_SCALED:
             la, lb = out.pop("_l" + m + "_a"), out.pop("_l" + m + "_b")
             out[m + "_a"], out[m + "_b"] = np.exp(la), np.exp(lb)
             out[m + "_log_ratio"] = lb - la

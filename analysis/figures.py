@@ -35,6 +35,10 @@ FIGURES = {
                   "ratio (larger/smaller) between two seeds of one network of {a} and of {b}, "
                   "and between {a} and {b} at one setting and seed; boxes: quartiles and median, "
                   "whiskers: 5th to 95th percentile.",
+    "train_time": "Training time per epoch (the training pass alone, median over a cell's "
+                  "epochs), {b}/{a}: per dataset and Q bin the median over settings of the "
+                  "ratio (seeds averaged) with its percentile-bootstrap 95% interval; dashed: "
+                  "equal time. Times depend on the hardware and on how many cells shared it.",
     "equivalence_loss": "Final train and validation loss of {b} (y) against {a} (x), one dot per "
                         "setting (the geometric mean over its seeds; n = {n} settings), colour = "
                         "Q bin; dashed: y = x; panel titles: median ratio {b}/{a} and the "
@@ -150,6 +154,9 @@ def analyse(root: str | Path, compare=("sequential", "parallel"),
 
     report = ReadReport()
     df = _data.load(root, report)
+    times = _data.train_time(root, report=report)
+    if len(times):  # epochs that recorded their training pass: the speed half of the claim
+        df = df.assign(train_s_per_epoch=df["cell_id"].map(times))
     all_pairs = _data.pairs(df, a, b)
     # Same-network pairs are controls, not evidence: out of every statistic and pair figure.
     pdf = _data.evidence(all_pairs)
@@ -203,6 +210,8 @@ def analyse(root: str | Path, compare=("sequential", "parallel"),
     with mpl.rc_context(plots.STYLE):
         job("forest", lambda: plots.plot_forest(res.stats, noise))
         job("seed_noise", lambda: plots.plot_seed_noise(seeds, pdf))
+        if (res.stats["metric"] == "train_s_per_epoch").any():  # a store before train_s: no note
+            job("train_time", lambda: plots.plot_time_ratio(res.stats))
         job("equivalence_loss", lambda: plots.plot_equivalence(sdf, ("train_loss", "val_loss")))
         job("table2", lambda: plots.plot_table2(t2))
         job("ratio_distribution", lambda: plots.plot_ratio_distribution(sdf))

@@ -657,3 +657,44 @@ def plot_seed_noise(seed_pairs_df: pd.DataFrame, pairs_df: pd.DataFrame,
             ax.set_xlabel("loss ratio, larger / smaller (log axis)")
             ax.grid(False, axis="y")
     return fig
+
+
+# -- (10) training time ------------------------------------------------------------------------
+def plot_time_ratio(stats_df: pd.DataFrame, fig=None) -> Figure:
+    """Per dataset and Q bin ('all' first): the median over settings of the ratio b/a of
+    training time per epoch, with its percentile-bootstrap 95% interval; log-ratio axis."""
+    from .stats import TIME_METRIC
+
+    s = stats_df[stats_df["metric"] == TIME_METRIC] if stats_df is not None and len(stats_df) else None
+    if s is None or s.empty:
+        raise NothingToPlot("no epoch recorded its training time (train_s): a store from "
+                            "before it, or no complete pairs")
+    a, b = str(s["a"].iloc[0]), str(s["b"].iloc[0])
+    order_q = {q: i for i, q in enumerate(("all", *Q_LABELS))}
+    order_d = {d: i for i, d in enumerate(dataset_order(s["dataset"]))}
+    s = s.assign(_d=s["dataset"].map(order_d), _q=s["q_bin"].map(order_q)).sort_values(
+        ["_d", "_q"], kind="stable")
+    fig, axes = _figure(fig, 1, 1, panel=(5.2, 0.7 + 0.27 * len(s)))
+    ax = axes[0, 0]
+    ys = np.arange(len(s))[::-1].astype(float)
+    vals = [1.0]
+    labels = []
+    for y, r in zip(ys, s.itertuples(index=False)):
+        ax.plot([r.ratio_ci_low, r.ratio_ci_high], [y, y], color=arch_color(b), lw=2.4,
+                solid_capstyle="butt")
+        ax.plot([r.median_ratio], [y], "o", color=arch_color(b), ms=4.5, mec="white", mew=0.6)
+        vals += [r.ratio_ci_low, r.ratio_ci_high, r.median_ratio]
+        q = "all Q" if r.q_bin == "all" else f"Q∈{r.q_bin}"
+        labels.append(f"{dataset_label(r.dataset)} · {q} (n = {r.n})")
+    ax.axvline(1.0, color="0.2", lw=0.8, ls="--", zorder=0)
+    v = np.asarray(vals, float)
+    v = v[np.isfinite(v) & (v > 0)]
+    pad = (v.max() / v.min()) ** 0.08 if v.max() > v.min() else 1.1
+    log_axis(ax, "x", [v.min() / pad, v.max() * pad])
+    ax.set_xlim(v.min() / pad, v.max() * pad)
+    ax.set_ylim(-0.6, len(s) - 0.4)
+    ax.set_yticks(ys, labels)
+    ax.grid(False, axis="y")
+    ax.tick_params(axis="y", length=0)
+    ax.set_xlabel(f"training time per epoch, {b}/{a} (median over settings; log axis)")
+    return fig

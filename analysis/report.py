@@ -118,7 +118,8 @@ compare across <i>this</i> grid, not that it would hold on other grids or datase
 "Equivalent" is relative to the margin: a different δ can change a verdict, which is why the
 margin and where it came from are stated in the headline. The rank-based columns below (median
 ratio with a bootstrap interval, the share of settings {b} wins with a Wilson interval, a
-Wilcoxon signed-rank test) are counterparts that do not decide the verdict.</p>
+Wilcoxon signed-rank test) are counterparts that do not decide the verdict. Training times,
+where shown, depend on the hardware and on how many cells shared it.</p>
 """
 
 
@@ -139,6 +140,8 @@ def _stats_html(res: Analysis) -> str:
         return f'<p class="note">No complete {esc(res.a)}/{esc(res.b)} pairs: no statistics.</p>'
     a, b = esc(res.a), esc(res.b)
     eq_rows, rank_rows = [], []
+    times = s[s["metric"] == TIME_METRIC]
+    s = s[s["metric"] != TIME_METRIC]
     for r in s.itertuples(index=False):
         where = [esc(dataset_label(r.dataset)), esc(r.q_bin), esc(PRETTY.get(r.metric, r.metric))]
         eq_rows.append(where + [
@@ -166,8 +169,42 @@ def _stats_html(res: Analysis) -> str:
              "does”.")
     return ("<h3>Equivalence</h3>" + '<div class="wide">' + _table(eq_head, eq_rows, left=3)
             + "</div><h3>Rank-based counterparts</h3>" + '<div class="wide">'
-            + _table(rank_head, rank_rows, left=3, cls="num") + "</div>"
+            + _table(rank_head, rank_rows, left=3, cls="num") + "</div>" + _time_html(res, times)
             + STATS_PARAGRAPH.format(a=a, b=b, seeds=seeds))
+
+
+TIME_METRIC = "train_s_per_epoch"
+
+
+def _time_html(res: Analysis, times: pd.DataFrame) -> str:
+    """The speed half of the claim: training time per epoch, b/a, outside the verdicts."""
+    if times.empty:
+        return ""
+    a, b = esc(res.a), esc(res.b)
+    rows = [[esc(dataset_label(r.dataset)), esc(r.q_bin), f"{r.n} ({r.n_runs})",
+             f"{_num(r.median_ratio, '.3f')} [{_num(r.ratio_ci_low, '.3f')}, "
+             f"{_num(r.ratio_ci_high, '.3f')}]", f"{_num(r.mean_a, '.3g')} s",
+             f"{_num(r.mean_b, '.3g')} s"] for r in times.itertuples(index=False)]
+    head = ["dataset", "Q bin", "settings (runs)", f"median {b}/{a} [95% bootstrap CI]",
+            f"{a} s/epoch (geometric mean)", f"{b} s/epoch"]
+    return ("<h3>Training time per epoch</h3>" + _table(head, rows, left=2, cls="num")
+            + f"<p>The training pass alone (no validation), the median over a cell's epochs; per "
+            "setting the log ratio averaged over its seeds. These rows are outside the verdicts "
+            "and the Holm families. <b>They describe this hardware and this schedule</b>: "
+            "times depend on the device, on how many cells shared it and on what else ran, so "
+            "they say which layout was faster here, not in general.</p>")
+
+
+def _time_clause(res: Analysis, ds: str) -> str:
+    s = res.stats
+    r = s[(s["dataset"] == ds) & (s["q_bin"] == "all") & (s["metric"] == TIME_METRIC)]
+    if r.empty:
+        return ""
+    r = next(r.itertuples(index=False))
+    return (f"<b>{esc(dataset_label(ds))}, training time per epoch</b>: {esc(res.b)} takes "
+            f"{_num(r.median_ratio, '.2f')}× {esc(res.a)}'s (median over {r.n} settings, "
+            f"95 % interval [{_num(r.ratio_ci_low, '.2f')}, {_num(r.ratio_ci_high, '.2f')}]; on "
+            "this hardware and schedule).")
 
 
 def _one_seed_sentence() -> str:
@@ -310,6 +347,8 @@ def _headline(res: Analysis) -> str:
                     f"Q∈{esc(r.q_bin)} {esc(r.verdict)} (n = {r.n})"
                     for r in bins.itertuples(index=False)) + "."
             items.append(item)
+        if _time_clause(res, ds):
+            items.append(_time_clause(res, ds))
     tail = []
     if res.noise is None or res.noise.empty:
         tail.append(_one_seed_sentence())

@@ -360,7 +360,50 @@ def stats(pairs_df: pd.DataFrame, metrics=("train_loss", "val_loss"), margin=DEF
     out["wilcoxon_p_holm"] = holm(out["wilcoxon_p"].to_numpy())
     out["verdict"] = [verdict(pt, pd_, n) for pt, pd_, n in
                       zip(out["p_tost_holm"], out["p_ttest_holm"], out["n"])]
-    return out[STATS_COLUMNS]
+    # Training time: rows of their own, outside the verdicts and the Holm families.
+    times = time_rows(sdf, a, b)
+    if len(times):
+        out = pd.concat([out.astype(object), times.astype(object)], ignore_index=True)
+        out = out.infer_objects()
+    return out.reindex(columns=STATS_COLUMNS)
+
+
+TIME_METRIC = "train_s_per_epoch"
+
+
+def time_rows(sdf: pd.DataFrame, a: str, b: str) -> pd.DataFrame:
+    """Per dataset and dataset x Q bin: the median over settings of the ratio b/a of training
+    time per epoch (each setting's log ratio averaged over its seeds first), with a bootstrap
+    95% interval, and the mean ratio with t intervals. Empty where no epoch recorded it."""
+    col = TIME_METRIC + "_log_ratio"
+    if col not in sdf.columns or not sdf[col].notna().any():
+        return pd.DataFrame(columns=STATS_COLUMNS)
+    qb = sdf["q_bin"].astype(object)
+    rows = []
+    for ds in dataset_order(sdf["dataset"]):
+        in_ds = sdf["dataset"] == ds
+        for label in ("all", *Q_LABELS):
+            g = sdf[in_ds & ((qb == label) if label != "all" else True)]
+            d = pd.to_numeric(g[col], errors="coerce").to_numpy(float)
+            keep = np.isfinite(d)
+            d, runs = d[keep], g["n_seeds"].to_numpy(float)[keep]
+            if d.size == 0:
+                continue
+            lo, hi = bootstrap_median_ci(d)
+            lo90, hi90 = _t_interval(d, 0.90)
+            lo95, hi95 = _t_interval(d, 0.95)
+            rows.append({"a": a, "b": b, "dataset": ds, "q_bin": label, "metric": TIME_METRIC,
+                         "n": int(d.size), "n_runs": int(runs.sum()),
+                         "mean_a": float(np.exp(np.log(g[TIME_METRIC + "_a"][keep]).mean())),
+                         "mean_b": float(np.exp(np.log(g[TIME_METRIC + "_b"][keep]).mean())),
+                         "ratio": float(np.exp(d.mean())),
+                         "ratio_ci90_low": float(np.exp(lo90)), "ratio_ci90_high": float(np.exp(hi90)),
+                         "ratio_ci95_low": float(np.exp(lo95)), "ratio_ci95_high": float(np.exp(hi95)),
+                         "median_ratio": float(np.exp(np.median(d))),
+                         "ratio_ci_low": float(np.exp(lo)), "ratio_ci_high": float(np.exp(hi)),
+                         "b_wins": int(np.sum(d < 0)), "ties": int(np.sum(d == 0)),
+                         "win_rate_b": float(np.mean(d < 0)), "verdict": "", "margin_source": ""})
+    return pd.DataFrame(rows, columns=STATS_COLUMNS)
 
 
 def equivalence(pairs_df: pd.DataFrame, margin=DEFAULT_MARGIN, noise: pd.DataFrame | None = None,
