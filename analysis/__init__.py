@@ -10,6 +10,9 @@ Three layers (as in rliable):
                                       n_train * n_classes / n_params and ``q_bin`` (ordered
                                       categorical "[0,1)", "[1,3)", "[3,10)", "[10,inf)");
    ``load_epochs(DIR, cell_ids=None, report=None)``  per-epoch rows;
+   ``live_files(DIR, table="trials")``  the files to hand to DuckDB / Polars / pandas / pyarrow
+                                      to read a running study: each cell once, no file
+                                      vanishing under the read (both loaders read them too);
    ``pairs(df, a="sequential", b="parallel")``  one row per twin pair, status ok only: shared
                                       grid params unsuffixed, per-side columns suffixed ``_a``
                                       / ``_b`` (cell_id, n_params, losses, accuracies, variant
@@ -42,8 +45,8 @@ Both writers raise ``AnalysisError`` (one-line message) for a folder that is not
 store or an unknown architecture; a figure that cannot be drawn is a note, never a crash.
 """
 from ._common import Q_LABELS, AnalysisError, NothingToPlot, add_q
-from .data import (control_summary, controls, evidence, load, load_epochs, network_ids, pairs,
-                   swept_factors, table2, table2_markdown, table2_wide)
+from .data import (control_summary, controls, evidence, live_files, load, load_epochs,
+                   network_ids, pairs, swept_factors, table2, table2_markdown, table2_wide)
 from .figures import FigureResult, write_figures, write_lesion_figure
 from .lesions import plot_lesions
 from .plots import (plot_equivalence, plot_factor_effects, plot_learning_curves,
@@ -51,7 +54,8 @@ from .plots import (plot_equivalence, plot_factor_effects, plot_learning_curves,
 from .report import write_report
 from .stats import bootstrap_median_ci, stats, wilson_interval
 
-__all__ = ["AnalysisError", "NothingToPlot", "Q_LABELS", "add_q", "load", "load_epochs", "pairs",
+__all__ = ["AnalysisError", "NothingToPlot", "Q_LABELS", "add_q", "load", "load_epochs",
+           "live_files", "pairs",
            "evidence", "controls", "control_summary", "network_ids",
            "swept_factors", "table2", "table2_wide", "table2_markdown", "stats",
            "wilson_interval", "bootstrap_median_ci", "plot_equivalence", "plot_table2",

@@ -54,7 +54,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from . import schema
+from . import live, schema
 from .atomic import atomic_write_bytes, atomic_write_table
 from .atomic import atomic_write_text as _atomic_write_text
 
@@ -143,6 +143,28 @@ def _listing(folder: Path) -> tuple[list[Path], dict[int, Path]]:
                     merged[seq] = Path(e.path)
     except (FileNotFoundError, NotADirectoryError):
         pass  # no store there (yet): nothing to read
+    return sorted(parts), dict(sorted(merged.items()))
+
+
+def _name_stem(p: Path) -> str:
+    """A part's cell id: its name up to the first dot (`<cell_id>.parquet`, or a live
+    reader's second name `<cell_id>.<tag>.parquet`)."""
+    return p.name.split(".", 1)[0]
+
+
+def _live_listing(root: Path, table: str) -> tuple[list[Path], dict[int, Path]] | None:
+    """(parts, {seq: merged file}) as the live manifest lists them (their second names under
+    .live/), or None where no manifest was published (a store from before manifests)."""
+    m = live.read_manifest(root)
+    if m is None:
+        return None
+    parts, merged = [], {}
+    for e in m[table]:
+        seq = merged_seq(e["name"]) if e.get("name") else None
+        if seq is not None:
+            merged[seq] = root / e["file"]
+        else:  # a part, or the empty file of a table without rows
+            parts.append(root / e["file"])
     return sorted(parts), dict(sorted(merged.items()))
 
 
@@ -306,6 +328,7 @@ class Store:
             self._loose_since = time.monotonic()
         # The row is safely in place: the cell's checkpoint has done its job.
         self.checkpoint_path(cell_id).unlink(missing_ok=True)
+        self.publish()
 
     def write_results(self, results: Iterable[tuple[dict, list[dict]]]) -> None:
         """Land many finished cells at once (rows and their epochs as dicts): see write_tables."""
@@ -444,6 +467,7 @@ class Store:
         orphans = set(emerged) - set(tmerged)  # epochs whose trials file is gone
         if not (tparts or eparts or extra or repeated or orphans):
             self._loose, self._loose_since = 0, None
+            self.publish()  # retire and remove what waited out its window
             return
         stats = {p: _stat(p) for p in tparts + eparts}
         rep = ReadReport()
@@ -515,6 +539,7 @@ class Store:
             _atomic_write_table(t, self.trials_dir / f"{MERGED_PREFIX}{seq:08d}.parquet")
             outputs[seq] = set(chunk)
             seq += 1
+        live.pause_for_test("before_removal")
         for p in tparts + eparts:
             if p.exists() and _stat(p) == stats.get(p):  # a part rewritten meanwhile is newer
                 p.unlink(missing_ok=True)
@@ -525,6 +550,28 @@ class Store:
             index.pop(s, None)
         index.update(outputs)
         self._loose, self._loose_since = 0, None
+        live.pause_for_test("before_publish")
+        self.publish()
+
+    def publish(self) -> bool:
+        """Publish the files on disk to live readers (study.live), unless a cell is in two of
+        them right now (a re-landed cell before its compaction, a crashed compaction's
+        leftovers): then readers keep the previous list until the compaction that follows.
+        The driver's, under the lock."""
+        index = self._merged_index()
+        in_merged: set[str] = set()
+        for cells in index.values():
+            if not in_merged.isdisjoint(cells):
+                return False
+            in_merged |= cells
+        for d in (self.trials_dir, self.epochs_dir):
+            if any(_name_stem(p) in in_merged for p in _listing(d)[0]):
+                return False
+        try:
+            live.publish(self.root, {"trials": schema.TRIALS, "epochs": schema.EPOCHS})
+        except OSError as e:
+            raise StoreError(_os_message(e, live.manifest_path(self.root))) from None
+        return True
 
     # -- reading ----------------------------------------------------------------------------
     @staticmethod
@@ -543,7 +590,7 @@ class Store:
     def _read_parts(self, parts: list[Path], sch: pa.Schema, cols: list[str],
                     ids: set[str] | None, quarantine: bool, report: ReadReport | None) -> pa.Table:
         if ids is not None:  # a part of ours is named by its cell; others may hold any cell
-            parts = [p for p in parts if p.stem in ids or not _is_cell_id(p.stem)]
+            parts = [p for p in parts if _name_stem(p) in ids or not _is_cell_id(_name_stem(p))]
         if not parts:
             return pa.schema([sch.field(c) for c in cols]).empty_table()
         filt = pc.field("cell_id").isin(sorted(ids)) if ids is not None else None
@@ -576,7 +623,7 @@ class Store:
 
     def _read(self, folder: Path, sch: pa.Schema, columns: Iterable[str] | None,
               cell_ids: Iterable[str] | None, quarantine: bool,
-              report: ReadReport | None) -> pa.Table:
+              report: ReadReport | None, live_read: bool = False) -> pa.Table:
         cols = list(sch.names) if columns is None else list(dict.fromkeys(columns))
         unknown = [c for c in cols if c not in sch.names]
         if unknown:
@@ -586,7 +633,7 @@ class Store:
         for attempt in range(5):
             rep = ReadReport()
             try:
-                t = self._read_once(folder, sch, rcols, ids, rep)
+                t = self._read_once(folder, sch, rcols, ids, rep, live_read)
             except _Vanished:
                 if attempt < 4:
                     continue  # a compaction replaced files we listed: list again
@@ -600,8 +647,9 @@ class Store:
         raise AssertionError("unreachable")
 
     def _read_once(self, folder: Path, sch: pa.Schema, cols: list[str], ids: list[str] | None,
-                   report: ReadReport) -> pa.Table:
-        parts, merged = _listing(folder)
+                   report: ReadReport, live_read: bool = False) -> pa.Table:
+        listed = _live_listing(self.root, folder.name) if live_read else None
+        parts, merged = _listing(folder) if listed is None else listed
         idset = None if ids is None else set(ids)
         ptable = self._read_parts(parts, sch, cols, idset, False, report)
         sources = [(_PART_RANK, _conform_table(ptable, sch, cols))]
@@ -679,18 +727,20 @@ class Store:
 
     def read_trials(self, quarantine: bool = False, report: ReadReport | None = None,
                     columns: Iterable[str] | None = None,
-                    cell_ids: Iterable[str] | None = None) -> pd.DataFrame:
-        """Trial rows (each cell once, its newest row); `columns`/`cell_ids` read only those."""
+                    cell_ids: Iterable[str] | None = None, live: bool = False) -> pd.DataFrame:
+        """Trial rows (each cell once, its newest row); `columns`/`cell_ids` read only those.
+        `live`: read the files of the live manifest (study.live), as every reader but the
+        driver does: a compaction running meanwhile never removes a file under the read."""
         return self._read(self.trials_dir, schema.TRIALS, columns, cell_ids, quarantine,
-                          report).to_pandas()
+                          report, live).to_pandas()
 
     def read_epochs(self, quarantine: bool = False, report: ReadReport | None = None,
                     columns: Iterable[str] | None = None,
-                    cell_ids: Iterable[str] | None = None) -> pd.DataFrame:
+                    cell_ids: Iterable[str] | None = None, live: bool = False) -> pd.DataFrame:
         """Epoch rows (each cell's from one file, the newest); `cell_ids` reads only the row
-        groups that can hold those cells."""
+        groups that can hold those cells; `live` as in read_trials."""
         return self._read(self.epochs_dir, schema.EPOCHS, columns, cell_ids, quarantine,
-                          report).to_pandas()
+                          report, live).to_pandas()
 
 
 def _spec_key(source: str) -> str:
