@@ -84,10 +84,12 @@ def _empty_file(root: Path, table: str, sch: pa.Schema) -> dict:
     return {"name": None, "file": rel, "stat": None}
 
 
-def publish(root: str | Path, schemas: dict[str, pa.Schema], retain_s: float | None = None) -> dict:
+def publish(root: str | Path, schemas: dict[str, pa.Schema], retain_s: float | None = None,
+            pause=None) -> dict:
     """List the files now in DIR/trials and DIR/epochs as the live ones (the caller, the
     driver, makes sure each cell is in one of them), retire the rest and remove what was
-    retired more than `retain_s` (default RETAIN_S) ago. Returns the manifest written."""
+    retired more than `retain_s` (default RETAIN_S) ago. Returns the manifest written.
+    `pause`: pause_for_test, where a test may stop a compaction between these steps."""
     root = Path(root)
     retain_s = RETAIN_S if retain_s is None else retain_s
     old = read_manifest(root) or {t: [] for t in TABLES}
@@ -121,9 +123,11 @@ def publish(root: str | Path, schemas: dict[str, pa.Schema], retain_s: float | N
             del retired[rel]
     expired = [r for r, t in retired.items() if now - t >= retain_s]
     new["retired"] = {r: t for r, t in retired.items() if r not in expired}
-    pause_for_test("before_manifest")
+    if pause:
+        pause("before_manifest")
     atomic_write_text(manifest_path(root), json.dumps(new, indent=1) + "\n")
-    pause_for_test("before_retired_removal")
+    if pause:
+        pause("before_retired_removal")
     for rel in expired:  # no manifest names them any more: a crash here only delays this
         (root / rel).unlink(missing_ok=True)
     return new

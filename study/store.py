@@ -550,14 +550,13 @@ class Store:
             index.pop(s, None)
         index.update(outputs)
         self._loose, self._loose_since = 0, None
-        live.pause_for_test("before_publish")
-        self.publish()
+        self.publish(compaction=True)
 
-    def publish(self) -> bool:
+    def publish(self, compaction: bool = False) -> bool:
         """Publish the files on disk to live readers (study.live), unless a cell is in two of
         them right now (a re-landed cell before its compaction, a crashed compaction's
         leftovers): then readers keep the previous list until the compaction that follows.
-        The driver's, under the lock."""
+        The driver's, under the lock. `compaction`: called as a compaction's last step."""
         index = self._merged_index()
         in_merged: set[str] = set()
         for cells in index.values():
@@ -568,7 +567,8 @@ class Store:
             if any(_name_stem(p) in in_merged for p in _listing(d)[0]):
                 return False
         try:
-            live.publish(self.root, {"trials": schema.TRIALS, "epochs": schema.EPOCHS})
+            live.publish(self.root, {"trials": schema.TRIALS, "epochs": schema.EPOCHS},
+                         pause=live.pause_for_test if compaction else None)
         except OSError as e:
             raise StoreError(_os_message(e, live.manifest_path(self.root))) from None
         return True
