@@ -46,15 +46,15 @@ max_train_examples = 40
 seed = [{seeds}]
 """
 
-# The real CLI, with a compaction after every second landed cell and a short retention window
-# (so that retired files also expire while the readers run).
+# The real CLI, compacting after every COMPACT_EVERY_PARTS landed cells, with a retention
+# window of RETAIN_S seconds.
 DRIVER = r'''
 import sys
 import study.live as live, study.store as store
-store.COMPACT_EVERY_PARTS = 2
-live.RETAIN_S = float(sys.argv[1])
+store.COMPACT_EVERY_PARTS = int(sys.argv[1])
+live.RETAIN_S = float(sys.argv[2])
 from study.cli import main
-sys.exit(main(["run", *sys.argv[2:], "--executor", "local", "--no-figures", "--quiet"]))
+sys.exit(main(["run", *sys.argv[3:], "--executor", "local", "--no-figures", "--quiet"]))
 '''
 
 
@@ -64,8 +64,9 @@ def _spec(tmp_path: Path, n_seeds: int) -> Path:
     return p
 
 
-def _driver(spec: Path, out: Path, retain_s: float, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", DRIVER, str(retain_s), str(spec),
+def _driver(spec: Path, out: Path, every: int, retain_s: float,
+            env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", DRIVER, str(every), str(retain_s), str(spec),
                              "--results", str(out)], env={**os.environ, **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -76,44 +77,40 @@ def _top_seq(files: list[str]) -> int:
     return max(seqs, default=0)
 
 
-# One way to read the live store each: returns (cell ids read, files the read was based on).
-def _pyarrow(out):
-    files = analysis.live_files(out)
-    return ds.dataset(files, format="parquet").to_table(columns=["cell_id"])["cell_id"].to_pylist(), files
+# One way to read each: (table, read(out, files) -> the cell ids read). A reader that is
+# handed the live files holds them a while before opening them (a notebook between cells).
+def _pyarrow(out, files):
+    return ds.dataset(files, format="parquet").to_table(columns=["cell_id"])["cell_id"].to_pylist()
 
 
-def _duckdb(out):
-    files = analysis.live_files(out)
+def _duckdb(out, files):
     rows = duckdb.connect().execute(
         "select cell_id from read_parquet(?, union_by_name=true)", [files]).fetchall()
-    return [r[0] for r in rows], files
+    return [r[0] for r in rows]
 
 
-def _polars(out):
-    files = analysis.live_files(out)
-    return pl.read_parquet(files, columns=["cell_id"])["cell_id"].to_list(), files
+def _polars(out, files):
+    return pl.read_parquet(files, columns=["cell_id"])["cell_id"].to_list()
 
 
-def _pandas(out):
-    files = analysis.live_files(out)
-    return pd.read_parquet(files, columns=["cell_id"])["cell_id"].tolist(), files
+def _pandas(out, files):
+    return pd.read_parquet(files, columns=["cell_id"])["cell_id"].tolist()
 
 
-def _load(out):
-    files = analysis.live_files(out)
-    return analysis.load(out, columns=["cell_id"])["cell_id"].tolist(), files
+def _load(out, files):  # reads the manifest itself
+    return analysis.load(out, columns=["cell_id"])["cell_id"].tolist()
 
 
-def _duckdb_epochs(out):
+def _duckdb_epochs(out, files):
     """Epochs: each (cell, epoch) once; returned as 'cell/epoch' keys."""
-    files = analysis.live_files(out, "epochs")
     rows = duckdb.connect().execute(
         "select cell_id, epoch from read_parquet(?, union_by_name=true)", [files]).fetchall()
-    return [f"{c}/{e}" for c, e in rows], files
+    return [f"{c}/{e}" for c, e in rows]
 
 
-READERS = {"pyarrow": _pyarrow, "duckdb": _duckdb, "polars": _polars, "pandas": _pandas,
-           "analysis.load": _load, "duckdb-epochs": _duckdb_epochs}
+READERS = {"pyarrow": ("trials", _pyarrow), "duckdb": ("trials", _duckdb),
+           "polars": ("trials", _polars), "pandas": ("trials", _pandas),
+           "analysis.load": ("trials", _load), "duckdb-epochs": ("epochs", _duckdb_epochs)}
 
 
 class Tally:
@@ -125,16 +122,18 @@ class Tally:
         self.shrank = collections.defaultdict(list)  # a cell seen earlier missing later
 
 
-def _reader_loop(name, read, out, stop, tally):
+def _reader_loop(name, table, read, out, stop, tally):
     seen: set[str] = set()
     while not stop.is_set():
         try:
-            ids, files = read(out)
+            files = analysis.live_files(out, table)
+            time.sleep(0.03)
+            ids = read(out, files)
         except Exception as e:  # what the test counts: any failed read
             tally.failures[name].append(f"{type(e).__name__}: {str(e)[:200]}")
             continue
         tally.reads[name] += 1
-        if _top_seq(analysis.live_files(out)) != _top_seq(files):
+        if _top_seq(analysis.live_files(out, table)) != _top_seq(files):
             tally.raced[name] += 1
         dup = [c for c, n in collections.Counter(ids).items() if n > 1]
         if dup:
@@ -142,7 +141,7 @@ def _reader_loop(name, read, out, stop, tally):
         if not seen <= set(ids):
             tally.shrank[name].append(sorted(seen - set(ids))[:3])
         seen = set(ids)
-        time.sleep(0.01)
+        time.sleep(0.02)
 
 
 def _status_loop(out, stop, tally, total):
@@ -155,21 +154,23 @@ def _status_loop(out, stop, tally, total):
         tally.reads["study status"] += 1
         if st["done"] > total or st["done"] + st["pending"] != total:
             tally.duplicates["study status"].append(st)
+        time.sleep(1.0)  # a process start each: a few are enough
 
 
 @pytest.mark.slow
 def test_every_reader_races_a_compacting_study_without_failing_or_double_counting(tmp_path):
-    n_cells = 2 * 40
+    n_cells = 2 * 20
     spec, out = _spec(tmp_path, n_cells // 2), tmp_path / "res"
-    driver = _driver(spec, out, retain_s=5.0)
+    # A compaction after every cell; retired files expire during the run.
+    driver = _driver(spec, out, every=1, retain_s=5.0)
     tally, stop = Tally(), threading.Event()
     try:
         deadline = time.monotonic() + 60
         while not live.manifest_path(out).is_file():  # the run's first (tidying) compaction
             assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()
             time.sleep(0.02)
-        threads = [threading.Thread(target=_reader_loop, args=(n, f, out, stop, tally))
-                   for n, f in READERS.items()]
+        threads = [threading.Thread(target=_reader_loop, args=(n, t, f, out, stop, tally))
+                   for n, (t, f) in READERS.items()]
         threads.append(threading.Thread(target=_status_loop, args=(out, stop, tally, n_cells)))
         for t in threads:
             t.start()
@@ -187,12 +188,12 @@ def test_every_reader_races_a_compacting_study_without_failing_or_double_countin
               f"{len(tally.failures[name]):>3}")
     for what in (tally.failures, tally.duplicates, tally.shrank):
         assert {k: v for k, v in what.items() if v} == {}
-    assert compactions >= 20
+    assert compactions >= n_cells
     for name in READERS:  # the test cannot pass by not racing
         assert tally.reads[name] >= 10 and tally.raced[name] >= 3, (name, tally.reads, tally.raced)
     assert tally.reads["study status"] >= 2
     # Finished and idle: the live files and the plain glob both hold each cell once.
-    ids, _ = _duckdb(out)
+    ids = _duckdb(out, analysis.live_files(out))
     assert len(ids) == len(set(ids)) == n_cells
     glob = duckdb.connect().execute(f"select count(*), count(distinct cell_id) from read_parquet("
                                     f"'{out}/trials/*.parquet', union_by_name=true)").fetchall()
@@ -200,12 +201,13 @@ def test_every_reader_races_a_compacting_study_without_failing_or_double_countin
 
 
 def _read_all(out) -> dict[str, list[str]]:
-    return {name: sorted(f(out)[0]) for name, f in READERS.items()}
+    return {name: sorted(f(out, analysis.live_files(out, t))) for name, (t, f) in READERS.items()}
 
 
 def _kill_at(spec: Path, out: Path, step: str, flag: Path) -> None:
     """A run SIGKILLed when its second compaction reaches `step`."""
-    driver = _driver(spec, out, retain_s=0.0, env={"STUDY_TEST_PAUSE": f"{step}:2:{flag}"})
+    driver = _driver(spec, out, every=2, retain_s=0.0,
+                     env={"STUDY_TEST_PAUSE": f"{step}:2:{flag}"})
     try:
         deadline = time.monotonic() + 120
         while not flag.exists():
@@ -245,7 +247,7 @@ def test_sigkill_between_the_compactors_steps_then_every_reader_sees_each_cell_o
 
     # The next run tidies: the missing cells land, every reader and the plain glob see each
     # of the 12 cells once, and .live/ holds only what the manifest lists.
-    r = subprocess.run([sys.executable, "-c", DRIVER, "0", str(spec), "--results", str(out)],
+    r = subprocess.run([sys.executable, "-c", DRIVER, "2", "0", str(spec), "--results", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     seen = _read_all(out)
