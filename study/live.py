@@ -101,7 +101,10 @@ def publish(root: str | Path, schemas: dict[str, pa.Schema], retain_s: float | N
         hidden.mkdir(parents=True, exist_ok=True)
         known = {(e["name"], tuple(e["stat"])): e for e in old[table] if e.get("name")}
         entries = []
-        for src in sorted((root / table).glob("*.parquet")):
+        # Merged files first: readers that take the schema from the first file (pandas,
+        # pyarrow, Polars) get the full one (compaction conforms them), not an old part's.
+        for src in sorted((root / table).glob("*.parquet"),
+                          key=lambda p: (not p.name.startswith("merged-"), p.name)):
             key = _stat_key(src)
             if key is None:
                 continue

@@ -13,11 +13,17 @@ Layout of a results folder DIR:
     weights/<cell_id>.pt         final weights, when the spec says save_weights = true
     quarantine/                  files that could not be read, moved aside with a note
     driver.lock                  held by the one `study run` driving this folder
+    .live/manifest.json          the files live readers open (study.live): second names in
+                                 .live/trials/, .live/epochs/ of the files above, kept a
+                                 while once replaced
 
 Reading it yourself: every row of the study is in `DIR/trials/*.parquet` and every epoch in
 `DIR/epochs/*.parquet` (files being written are hidden `.*.tmp` names the glob skips), each
-cell exactly once, e.g. DuckDB `read_parquet('DIR/trials/*.parquet', union_by_name=true)`,
-Polars `pl.read_parquet('DIR/trials/*.parquet')`, pandas `pd.read_parquet('DIR/trials')`.
+cell exactly once when no compaction is under way, e.g. DuckDB
+`read_parquet('DIR/trials/*.parquet', union_by_name=true)`, Polars
+`pl.read_parquet('DIR/trials/*.parquet')`, pandas `pd.read_parquet('DIR/trials')`. While a
+study runs, read the files `study.live.live_files(DIR)` lists instead (`read_*(live=True)`
+here): each cell once, and no file removed under the read.
 
 Landing a cell writes its two parts, each to a temporary name renamed into place: a crash never
 leaves a half-written file, and a re-run of a cell replaces its part atomically. The driver
@@ -575,12 +581,13 @@ class Store:
 
     # -- reading ----------------------------------------------------------------------------
     @staticmethod
-    def part_ids(folder: Path) -> set[str]:
-        """The cells with rows in `folder` (trials/ or epochs/), merged or not."""
+    def part_ids(folder: Path, live: bool = False) -> set[str]:
+        """The cells with rows in `folder` (trials/ or epochs/), merged or not (`live`: as
+        the live manifest lists them, see read_trials)."""
         folder = Path(folder)
         sch = schema.EPOCHS if folder.name == "epochs" else schema.TRIALS
         store = Store(folder.parent)
-        t = store._read(folder, sch, ["cell_id"], None, False, None)
+        t = store._read(folder, sch, ["cell_id"], None, False, None, live)
         return set(pc.unique(t["cell_id"]).to_pylist())
 
     def cell_ids(self) -> set[str]:

@@ -159,7 +159,7 @@ def _status_loop(out, stop, tally, total):
 
 @pytest.mark.slow
 def test_every_reader_races_a_compacting_study_without_failing_or_double_counting(tmp_path):
-    n_cells = 2 * 20
+    n_cells = 2 * 15
     spec, out = _spec(tmp_path, n_cells // 2), tmp_path / "res"
     # A compaction after every cell; retired files expire during the run.
     driver = _driver(spec, out, every=1, retain_s=5.0)
