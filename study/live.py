@@ -85,11 +85,13 @@ def _empty_file(root: Path, table: str, sch: pa.Schema) -> dict:
 
 
 def publish(root: str | Path, schemas: dict[str, pa.Schema], retain_s: float | None = None,
-            pause=None) -> dict:
+            pause=None, sweep: bool = True) -> dict:
     """List the files now in DIR/trials and DIR/epochs as the live ones (the caller, the
     driver, makes sure each cell is in one of them), retire the rest and remove what was
     retired more than `retain_s` (default RETAIN_S) ago. Returns the manifest written.
-    `pause`: pause_for_test, where a test may stop a compaction between these steps."""
+    `pause`: pause_for_test, where a test may stop a compaction between these steps.
+    `sweep`: also retire second names no manifest knows (what a crash between making one and
+    publishing it left); a driver does it at its first publish."""
     root = Path(root)
     retain_s = RETAIN_S if retain_s is None else retain_s
     old = read_manifest(root) or {t: [] for t in TABLES}
@@ -117,18 +119,20 @@ def publish(root: str | Path, schemas: dict[str, pa.Schema], retain_s: float | N
             entries.append(_empty_file(root, table, schemas[table]))
         new[table] = entries
         listed = {e["file"] for e in entries}
-        # Everything else under .live/<table> is retired from now on (or since earlier).
-        for p in hidden.glob("*.parquet"):
-            rel = f"{LIVE_DIR}/{table}/{p.name}"
-            if rel not in listed:
-                retired.setdefault(rel, now)
+        # Every other second name is retired from now on (or since earlier).
+        dropped = [e["file"] for e in old[table] if e["file"] not in listed]
+        if sweep:
+            dropped += [f"{LIVE_DIR}/{table}/{p.name}" for p in hidden.glob("*.parquet")
+                        if f"{LIVE_DIR}/{table}/{p.name}" not in listed]
+        for rel in dropped:
+            retired.setdefault(rel, now)
         for rel in [r for r in retired if r in listed]:
             del retired[rel]
     expired = [r for r, t in retired.items() if now - t >= retain_s]
     new["retired"] = {r: t for r, t in retired.items() if r not in expired}
     if pause:
         pause("before_manifest")
-    atomic_write_text(manifest_path(root), json.dumps(new, indent=1) + "\n")
+    atomic_write_text(manifest_path(root), json.dumps(new, separators=(",", ":")) + "\n")
     if pause:
         pause("before_retired_removal")
     for rel in expired:  # no manifest names them any more: a crash here only delays this

@@ -258,6 +258,8 @@ class Store:
         # The driver's view of trials/merged-*: seq -> its cells (built on first need, kept
         # up to date by this object's own compactions; only the lock holder compacts).
         self._merged: dict[int, set[str]] | None = None
+        self._in_merged: set[str] | None = None  # their union; None: stale, or a cell repeats
+        self._published = False  # by this object: its first publish also sweeps crash leftovers
         self._loose: int | None = None  # parts landed since the last compaction
         self._loose_since: float | None = None
         self.notes: list[str] = []  # files a compaction had to quarantine
@@ -555,6 +557,7 @@ class Store:
                     path.unlink(missing_ok=True)
             index.pop(s, None)
         index.update(outputs)
+        self._in_merged = None
         self._loose, self._loose_since = 0, None
         self.publish(compaction=True)
 
@@ -563,20 +566,23 @@ class Store:
         them right now (a re-landed cell before its compaction, a crashed compaction's
         leftovers): then readers keep the previous list until the compaction that follows.
         The driver's, under the lock. `compaction`: called as a compaction's last step."""
-        index = self._merged_index()
-        in_merged: set[str] = set()
-        for cells in index.values():
-            if not in_merged.isdisjoint(cells):
-                return False
-            in_merged |= cells
+        in_merged = self._in_merged
+        if in_merged is None:
+            index = self._merged_index()
+            in_merged = set().union(*index.values())
+            if len(in_merged) != sum(map(len, index.values())):
+                return False  # not cached: the compaction that must follow fixes it
+            self._in_merged = in_merged
         for d in (self.trials_dir, self.epochs_dir):
             if any(_name_stem(p) in in_merged for p in _listing(d)[0]):
                 return False
         try:
             live.publish(self.root, {"trials": schema.TRIALS, "epochs": schema.EPOCHS},
-                         pause=live.pause_for_test if compaction else None)
+                         pause=live.pause_for_test if compaction else None,
+                         sweep=not self._published)
         except OSError as e:
             raise StoreError(_os_message(e, live.manifest_path(self.root))) from None
+        self._published = True
         return True
 
     # -- reading ----------------------------------------------------------------------------
@@ -730,7 +736,7 @@ class Store:
                 _atomic_write_text(
                     edest.with_suffix(".reason.txt"),
                     f"the trial rows of these epochs were in {part}, which is unreadable: {reason}\n")
-            self._merged = None  # rebuilt on next need
+            self._merged = self._in_merged = None  # rebuilt on next need
 
     def read_trials(self, quarantine: bool = False, report: ReadReport | None = None,
                     columns: Iterable[str] | None = None,
