@@ -9,6 +9,7 @@ import collections
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -285,6 +286,10 @@ def test_replaced_files_stay_for_the_window_then_go(tmp_path, monkeypatch):
     assert len(analysis.live_files(tmp_path)) == 1 and len(pd.read_parquet(held)) == 4
     with pytest.raises(analysis.AnalysisError, match="table must be"):
         analysis.live_files(tmp_path, "cells")
+    # A store from before manifests (or copied without .live/): the folder's files.
+    shutil.rmtree(tmp_path / ".live")
+    assert analysis.live_files(tmp_path) == [str(p) for p in sorted(store.trials_dir.glob("*.parquet"))]
+    assert len(analysis.load(tmp_path)) == 4
 
 
 def test_a_relanded_cell_is_published_only_once_its_compaction_has_run(tmp_path):
