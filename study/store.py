@@ -652,6 +652,8 @@ class Store:
                     continue  # a compaction replaced files we listed: list again
                 raise StoreError(f"{folder} keeps changing under this reader; try again") from None
             for path, reason in rep.bad_files:
+                if path.parent.parent.name == live.LIVE_DIR:  # a second name: say the store's
+                    path = folder / f"{_name_stem(path)}.parquet"
                 if report is not None:
                     report.add(path, reason)
                 if quarantine:

@@ -463,7 +463,7 @@ def test_unreadable_part_is_noted_not_moved(tmp_path):
     bad.write_bytes(b"PAR1 this is not parquet")
     store.publish()  # as the driver's next landing would: live readers (analysis) read it
     res = analysis.write_figures(tmp_path, only="zoo")
-    assert any("/corrupt." in n for n in res.notes)
+    assert any("trials/corrupt.parquet" in n for n in res.notes)
     assert bad.exists() and not store.quarantine_dir.exists()
 
 
