@@ -10,6 +10,9 @@ Three layers (as in rliable):
                                       n_train * n_classes / n_params and ``q_bin`` (ordered
                                       categorical "[0,1)", "[1,3)", "[3,10)", "[10,inf)");
    ``load_epochs(DIR, cell_ids=None, report=None)``  per-epoch rows;
+   ``live_files(DIR, table="trials")``  the files to hand to DuckDB / Polars / pandas / pyarrow
+                                      to read a running study: each cell once, no file
+                                      vanishing under the read (both loaders read them too);
    ``pairs(df, a="sequential", b="parallel")``  one row per twin pair, status ok only: shared
                                       grid params unsuffixed, per-side columns suffixed ``_a``
                                       / ``_b`` (cell_id, n_params, losses, accuracies, variant
@@ -55,8 +58,9 @@ Both writers raise ``AnalysisError`` (one-line message) for a folder that is not
 store or an unknown architecture; a figure that cannot be drawn is a note, never a crash.
 """
 from ._common import Q_LABELS, AnalysisError, NothingToPlot, add_q
-from .data import (control_summary, controls, evidence, load, load_epochs, network_ids, pairs,
-                   settings, swept_factors, table2, table2_markdown, table2_wide, train_time)
+from .data import (control_summary, controls, evidence, live_files, load, load_epochs,
+                   network_ids, pairs, settings, swept_factors, table2, table2_markdown,
+                   table2_wide, train_time)
 from .figures import FigureResult, write_figures, write_lesion_figure
 from .lesions import plot_lesions
 from .plots import (plot_equivalence, plot_factor_effects, plot_forest, plot_learning_curves,
@@ -67,10 +71,10 @@ from .stats import (arch_effect, bootstrap_median_ci, equivalence, seed_noise, s
                     wilson_interval)
 from sweep.spec import DEFAULT_MARGIN
 
-__all__ = ["AnalysisError", "NothingToPlot", "Q_LABELS", "add_q", "load", "load_epochs", "pairs",
-           "evidence", "controls", "control_summary", "network_ids", "settings",
-           "swept_factors", "table2", "table2_wide", "table2_markdown", "stats", "equivalence",
-           "seed_noise", "seed_pairs", "arch_effect", "DEFAULT_MARGIN",
+__all__ = ["AnalysisError", "NothingToPlot", "Q_LABELS", "add_q", "load", "load_epochs",
+           "live_files", "pairs", "evidence", "controls", "control_summary", "network_ids",
+           "settings", "swept_factors", "table2", "table2_wide", "table2_markdown", "stats",
+           "equivalence", "seed_noise", "seed_pairs", "arch_effect", "DEFAULT_MARGIN",
            "wilson_interval", "bootstrap_median_ci", "plot_equivalence", "plot_table2",
            "plot_ratio_distribution", "plot_factor_effects", "plot_learning_curves", "plot_zoo",
            "plot_forest", "plot_seed_noise", "plot_time_ratio", "train_time",

@@ -10,12 +10,12 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
-from study import schema
+from study import live, schema
 from study.store import ReadReport, Store
 from sweep import twins
 from sweep.params import ARCH_SPECIFIC
 
-from ._common import (METRICS, Q_LABELS, add_q, arch_order, check_compare,
+from ._common import (METRICS, Q_LABELS, AnalysisError, add_q, arch_order, check_compare,
                       check_store, dataset_label, dataset_order)
 
 # Grid parameters a cell shares with its twins (pair_key is a hash of exactly these).
@@ -41,8 +41,24 @@ def load(root: str | Path, report: ReadReport | None = None,
     if columns is not None:
         columns = list(dict.fromkeys([*columns, "cell_id", "status", "n_train", "n_classes",
                                       "n_params"]))
-    df = Store(root).read_trials(quarantine=False, report=report, columns=columns)
+    df = Store(root).read_trials(quarantine=False, report=report, columns=columns, live=True)
     return add_q(df)
+
+
+def live_files(root: str | Path, table: str = "trials") -> list[str]:
+    """The files to read for `table` ("trials" or "epochs") of the store at `root`, running or
+    not: each landed cell is in exactly one of them, and each stays readable for
+    study.live.RETAIN_S seconds after a compaction replaced it (call this again for every
+    read). For `duckdb read_parquet([...], union_by_name=true)`, `pl.read_parquet([...])`,
+    `pd.read_parquet([...])`, `pyarrow.dataset.dataset([...])`. A store that no `study run`
+    of this version has touched has no manifest: then the folder's files, as the glob sees them."""
+    root = check_store(root)
+    if table not in live.TABLES:
+        raise AnalysisError(f"table must be 'trials' or 'epochs', not {table!r}")
+    files = live.live_files(root, table)
+    if files is None:
+        files = sorted(str(p) for p in (root / table).glob("*.parquet"))
+    return files
 
 
 def load_epochs(root: str | Path, cell_ids: Iterable[str] | None = None,
@@ -57,7 +73,7 @@ def load_epochs(root: str | Path, cell_ids: Iterable[str] | None = None,
     store = Store(root)
     if cell_ids is not None:
         cell_ids = list(dict.fromkeys(cell_ids))
-    df = store.read_epochs(quarantine=False, report=report, cell_ids=cell_ids)
+    df = store.read_epochs(quarantine=False, report=report, cell_ids=cell_ids, live=True)
     return df.sort_values(["cell_id", "epoch"], kind="stable").reset_index(drop=True)
 
 
@@ -142,7 +158,8 @@ def train_time(root: str | Path, cell_ids: Iterable[str] | None = None,
         return pd.Series(dtype=float)
     ep = Store(check_store(root)).read_epochs(quarantine=False, report=report,
                                               columns=["cell_id", "train_s"],
-                                              cell_ids=None if cell_ids is None else list(cell_ids))
+                                              cell_ids=None if cell_ids is None else list(cell_ids),
+                                              live=True)
     ep = ep.dropna(subset=["train_s"])
     return ep.groupby("cell_id")["train_s"].median() if len(ep) else pd.Series(dtype=float)
 

@@ -253,7 +253,7 @@ def _curves(root: Path, pdf: pd.DataFrame, keys, notes: list[str]):
         if not rows:
             raise NothingToPlot("none of the requested pair keys names a complete pair")
     else:
-        rows = _data.choose_curve_pairs(pdf, Store.part_ids(Store(root).epochs_dir))
+        rows = _data.choose_curve_pairs(pdf, Store.part_ids(Store(root).epochs_dir, live=True))
         if not rows:
             raise NothingToPlot("no complete pair has epoch records for both twins")
     chosen = pdf.loc[rows]

@@ -90,7 +90,7 @@ def _progress(res: Analysis) -> tuple[dict, str, str]:
                 ids = [c.cell_id for c in parse_spec(source, origin=str(store.spec_path)).cells()]
         except SpecError as e:
             spec_note = f"spec.toml does not parse ({e}); grid size unknown"
-    n = count_cells(res.trials, ids, in_flight=store.in_flight())
+    n = count_cells(res.trials, ids, in_flight=store.in_flight(done=res.trials["cell_id"]))
     counts = {**n.by_status(), "running": n.in_flight, "grid": n.total,
               # pending here: neither done nor running
               "pending": None if n.pending is None else n.pending - n.in_flight,

@@ -98,7 +98,7 @@ def cmd_plan(args) -> int:
     print("fixed: " + ", ".join(f"{k}={v}" for k, v in fixed.items()))
     _print_counts(cells)
     store = Store(_results_dir(args, spec))
-    n = count_cells(store.read_trials(columns=STATUS_COLUMNS), [c.cell_id for c in cells])
+    n = count_cells(store.read_trials(columns=STATUS_COLUMNS, live=True), [c.cell_id for c in cells])
     print(f"results: {store.root}: {n.done} done ({n.ok} ok, {n.failed} failed, "
           f"{n.diverged} diverged), {n.pending} pending")
     from .coverage import format_coverage, q_coverage

@@ -98,7 +98,7 @@ def run_lesion(results_dir: str | Path, data_dir: str | Path | None = None,
     Returns (table, [parquet]); `table.attrs["notes"]` lists what was skipped and why.
     """
     root = Path(results_dir)
-    trials = Store(root).read_trials()
+    trials = Store(root).read_trials(live=True)  # a study may be running
     saved = trials[(trials["status"] == "ok") & trials["weights_path"].notna()]
     if saved.empty:
         raise LesionError(f"no cell in {root} has saved weights; run the study with "

@@ -270,6 +270,7 @@ def run_study(spec: Spec, opts: RunOptions, out=sys.stderr) -> RunSummary:
             print(f"[study] unreadable part moved to {store.quarantine_dir}: {bad}; "
                   "its cell will run again", file=out)
         store.save_spec(spec.source, spec.name, spec.origin)
+        store.compact()  # what a crashed run left; publishes the live files for readers
         if view.enumerated is not None:
             store.save_cell_ids(spec.source, [c.cell_id for c in view.enumerated])
         pending, counts = view.pending, view.counts
@@ -357,7 +358,8 @@ def status(store: Store) -> dict:
     else:
         spec = parse_spec(source, origin=str(store.spec_path))
         cells = {c.cell_id for c in spec.cells()}
-    df = store.read_trials(report=ReadReport(), columns=["cell_id", "status", "wall_s", "same_network_as"])
+    df = store.read_trials(report=ReadReport(), columns=["cell_id", "status", "wall_s", "same_network_as"],
+                           live=True)  # a running driver compacts meanwhile
     counts = count_cells(df, cells, in_flight=store.in_flight(done=df["cell_id"]))
     df = df[pc.is_in(pa.array(df["cell_id"], pa.string()),
                      value_set=pa.array(list(cells), pa.string())).to_numpy(zero_copy_only=False)]

@@ -13,11 +13,17 @@ Layout of a results folder DIR:
     weights/<cell_id>.pt         final weights, when the spec says save_weights = true
     quarantine/                  files that could not be read, moved aside with a note
     driver.lock                  held by the one `study run` driving this folder
+    .live/manifest.json          the files live readers open (study.live): second names in
+                                 .live/trials/, .live/epochs/ of the files above, kept a
+                                 while once replaced
 
 Reading it yourself: every row of the study is in `DIR/trials/*.parquet` and every epoch in
 `DIR/epochs/*.parquet` (files being written are hidden `.*.tmp` names the glob skips), each
-cell exactly once, e.g. DuckDB `read_parquet('DIR/trials/*.parquet', union_by_name=true)`,
-Polars `pl.read_parquet('DIR/trials/*.parquet')`, pandas `pd.read_parquet('DIR/trials')`.
+cell exactly once when no compaction is under way, e.g. DuckDB
+`read_parquet('DIR/trials/*.parquet', union_by_name=true)`, Polars
+`pl.read_parquet('DIR/trials/*.parquet')`, pandas `pd.read_parquet('DIR/trials')`. While a
+study runs, read the files `study.live.live_files(DIR)` lists instead (`read_*(live=True)`
+here): each cell once, and no file removed under the read.
 
 Landing a cell writes its two parts, each to a temporary name renamed into place: a crash never
 leaves a half-written file, and a re-run of a cell replaces its part atomically. The driver
@@ -54,7 +60,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from . import schema
+from . import live, schema
 from .atomic import atomic_write_bytes, atomic_write_table
 from .atomic import atomic_write_text as _atomic_write_text
 
@@ -146,6 +152,28 @@ def _listing(folder: Path) -> tuple[list[Path], dict[int, Path]]:
     return sorted(parts), dict(sorted(merged.items()))
 
 
+def _name_stem(p: Path) -> str:
+    """A part's cell id: its name up to the first dot (`<cell_id>.parquet`, or a live
+    reader's second name `<cell_id>.<tag>.parquet`)."""
+    return p.name.split(".", 1)[0]
+
+
+def _live_listing(root: Path, table: str) -> tuple[list[Path], dict[int, Path]] | None:
+    """(parts, {seq: merged file}) as the live manifest lists them (their second names under
+    .live/), or None where no manifest was published (a store from before manifests)."""
+    m = live.read_manifest(root)
+    if m is None:
+        return None
+    parts, merged = [], {}
+    for e in m[table]:
+        seq = merged_seq(e["name"]) if e.get("name") else None
+        if seq is not None:
+            merged[seq] = root / e["file"]
+        else:  # a part, or the empty file of a table without rows
+            parts.append(root / e["file"])
+    return sorted(parts), dict(sorted(merged.items()))
+
+
 def _is_cell_id(stem: str) -> bool:
     return len(stem) == 16 and all(c in "0123456789abcdef" for c in stem)
 
@@ -230,6 +258,8 @@ class Store:
         # The driver's view of trials/merged-*: seq -> its cells (built on first need, kept
         # up to date by this object's own compactions; only the lock holder compacts).
         self._merged: dict[int, set[str]] | None = None
+        self._in_merged: set[str] | None = None  # their union; None: stale, or a cell repeats
+        self._published = False  # by this object: its first publish also sweeps crash leftovers
         self._loose: int | None = None  # parts landed since the last compaction
         self._loose_since: float | None = None
         self.notes: list[str] = []  # files a compaction had to quarantine
@@ -306,6 +336,7 @@ class Store:
             self._loose_since = time.monotonic()
         # The row is safely in place: the cell's checkpoint has done its job.
         self.checkpoint_path(cell_id).unlink(missing_ok=True)
+        self.publish()
 
     def write_results(self, results: Iterable[tuple[dict, list[dict]]]) -> None:
         """Land many finished cells at once (rows and their epochs as dicts): see write_tables."""
@@ -444,6 +475,7 @@ class Store:
         orphans = set(emerged) - set(tmerged)  # epochs whose trials file is gone
         if not (tparts or eparts or extra or repeated or orphans):
             self._loose, self._loose_since = 0, None
+            self.publish()  # retire and remove what waited out its window
             return
         stats = {p: _stat(p) for p in tparts + eparts}
         rep = ReadReport()
@@ -515,6 +547,7 @@ class Store:
             _atomic_write_table(t, self.trials_dir / f"{MERGED_PREFIX}{seq:08d}.parquet")
             outputs[seq] = set(chunk)
             seq += 1
+        live.pause_for_test("before_removal")
         for p in tparts + eparts:
             if p.exists() and _stat(p) == stats.get(p):  # a part rewritten meanwhile is newer
                 p.unlink(missing_ok=True)
@@ -524,16 +557,43 @@ class Store:
                     path.unlink(missing_ok=True)
             index.pop(s, None)
         index.update(outputs)
+        self._in_merged = None
         self._loose, self._loose_since = 0, None
+        self.publish(compaction=True)
+
+    def publish(self, compaction: bool = False) -> bool:
+        """Publish the files on disk to live readers (study.live), unless a cell is in two of
+        them right now (a re-landed cell before its compaction, a crashed compaction's
+        leftovers): then readers keep the previous list until the compaction that follows.
+        The driver's, under the lock. `compaction`: called as a compaction's last step."""
+        in_merged = self._in_merged
+        if in_merged is None:
+            index = self._merged_index()
+            in_merged = set().union(*index.values())
+            if len(in_merged) != sum(map(len, index.values())):
+                return False  # not cached: the compaction that must follow fixes it
+            self._in_merged = in_merged
+        for d in (self.trials_dir, self.epochs_dir):
+            if any(_name_stem(p) in in_merged for p in _listing(d)[0]):
+                return False
+        try:
+            live.publish(self.root, {"trials": schema.TRIALS, "epochs": schema.EPOCHS},
+                         pause=live.pause_for_test if compaction else None,
+                         sweep=not self._published)
+        except OSError as e:
+            raise StoreError(_os_message(e, live.manifest_path(self.root))) from None
+        self._published = True
+        return True
 
     # -- reading ----------------------------------------------------------------------------
     @staticmethod
-    def part_ids(folder: Path) -> set[str]:
-        """The cells with rows in `folder` (trials/ or epochs/), merged or not."""
+    def part_ids(folder: Path, live: bool = False) -> set[str]:
+        """The cells with rows in `folder` (trials/ or epochs/), merged or not (`live`: as
+        the live manifest lists them, see read_trials)."""
         folder = Path(folder)
         sch = schema.EPOCHS if folder.name == "epochs" else schema.TRIALS
         store = Store(folder.parent)
-        t = store._read(folder, sch, ["cell_id"], None, False, None)
+        t = store._read(folder, sch, ["cell_id"], None, False, None, live)
         return set(pc.unique(t["cell_id"]).to_pylist())
 
     def cell_ids(self) -> set[str]:
@@ -543,7 +603,7 @@ class Store:
     def _read_parts(self, parts: list[Path], sch: pa.Schema, cols: list[str],
                     ids: set[str] | None, quarantine: bool, report: ReadReport | None) -> pa.Table:
         if ids is not None:  # a part of ours is named by its cell; others may hold any cell
-            parts = [p for p in parts if p.stem in ids or not _is_cell_id(p.stem)]
+            parts = [p for p in parts if _name_stem(p) in ids or not _is_cell_id(_name_stem(p))]
         if not parts:
             return pa.schema([sch.field(c) for c in cols]).empty_table()
         filt = pc.field("cell_id").isin(sorted(ids)) if ids is not None else None
@@ -576,7 +636,7 @@ class Store:
 
     def _read(self, folder: Path, sch: pa.Schema, columns: Iterable[str] | None,
               cell_ids: Iterable[str] | None, quarantine: bool,
-              report: ReadReport | None) -> pa.Table:
+              report: ReadReport | None, live_read: bool = False) -> pa.Table:
         cols = list(sch.names) if columns is None else list(dict.fromkeys(columns))
         unknown = [c for c in cols if c not in sch.names]
         if unknown:
@@ -586,12 +646,14 @@ class Store:
         for attempt in range(5):
             rep = ReadReport()
             try:
-                t = self._read_once(folder, sch, rcols, ids, rep)
+                t = self._read_once(folder, sch, rcols, ids, rep, live_read)
             except _Vanished:
                 if attempt < 4:
                     continue  # a compaction replaced files we listed: list again
                 raise StoreError(f"{folder} keeps changing under this reader; try again") from None
             for path, reason in rep.bad_files:
+                if path.parent.parent.name == live.LIVE_DIR:  # a second name: say the store's
+                    path = folder / f"{_name_stem(path)}.parquet"
                 if report is not None:
                     report.add(path, reason)
                 if quarantine:
@@ -600,8 +662,9 @@ class Store:
         raise AssertionError("unreachable")
 
     def _read_once(self, folder: Path, sch: pa.Schema, cols: list[str], ids: list[str] | None,
-                   report: ReadReport) -> pa.Table:
-        parts, merged = _listing(folder)
+                   report: ReadReport, live_read: bool = False) -> pa.Table:
+        listed = _live_listing(self.root, folder.name) if live_read else None
+        parts, merged = _listing(folder) if listed is None else listed
         idset = None if ids is None else set(ids)
         ptable = self._read_parts(parts, sch, cols, idset, False, report)
         sources = [(_PART_RANK, _conform_table(ptable, sch, cols))]
@@ -675,22 +738,24 @@ class Store:
                 _atomic_write_text(
                     edest.with_suffix(".reason.txt"),
                     f"the trial rows of these epochs were in {part}, which is unreadable: {reason}\n")
-            self._merged = None  # rebuilt on next need
+            self._merged = self._in_merged = None  # rebuilt on next need
 
     def read_trials(self, quarantine: bool = False, report: ReadReport | None = None,
                     columns: Iterable[str] | None = None,
-                    cell_ids: Iterable[str] | None = None) -> pd.DataFrame:
-        """Trial rows (each cell once, its newest row); `columns`/`cell_ids` read only those."""
+                    cell_ids: Iterable[str] | None = None, live: bool = False) -> pd.DataFrame:
+        """Trial rows (each cell once, its newest row); `columns`/`cell_ids` read only those.
+        `live`: read the files of the live manifest (study.live), as every reader but the
+        driver does: a compaction running meanwhile never removes a file under the read."""
         return self._read(self.trials_dir, schema.TRIALS, columns, cell_ids, quarantine,
-                          report).to_pandas()
+                          report, live).to_pandas()
 
     def read_epochs(self, quarantine: bool = False, report: ReadReport | None = None,
                     columns: Iterable[str] | None = None,
-                    cell_ids: Iterable[str] | None = None) -> pd.DataFrame:
+                    cell_ids: Iterable[str] | None = None, live: bool = False) -> pd.DataFrame:
         """Epoch rows (each cell's from one file, the newest); `cell_ids` reads only the row
-        groups that can hold those cells."""
+        groups that can hold those cells; `live` as in read_trials."""
         return self._read(self.epochs_dir, schema.EPOCHS, columns, cell_ids, quarantine,
-                          report).to_pandas()
+                          report, live).to_pandas()
 
 
 def _spec_key(source: str) -> str:

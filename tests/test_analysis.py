@@ -102,6 +102,7 @@ def build(root: Path, text: str = TINY, keep=lambda c: True, status=lambda c: "o
         if not epochs(c):
             (store.epochs_dir / f"{c.cell_id}.parquet").unlink()
         rows.append(row)
+    store.publish()  # what live readers see (analysis reads that): the epochs removed above too
     return store, rows
 
 
@@ -462,8 +463,9 @@ def test_unreadable_part_is_noted_not_moved(tmp_path):
     store, rows = build(tmp_path)
     bad = store.trials_dir / "corrupt.parquet"
     bad.write_bytes(b"PAR1 this is not parquet")
+    store.publish()  # as the driver's next landing would: live readers (analysis) read it
     res = analysis.write_figures(tmp_path, only="zoo")
-    assert any("corrupt.parquet" in n for n in res.notes)
+    assert any("trials/corrupt.parquet" in n for n in res.notes)
     assert bad.exists() and not store.quarantine_dir.exists()
 
 
