@@ -568,11 +568,14 @@ class LiveExport:
     queues, so a tracker that is down or slow never stalls or fails the study. A target that
     fails is dropped with a one-line warning; `study export` catches up later."""
 
-    CLOSE_WAIT_S = 10.0  # at the end of a run, at most this long for what is still queued
+    # At the end of a run, wait for what is still queued while it moves: give up once nothing
+    # has moved for this long (a slow tracker delays the end of a study by this much at most).
+    CLOSE_WAIT_S = 15.0
 
     def __init__(self, store: Store, targets: list[tuple[str, str | None]], out=sys.stderr):
         self.store, self.targets, self.out = store, targets, out
         self.q: queue.Queue = queue.Queue()
+        self.moved = time.monotonic()  # last sign of progress of the export thread
         self.thread = threading.Thread(target=self._loop, name="study-export", daemon=True)
         self.thread.start()
 
@@ -581,8 +584,10 @@ class LiveExport:
 
     def close(self, wait: bool = True) -> None:
         self.q.put(None)
+        self.moved = time.monotonic()
         if wait:
-            self.thread.join(self.CLOSE_WAIT_S)
+            while self.thread.is_alive() and time.monotonic() - self.moved < self.CLOSE_WAIT_S:
+                self.thread.join(0.2)
             if self.thread.is_alive():
                 self._warn("export", "still busy at the end of the run; left behind, run "
                            f"`study export {self.store.root}` to finish it")
@@ -595,6 +600,7 @@ class LiveExport:
         bound_http_retries(0, 5)  # a dead server costs one attempt, not minutes
         opened = []
         for kind, where in self.targets:
+            self.moved = time.monotonic()
             try:
                 opened.append((kind, where, MlflowTarget(self.store, where) if kind == MLFLOW_PACKAGE
                                else TensorBoardTarget(self.store, where)))
@@ -615,6 +621,7 @@ class LiveExport:
             for t in list(opened):
                 if not self._try(t, lambda target: self._one(target, cell)):
                     opened.remove(t)
+                self.moved = time.monotonic()
         for t in opened or ():
             if t[0] == MLFLOW_PACKAGE:
                 self._try(t, lambda target: target.finish_parent())
