@@ -355,7 +355,8 @@ def headline(stats_csv: Path) -> tuple[list, list]:
                 metrics.append(Metric(f"headline.{key}.{col}", float(r[col]), now, 0))
         lo, hi, p = (r.get(k, float("nan")) for k in ("ratio_ci_low", "ratio_ci_high", "p_holm"))
         reliable = _finite(p) and p < 0.05 and ((_finite(hi) and hi < 1) or (_finite(lo) and lo > 1))
-        verdict = (("b lower" if r["median_ratio"] < 1 else "a lower") if reliable
+        a, b = r.get("a", "a"), r.get("b", "b")
+        verdict = (f"{b if r['median_ratio'] < 1 else a} reliably lower" if reliable
                    else "neither reliably lower")
         tags.append((f"verdict.{key}", verdict))
     return metrics, tags
