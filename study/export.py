@@ -264,10 +264,13 @@ class MlflowTarget:
         return todo, stale, same
 
     def write(self, cells: list[Cell], stale: list[str]) -> None:
-        write_cells(self.client, self.experiment_id, self.parent_id, self.study_id, self.axes,
-                    cells, stale)
+        ids = write_cells(self.client, self.experiment_id, self.parent_id, self.study_id,
+                          self.axes, cells, stale)
+        self.remember(cells, ids)
+
+    def remember(self, cells: list[Cell], run_ids: dict[str, str]) -> None:
         for c in cells:
-            self.runs[c.cell_id] = ("", c.finished, True)
+            self.runs[c.cell_id] = (run_ids[c.cell_id], c.finished, True)
 
     def finish_parent(self) -> None:
         """The parent's artifacts (spec, report, figures) and the headline, when they exist."""
@@ -284,11 +287,12 @@ class MlflowTarget:
 
 
 def write_cells(client, experiment_id: str, parent_id: str, study_id: str, axes: list[str],
-                cells: list[Cell], stale: Iterable[str] = ()) -> None:
+                cells: list[Cell], stale: Iterable[str] = ()) -> dict[str, str]:
     """One child run per cell: params, tags, histories and finals in as few calls as MLflow
-    allows (create, one log_batch of up to 1000 values, terminate)."""
-    from mlflow.entities import Metric, Param, RunTag
+    allows (create, one log_batch of up to 1000 values, terminate). Returns their run ids."""
+    from mlflow.entities import Metric, Param
 
+    ids = {}
     for run_id in stale:
         client.delete_run(run_id)  # replaced, never appended to
     for c in cells:
@@ -298,7 +302,7 @@ def write_cells(client, experiment_id: str, parent_id: str, study_id: str, axes:
         start = _ms(row.get("started_at"))
         run = client.create_run(experiment_id, start_time=start, tags=tags,
                                 run_name=run_name(row, axes))
-        run_id = run.info.run_id
+        run_id = ids[c.cell_id] = run.info.run_id
         params = [Param(k, str(row[k])) for k in PARAMS if row.get(k) is not None]
         t0 = start if start is not None else int(time.time() * 1000)
         ep = c.epochs
@@ -317,6 +321,7 @@ def write_cells(client, experiment_id: str, parent_id: str, study_id: str, axes:
         _log_batch(client, run_id, metrics=metrics, params=params)
         status = "FINISHED" if row.get("status") == "ok" else "FAILED"
         client.set_terminated(run_id, status, end_time=end)
+    return ids
 
 
 def _log_batch(client, run_id: str, metrics=(), params=(), tags=()) -> None:
@@ -415,14 +420,14 @@ def _write_in_processes(target: MlflowTarget, todo: list[Cell], stale: list[str]
     chunks = [todo[i::workers] for i in range(workers)]
     args = (target.uri, target.experiment_id, target.parent_id, target.study_id, target.axes)
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        for f in [pool.submit(_write_worker, *args, chunk) for chunk in chunks if chunk]:
-            f.result()
+        for chunk, f in [(ch, pool.submit(_write_worker, *args, ch)) for ch in chunks if ch]:
+            target.remember(chunk, f.result())
 
 
-def _write_worker(uri, experiment_id, parent_id, study_id, axes, cells) -> None:
+def _write_worker(uri, experiment_id, parent_id, study_id, axes, cells) -> dict[str, str]:
     from mlflow.tracking import MlflowClient
 
-    write_cells(MlflowClient(tracking_uri=uri), experiment_id, parent_id, study_id, axes, cells)
+    return write_cells(MlflowClient(tracking_uri=uri), experiment_id, parent_id, study_id, axes, cells)
 
 
 # -- TensorBoard ---------------------------------------------------------------------------------
