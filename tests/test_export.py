@@ -259,3 +259,19 @@ def test_live_export_lands_cells_and_a_dead_tracker_never_stalls_the_study(tmp_p
           f"{t_live:.1f} s with live export to local MLflow + TensorBoard")
     assert t_dead < t_plain + 15, (t_plain, t_dead)
     assert plain.returncode == dead.returncode
+
+
+def test_names_made_safe_for_the_filesystem_and_bad_commands_refused(tmp_path):
+    from study.export import run_name, safe_folder
+
+    name = run_name({"architecture": "parallel", "dataset": HOSTILE, "layers": 2}, ["dataset", "layers"])
+    folder = safe_folder(name, "0123456789abcdef")
+    assert folder.endswith("__0123456789abcdef") and "/" not in folder and "<" not in folder
+    assert set(folder) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._=+-")
+    p = run_cli("export", tmp_path / "nothing", "--mlflow")
+    assert p.returncode == 3 and "holds no study" in p.stderr and p.stderr.count("\n") == 1
+    assert not (tmp_path / "nothing").exists()
+    p = run_cli("export", tmp_path / "nothing")
+    assert p.returncode == 2 and "--mlflow" in p.stderr and p.stderr.count("\n") == 1
+    p = run_cli("run", "demo", "--results", tmp_path / "x", "--export", "wandb")
+    assert p.returncode == 2 and "mlflow[=URI]" in p.stderr and p.stderr.count("\n") == 1
