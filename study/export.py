@@ -576,7 +576,7 @@ class LiveExport:
 
     # At the end of a run, wait for what is still queued while it moves: give up once nothing
     # has moved for this long (a slow tracker delays the end of a study by this much at most).
-    CLOSE_WAIT_S = 15.0
+    CLOSE_WAIT_S = 30.0
 
     def __init__(self, store: Store, targets: list[tuple[str, str | None]], out=sys.stderr):
         self.store, self.targets, self.out = store, targets, out
@@ -595,12 +595,12 @@ class LiveExport:
             while self.thread.is_alive() and time.monotonic() - self.moved < self.CLOSE_WAIT_S:
                 self.thread.join(0.2)
             if self.thread.is_alive():
-                self._warn("export", "still busy at the end of the run; left behind, run "
+                self._warn("", "still busy at the end of the run; left behind, run "
                            f"`study export {self.store.root}` to finish it")
 
     def _warn(self, kind: str, why: str) -> None:
-        print(f"[study] warning: live export to {kind} {why}; the study goes on", file=self.out,
-              flush=True)
+        print(f"[study] warning: live export{' to ' + kind if kind else ''} {why}; the study "
+              "goes on", file=self.out, flush=True)
 
     def _open(self) -> list:
         bound_http_retries(0, 5)  # a dead server costs one attempt, not minutes
@@ -616,19 +616,18 @@ class LiveExport:
         return opened
 
     def _loop(self) -> None:
-        opened = None
+        opened = self._open()  # at once: importing mlflow and opening its store take seconds
+        self.moved = time.monotonic()
         while True:
             item = self.q.get()
             if item is None:
                 break
-            if opened is None:
-                opened = self._open()
             cell = cell_from_rows(*item)
             for t in list(opened):
                 if not self._try(t, lambda target: self._one(target, cell)):
                     opened.remove(t)
                 self.moved = time.monotonic()
-        for t in opened or ():
+        for t in opened:
             if t[0] == MLFLOW_PACKAGE:
                 self._try(t, lambda target: target.finish_parent())
 
