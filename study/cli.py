@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -44,6 +45,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redraw", action="store_true",
                    help="draw the figures and report even when no cell ran")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--export", action="append", default=[], metavar="TRACKER[=WHERE]",
+                   help="export cells to a tracker as they land: mlflow[=URI] or "
+                        "tensorboard[=LOGDIR] (repeatable; a tracker down never stops the study)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "default the spec's [analysis] margin, else 0.1")
         if name == "figures":
             p.add_argument("--pairs", help="comma-separated pair_keys for the learning curves")
+
+    p = sub.add_parser("export", help="export a study to MLflow and/or TensorBoard (idempotent)")
+    p.add_argument("results")
+    p.add_argument("--mlflow", nargs="?", const="", metavar="URI",
+                   help="MLflow tracking URI (default: a local store in DIR/mlflow)")
+    p.add_argument("--tensorboard", nargs="?", const="", metavar="LOGDIR",
+                   help="TensorBoard log folder (default DIR/tensorboard)")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                   help="processes writing MLflow runs (default: up to 2)")
 
     p = sub.add_parser("lesion", help="remove/swap blocks of saved cells and measure the loss")
     p.add_argument("results")
@@ -158,7 +171,8 @@ def _run(spec, results: Path, args) -> int:
                       executor=args.executor, address=args.address,
                       cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
                       max_concurrent=args.max_concurrent, max_failures=args.max_failures,
-                      retry_failed=args.retry_failed, quiet=args.quiet)
+                      retry_failed=args.retry_failed, quiet=args.quiet,
+                      export=tuple(_export_targets(args.export)))
     store = Store(results)
     judged_before = _saved_analysis(store, spec)
     summary = run_study(spec, opts)
@@ -254,6 +268,51 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _export_targets(values: list[str]) -> list:
+    if not values:
+        return []
+    from .export import MissingPackage, parse_targets, require
+
+    targets = parse_targets(values)
+    for kind, _ in targets:
+        try:
+            require(kind)
+        except MissingPackage as e:
+            raise SpecError(str(e)) from None
+    return targets
+
+
+def cmd_export(args) -> int:
+    """One line per tracker: what was exported, and the command that opens it."""
+    from .export import (MissingPackage, TrackerError, bound_http_retries, export_mlflow,
+                         export_tensorboard)
+
+    if args.mlflow is None and args.tensorboard is None:
+        raise SpecError("study export: name a tracker, --mlflow [URI] and/or --tensorboard [LOGDIR]")
+    store = Store(args.results)
+    store.study_id()  # a folder without a study is refused here, in one line
+    try:
+        if args.mlflow is not None:
+            bound_http_retries(2, 15)  # fail within about a minute, not after MLflow's minutes
+            n = export_mlflow(store, args.mlflow or None, workers=max(1, args.workers))
+            print(f"mlflow: {n.added} runs added, {n.replaced} replaced, {n.unchanged} unchanged "
+                  f"in {n.wall_s:.1f} s ({n.where})")
+            if not args.mlflow:
+                print(f"open it with: mlflow ui --backend-store-uri {n.where}")
+        if args.tensorboard is not None:
+            n = export_tensorboard(store, args.tensorboard or None)
+            print(f"tensorboard: {n.added} runs added, {n.replaced} replaced, {n.unchanged} "
+                  f"unchanged in {n.wall_s:.1f} s")
+            print(f"open it with: tensorboard --logdir {n.where}")
+    except MissingPackage as e:
+        print(f"study: {e}", file=sys.stderr)
+        return EXIT_SPEC
+    except TrackerError as e:
+        print(f"study: {e}", file=sys.stderr)
+        return EXIT_ENV
+    return 0
+
+
 def cmd_lesion(args) -> int:
     from .lesion import run_lesion
 
@@ -270,7 +329,8 @@ def cmd_lesion(args) -> int:
 
 
 COMMANDS = {"plan": cmd_plan, "run": cmd_run, "resume": cmd_resume, "status": cmd_status,
-            "figures": cmd_figures, "report": cmd_report, "lesion": cmd_lesion}
+            "figures": cmd_figures, "report": cmd_report, "lesion": cmd_lesion,
+            "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

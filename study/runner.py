@@ -39,6 +39,7 @@ class RunOptions:
     max_failures: int = 2
     retry_failed: bool = False
     quiet: bool = False
+    export: tuple = ()  # live export targets: ("mlflow"|"tensorboard", URI/LOGDIR or None)
 
 
 @dataclass
@@ -309,13 +310,21 @@ def run_study(spec: Spec, opts: RunOptions, out=sys.stderr) -> RunSummary:
                   + f" ({done} already in {store.root}), executor {opts.executor}",
                   file=out, flush=True)
         t0 = time.time()
+        live = None
+        if opts.export:  # off the training path: a background thread fed as rows land
+            from .export import LiveExport
+            live = LiveExport(store, list(opts.export), out=out)
 
         def land(row: dict, epochs: list[dict]) -> None:
             store.write_result(row, epochs)
             landed = [row["cell_id"]]
+            if live is not None:
+                live.submit(row, epochs)
             for twin in twins_of.get(row["cell_id"], ()):
-                store.write_result(*twin_result(row, epochs, twin))
+                store.write_result(*(twin_row := twin_result(row, epochs, twin)))
                 landed.append(twin.cell_id)
+                if live is not None:
+                    live.submit(*twin_row)
             for cell_id in landed:
                 store.maybe_compact(cell_id)
             while store.notes:
@@ -333,7 +342,11 @@ def run_study(spec: Spec, opts: RunOptions, out=sys.stderr) -> RunSummary:
             progress.done += len(landed) - 1
             progress.tick()
 
-        executor.runner()(pending, trial_opts, land, progress, opts, store)
+        try:
+            executor.runner()(pending, trial_opts, land, progress, opts, store)
+        finally:
+            if live is not None:
+                live.close(wait=sys.exc_info()[0] is None)
         store.compact()  # readers find a handful of files, not one per cell
         summary.wall_s = time.time() - t0
         store.remove_empty_checkpoints_dir()  # only in-flight cells' checkpoints stay

@@ -287,6 +287,7 @@ class Store:
         atomic_write_text(self.spec_path, source)
         meta = self.meta()
         meta.setdefault("created_at", _now().isoformat())
+        meta.setdefault("study_id", uuid.uuid4().hex)  # made once: a study is its folder
         meta.update({"name": name, "origin": origin, "updated_at": _now().isoformat()})
         atomic_write_text(self.meta_path, json.dumps(meta, indent=2) + "\n")
 
@@ -313,6 +314,18 @@ class Store:
             return json.loads(self.meta_path.read_text())
         except (OSError, ValueError):
             return {}
+
+    def study_id(self) -> str:
+        """The study's id, made when it was created (two folders of one spec are two
+        studies); a folder from before ids gets one on first need."""
+        meta = self.meta()
+        if not meta.get("study_id"):
+            if not self.exists():
+                raise StoreError(f"{self.root} holds no study (no spec.toml); run `study run "
+                                 f"SPEC --results {self.root}` first")
+            meta["study_id"] = uuid.uuid4().hex
+            atomic_write_text(self.meta_path, json.dumps(meta, indent=2) + "\n")
+        return meta["study_id"]
 
     # -- writing results --------------------------------------------------------------------
     def write_result(self, row: dict, epochs: list[dict]) -> None:

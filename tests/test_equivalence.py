@@ -45,9 +45,12 @@ epochs = 3
     return text
 
 
-def build(root: Path, text: str, shift: float, noise_sd: float, rng_seed: int = 0) -> Store:
+def build(root: Path, text: str, shift: float, noise_sd: float, rng_seed: int = 0,
+          time_factor: float | None = None) -> Store:
     """parallel's losses = exp(shift) x sequential's, each cell with its own log-normal noise
-    of `noise_sd` (the seed noise); each setting has its own base loss."""
+    of `noise_sd` (the seed noise); each setting has its own base loss. With `time_factor`,
+    each cell gets three epoch rows whose training pass (train_s) takes time_factor x as long
+    on parallel (the first epoch 50 % longer: a warm-up the per-epoch median ignores)."""
     spec = parse_spec(text)
     store = Store(root)
     store.ensure_writable()
@@ -66,7 +69,14 @@ def build(root: Path, text: str, shift: float, noise_sd: float, rng_seed: int = 
                   "val_acc": 0.9, "test_acc": 0.9}
         row = cell_row(c.to_dict(), result, study=spec.name, attempts=1, started_at=now(),
                        host="test", device="cpu")
-        results.append((row, []))
+        epochs = []
+        if time_factor is not None:
+            per_epoch = 0.01 * cfg["layers"] * cfg["filters"] * (
+                time_factor if cfg["architecture"] == "parallel" else 1.0)
+            epochs = [{"cell_id": c.cell_id, "epoch": e, "train_loss": train, "val_loss": val,
+                       "train_acc": 0.9, "val_acc": 0.9, "wall_s": per_epoch * e,
+                       "train_s": per_epoch * (1.5 if e == 1 else 1.0)} for e in (1, 2, 3)]
+        results.append((row, epochs))
     store.write_results(results)
     return store
 
@@ -280,6 +290,35 @@ def test_the_analysis_table_changes_no_cell_id():
     ids = [c.cell_id for c in parse_spec(base).cells()]
     assert [c.cell_id for c in parse_spec(base + '\n[analysis]\nmargin = "seed"\n').cells()] == ids
     assert parse_spec(base + "\n[analysis]\nmargin = 0.25\n").analysis == {"margin": 0.25}
+
+
+def test_training_time_ratio_rows_figure_and_headline(tmp_path):
+    """The speed half of the claim: the ratio b/a of training time per epoch, from the epochs'
+    train_s, as rows outside the verdicts and the Holm families."""
+    root = tmp_path / "timed"
+    build(root, spec_text((2, 3, 4), (4, 8), (0, 1)), 0.0, 0.03, time_factor=0.8)
+    res = analysis.figures.analyse(root)
+    t = res.stats[res.stats["metric"] == "train_s_per_epoch"]
+    top = t[t["q_bin"] == "all"].iloc[0]
+    assert top["n"] == 6 and top["n_runs"] == 12
+    assert top["median_ratio"] == pytest.approx(0.8, rel=1e-12)
+    assert top["ratio_ci_low"] == pytest.approx(0.8) and top["ratio_ci_high"] == pytest.approx(0.8)
+    assert (t["verdict"] == "").all() and t["p_tost"].isna().all() and t["p_ttest"].isna().all()
+    # the loss rows' Holm families are those of a table without the time rows
+    loss = res.stats[res.stats["metric"] != "train_s_per_epoch"]
+    assert list(loss["p_tost_holm"]) == pytest.approx(list(holm(loss["p_tost"])), nan_ok=True)
+    assert "train_time" in res.pngs
+    head = analysis.report._headline(res)
+    assert ("<b>DIGITS, training time per epoch</b>: parallel takes 0.80× sequential's (median "
+            "over 6 settings, 95 % interval [0.80, 0.80]; on this hardware and schedule)") in head
+    text = analysis.report.render(res)
+    assert "<h3>Training time per epoch</h3>" in text and "They describe this hardware" in text
+    # a store whose epochs never recorded train_s: no time rows, no figure, no note about it
+    old = tmp_path / "untimed"
+    build(old, spec_text((2, 3), (4,), (0, 1)), 0.0, 0.03)
+    res = analysis.figures.analyse(old)
+    assert not (res.stats["metric"] == "train_s_per_epoch").any() and "train_time" not in res.pngs
+    assert not any("train_time" in n for n in res.notes)
 
 
 # -- the maintained implementations keep today's numbers ------------------------------------------
