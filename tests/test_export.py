@@ -277,15 +277,17 @@ def test_names_made_safe_for_the_filesystem_and_bad_commands_refused(tmp_path):
     assert p.returncode == 2 and "mlflow[=URI]" in p.stderr and p.stderr.count("\n") == 1
 
 
-def test_the_parent_carries_the_headline_verdicts_of_stats_csv(study_dir, tmp_path):
+def test_the_parent_carries_the_headline_verdicts_of_stats_csv(tmp_path):
     """The parent run's headline metrics and verdict tags are those of the report's stats.csv
     (the equivalence verdict of each dataset and loss over all Q bins)."""
     import pandas as pd
 
     import analysis
     from study.export import headline
+    from test_equivalence import build, spec_text  # a store with a known truth
 
-    results = _copy(study_dir, tmp_path)
+    results = tmp_path / "truth"
+    build(results, spec_text((2, 3, 4, 5), (4, 8), (0, 1)), 0.0, 0.02)
     analysis.write_figures(results)
     stats_csv = results / "figures" / "stats.csv"
     s = pd.read_csv(stats_csv, keep_default_na=False, na_values=[""])
