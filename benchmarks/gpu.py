@@ -210,7 +210,7 @@ def main(argv=None) -> int:
                 util = f"{s['utilisation']:.0f}%" if s["utilisation"] is not None else "n/a"
                 ratio = f"{s['time_ratio_b_over_a']:.2f}" if s["time_ratio_b_over_a"] else "n/a"
                 print(f"  {s['setting']:<22} K={k}  {s['wall_s']:7.1f} s  "
-                      f"{s['cells_per_hour']:8.0f} cells/h  {s["tflops"]:6.3g} TFLOPS "
+                      f"{s['cells_per_hour']:8.0f} cells/h  {s['tflops']:6.3g} TFLOPS "
                       f"({s['fraction_of_peak']:.1%} of peak)  GPU {util}  "
                       f"parallel/sequential train time {ratio}"
                       + (f"  FAILED {s['failed']}: {s['first_error']}" if s["failed"] else ""),
