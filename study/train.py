@@ -186,13 +186,24 @@ def train_epoch(model, opt, x: torch.Tensor, y: torch.Tensor, batch_size: int, s
     n = len(x)
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     perm = torch.randperm(n, generator=g).to(x.device)
+    loss_sum, correct, loss = train_steps(model, opt, x, y, perm, batch_size, precision)
+    train_loss = loss_sum.item() / n  # one device sync per epoch, not per batch
+    return (train_loss if math.isfinite(loss.item()) else math.nan), correct.item() / n
+
+
+def train_steps(model, opt, x: torch.Tensor, y: torch.Tensor, perm: torch.Tensor,
+                batch_size: int, precision: str = "fp32"
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The optimizer steps of one epoch over x[perm]; returns (summed loss, correct count,
+    last batch's loss) as tensors on the device: no host sync per step on a GPU (tested with
+    torch.cuda.set_sync_debug_mode in tests/test_sync.py where CUDA is available)."""
     loss_sum = torch.zeros((), device=x.device)
     correct = torch.zeros((), device=x.device, dtype=torch.long)
-    loss = torch.zeros(())
+    loss = torch.zeros((), device=x.device)
     # On a CPU checking every batch costs nothing, so a divergence stops at once; on a GPU
     # that would sync every step, so the check waits for the epoch's end.
     check_each_batch = x.device.type == "cpu"
-    for i in range(0, n, batch_size):
+    for i in range(0, len(perm), batch_size):
         idx = perm[i:i + batch_size]
         xb, yb = x[idx], y[idx]
         with autocast(precision, x.device):
@@ -207,8 +218,7 @@ def train_epoch(model, opt, x: torch.Tensor, y: torch.Tensor, batch_size: int, s
             model.after_step()
         loss_sum += loss.detach().float() * len(idx)
         correct += (logits.argmax(1) == yb).sum()
-    train_loss = loss_sum.item() / n  # one device sync per epoch, not per batch
-    return (train_loss if math.isfinite(loss.item()) else math.nan), correct.item() / n
+    return loss_sum, correct, loss
 
 
 def finish(model, data, result: dict, files: CellFiles, cell_id: str, config: dict,
