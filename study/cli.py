@@ -54,9 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="study", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("plan", help="show the grid of a spec and how much of it is done")
+    p = sub.add_parser("plan", help="show the grid of a spec, its cost and how much of it is done")
     p.add_argument("spec", help="spec file or preset name")
     p.add_argument("--results", help="results folder (default results/<study name>)")
+    p.add_argument("--json", action="store_true",
+                   help="machine-readable output: counts and cost (FLOPs, GPU-hours)")
 
     p = sub.add_parser("run", help="run the cells of a spec that are not yet in the store")
     p.add_argument("spec", help="spec file or preset name")
@@ -98,9 +100,31 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _trained_cells(cells) -> list:
+    """One cell per distinct network: the cells that actually train."""
+    from sweep import twins
+
+    return [twins.trained_cell(g) for g in twins.groups(cells).values()]
+
+
 def cmd_plan(args) -> int:
+    from sweep.cost import format_cost, grid_cost
+
     spec = load_spec(args.spec)
     cells = spec.cells()
+    trained = _trained_cells(cells)
+    cost = grid_cost(trained)
+    store = Store(_results_dir(args, spec))
+    n = count_cells(store.read_trials(columns=STATUS_COLUMNS, live=True), [c.cell_id for c in cells])
+    if args.json:
+        print(json.dumps({"study": spec.name, "origin": spec.origin, "cells": len(cells),
+                          "networks": len(trained), "cost": cost.to_dict(),
+                          "seeds_per_setting": len(spec.grid.get("seed", [0])),
+                          "margin": spec.analysis.get("margin"),
+                          "results": {"folder": str(store.root), "done": n.done, "ok": n.ok,
+                                      "failed": n.failed, "diverged": n.diverged,
+                                      "pending": n.pending}}, indent=2))
+        return 0
     print(f"study {spec.name} ({spec.origin})")
     if spec.description:
         print(f"  {spec.description}")
@@ -110,8 +134,7 @@ def cmd_plan(args) -> int:
     fixed = {k: v[0] for k, v in spec.grid.items() if len(v) == 1}
     print("fixed: " + ", ".join(f"{k}={v}" for k, v in fixed.items()))
     _print_counts(cells)
-    store = Store(_results_dir(args, spec))
-    n = count_cells(store.read_trials(columns=STATUS_COLUMNS, live=True), [c.cell_id for c in cells])
+    print("\n".join(format_cost(cost)))
     print(f"results: {store.root}: {n.done} done ({n.ok} ok, {n.failed} failed, "
           f"{n.diverged} diverged), {n.pending} pending")
     from .coverage import format_coverage, q_coverage

@@ -14,6 +14,11 @@ class TrialOptions:
     max_failures: int = 2  # retries of a cell that raises, before it is recorded as failed
     save_weights: bool = False
     device: str = "auto"  # auto = cuda when this worker has a GPU
+    # How the parallel net's body runs (study.models.residual): "loop" or "wide"; the same
+    # network either way. The loop stays the default until a GPU benchmark shows wide faster.
+    parallel_body: str = "loop"
+    # torch.backends.cudnn.benchmark; off (the default) until benchmarks/gpu.py shows it pays.
+    cudnn_benchmark: bool = False
     # At most one checkpoint per this many seconds of a cell's training (0: every epoch): a
     # resume loses at most that much work, and the loop pays for no more than that.
     checkpoint_every_s: float = 30.0

@@ -244,9 +244,33 @@ def preflight(spec: Spec, store: Store, opts: RunOptions) -> StoreView:
     for name in sorted({c["dataset"] for c in pending}):
         datasets.check_available(name, opts.data_dir, opts.download)
     if pending:  # e.g. a trial size the cluster cannot hold is refused before any write
+        check_precision(pending, opts)  # first: a refusal here starts no Ray
         executors.get(opts.executor).preflight(opts)
     store.ensure_writable()
     return StoreView(len(cells), trials, report, pending, counts, cells)
+
+
+def check_precision(pending: list[Cell], opts: RunOptions) -> None:
+    """Refuse tf32 cells where they would train on a CPU (TF32 is a CUDA tensor-core format):
+    under Ray without --gpus-per-trial (executors.connect then checks the GPUs asked for
+    exist), or in this process without a CUDA GPU."""
+    from .errors import ClusterError
+
+    n = sum(1 for c in pending if c.config.get("precision") == "tf32")
+    if not n:
+        return
+    if executors.get(opts.executor).gpus_on_request:
+        if opts.gpus_per_trial > 0:
+            return
+        why = "no --gpus-per-trial was given, so they would train on CPUs"
+    else:
+        import torch
+
+        if torch.cuda.is_available():
+            return
+        why = f"this machine has no CUDA GPU for the {opts.executor} executor"
+    raise ClusterError(f"{n} pending cells have precision = tf32, which needs a CUDA GPU, but "
+                       f"{why}; run them on GPUs or use precision fp32 or bf16")
 
 
 def run_study(spec: Spec, opts: RunOptions, out=sys.stderr) -> RunSummary:

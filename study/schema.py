@@ -45,7 +45,9 @@ TRIAL_FIELDS = PARAM_FIELDS + [
     pa.field("resumed_from_epoch", pa.int64()),  # 0 = trained from scratch
     pa.field("host", pa.string()),
     pa.field("node_id", pa.string()),  # Ray node id ("" under the local executor)
-    pa.field("device", pa.string()),
+    pa.field("device", pa.string()),  # cpu or cuda
+    pa.field("device_name", pa.string()),  # the GPU's model name, or the CPU's
+    pa.field("parallel_body", pa.string()),  # parallel cells: "loop" or "wide" (same network)
     pa.field("error", pa.string()),  # last line of the error for failed/diverged cells
     pa.field("torch_version", pa.string()),
     pa.field("project_version", pa.string()),
@@ -61,6 +63,8 @@ EPOCHS = pa.schema([
     pa.field("train_acc", pa.float64()),  # running accuracy over the epoch's mini-batches
     pa.field("val_acc", pa.float64()),
     pa.field("wall_s", pa.float64()),  # cumulative training time at the end of this epoch
+    # This epoch's training pass alone (no validation); null in stores written before it.
+    pa.field("train_s", pa.float64()),
 ])
 
 TRIAL_COLUMNS = TRIALS.names

@@ -11,8 +11,10 @@ with retries and builds the row (study.rows).
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import math
+import platform
 import socket
 import time
 import traceback
@@ -49,6 +51,37 @@ def _pick_device(pref: str) -> torch.device:
     if pref == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(pref)
+
+
+def set_precision(precision: str, cudnn_benchmark: bool = False) -> None:
+    """Set the process-wide arithmetic flags for one cell. Ray reuses actors, so every cell
+    sets them all: a tf32 cell must not leave TF32 on for the fp32 cell after it. bf16 keeps
+    TF32 off too: what autocast leaves in FP32 (and evaluation) stays true FP32."""
+    tf32 = precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+
+
+def autocast(precision: str, device: torch.device):
+    """The context of the training forward pass and loss: bf16 autocast, or nothing."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's model name, or the CPU's (from /proc/cpuinfo where there is one)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
 
 
 def _fault_matches(spec: str | None, config: dict, epoch: int, attempt: int) -> bool:
@@ -104,11 +137,14 @@ def _setup(config: dict, opts: TrialOptions, raw: "datasets.Raw | None"):
     """(device, data, model, filters used, optimizer) of a cell, seeded: twins start alike."""
     device = _pick_device(opts.device)
     torch.set_num_threads(max(1, int(opts.threads)))
+    set_precision(config.get("precision", "fp32"), opts.cudnn_benchmark)
     data = datasets.load(config["dataset"], opts.data_dir, config["val_fraction"],
                          config.get("max_train_examples"), device, opts.download, raw=raw)
     torch.manual_seed(config["seed"])  # same seed -> same initial weights for twins
     model, filters_used = build_for_cell(config, data.in_channels, data.n_classes,
                                          tuple(data.train_x.shape[-2:]))
+    if hasattr(model, "parallel_body") and config["architecture"] == "parallel":
+        model.parallel_body = opts.parallel_body
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     return device, data, model, filters_used, opt
@@ -140,26 +176,39 @@ def checkpoint(files: CellFiles, cell_id: str, epoch: int, model, opt, epochs: l
 
 
 def train_epoch(model, opt, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int,
-                epoch: int, epochs: int) -> tuple[float, float]:
+                epoch: int, epochs: int, precision: str = "fp32") -> tuple[float, float]:
     """One pass over (x, y) in the order drawn from (seed, epoch); returns (mean training
-    loss, running accuracy). The loss is NaN once a batch's loss is not finite."""
+    loss, running accuracy). The loss is NaN once a batch's loss is not finite. Under bf16
+    the forward pass and loss run in autocast; weights, gradients and AdamW stay FP32."""
     if hasattr(model, "on_epoch_start"):
         model.on_epoch_start(epoch, epochs)
     model.train()
     n = len(x)
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     perm = torch.randperm(n, generator=g).to(x.device)
+    loss_sum, correct, loss = train_steps(model, opt, x, y, perm, batch_size, precision)
+    train_loss = loss_sum.item() / n  # one device sync per epoch, not per batch
+    return (train_loss if math.isfinite(loss.item()) else math.nan), correct.item() / n
+
+
+def train_steps(model, opt, x: torch.Tensor, y: torch.Tensor, perm: torch.Tensor,
+                batch_size: int, precision: str = "fp32"
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The optimizer steps of one epoch over x[perm]; returns (summed loss, correct count,
+    last batch's loss) as tensors on the device: no host sync per step on a GPU (tested with
+    torch.cuda.set_sync_debug_mode in tests/test_sync.py where CUDA is available)."""
     loss_sum = torch.zeros((), device=x.device)
     correct = torch.zeros((), device=x.device, dtype=torch.long)
-    loss = torch.zeros(())
+    loss = torch.zeros((), device=x.device)
     # On a CPU checking every batch costs nothing, so a divergence stops at once; on a GPU
     # that would sync every step, so the check waits for the epoch's end.
     check_each_batch = x.device.type == "cpu"
-    for i in range(0, n, batch_size):
+    for i in range(0, len(perm), batch_size):
         idx = perm[i:i + batch_size]
         xb, yb = x[idx], y[idx]
-        logits = model(xb)
-        loss = F.cross_entropy(logits, yb)
+        with autocast(precision, x.device):
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb)
         if check_each_batch and not math.isfinite(loss.item()):
             break
         opt.zero_grad(set_to_none=True)
@@ -167,10 +216,9 @@ def train_epoch(model, opt, x: torch.Tensor, y: torch.Tensor, batch_size: int, s
         opt.step()
         if hasattr(model, "after_step"):
             model.after_step()
-        loss_sum += loss.detach() * len(idx)
+        loss_sum += loss.detach().float() * len(idx)
         correct += (logits.argmax(1) == yb).sum()
-    train_loss = loss_sum.item() / n  # one device sync per epoch, not per batch
-    return (train_loss if math.isfinite(loss.item()) else math.nan), correct.item() / n
+    return loss_sum, correct, loss
 
 
 def finish(model, data, result: dict, files: CellFiles, cell_id: str, config: dict,
@@ -209,7 +257,8 @@ def train_cell(config: dict, cell_id: str, opts: TrialOptions, attempt: int = 1,
         t0 = time.perf_counter()
         train_loss, train_acc = train_epoch(model, opt, data.train_x, data.train_y,
                                             config["batch_size"], config["seed"], epoch,
-                                            config["epochs"])
+                                            config["epochs"], config.get("precision", "fp32"))
+        train_s = time.perf_counter() - t0  # train_epoch's last .item() waited for the GPU
         if not math.isfinite(train_loss):
             diverged = f"non-finite training loss at epoch {epoch}"
             break
@@ -220,7 +269,7 @@ def train_cell(config: dict, cell_id: str, opts: TrialOptions, attempt: int = 1,
         wall_s += time.perf_counter() - t0
         epochs.append({"cell_id": cell_id, "epoch": epoch, "train_loss": train_loss,
                        "val_loss": val_loss, "train_acc": train_acc, "val_acc": val_acc,
-                       "wall_s": wall_s})
+                       "wall_s": wall_s, "train_s": train_s})
         # Time-based: at most one checkpoint per checkpoint_every_s (a resume loses at most
         # that), none after the last epoch (the row itself lands next).
         if epoch < config["epochs"] and time.perf_counter() - last_saved >= opts.checkpoint_every_s:
@@ -232,6 +281,9 @@ def train_cell(config: dict, cell_id: str, opts: TrialOptions, attempt: int = 1,
         "n_params": n_params(model), "filters_used": filters_used, "n_train": n,
         "n_val": len(data.val_x), "n_test": len(data.test_x), "n_classes": data.n_classes,
         "epochs_done": len(epochs), "wall_s": wall_s, "device": str(device),
+        "device_name": device_name(device),
+        "parallel_body": getattr(model, "parallel_body", None)
+        if config["architecture"] == "parallel" else None,
         "resumed_from_epoch": start_epoch - 1,
         "pruned_branches": getattr(model, "pruned_branches", None),
     }

@@ -22,6 +22,9 @@ ARCHITECTURES = (
 ACTIVATIONS = ("relu", "tanh", "gelu", "sigmoid")
 HEADS = ("flatten", "gap")
 POOLS = (1, 2, 4)
+# fp32: true FP32 (TF32 off for cuDNN and matmul); tf32: TF32 tensor cores (CUDA only);
+# bf16: bfloat16 autocast of the training forward and loss, FP32 weights and optimizer state.
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,9 @@ class Param:
     # Per-architecture defaults where they differ (e.g. branches).
     arch_defaults: dict = field(default_factory=dict)
     optional: bool = False  # may be absent (None) in a cell
+    # True: the default value is left out of cell_id and pair_key, so a parameter added
+    # after studies ran keeps their ids (and their stores do not re-run).
+    hash_default: bool = True
     help: str = ""
 
     def applies_to(self, architecture: str) -> bool:
@@ -98,6 +104,9 @@ PARAMS: dict[str, Param] = {
         Param("max_train_examples", int, default=None, minimum=1, optional=True,
               help="cap on training examples (after the validation split)"),
         Param("val_fraction", float, default=0.1, minimum=0.0, maximum=0.9),
+        Param("precision", str, default="fp32", choices=PRECISIONS, hash_default=False,
+              help="training arithmetic: fp32 (true FP32, TF32 off), tf32 (CUDA only) or "
+                   "bf16 (autocast, FP32 weights); evaluation is always FP32"),
         Param("match_params", bool, default=False,
               architectures=tuple(a for a in ARCHITECTURES if a not in ("sequential",)),
               help="search the width so n_params is within 1% of the sequential twin"),
@@ -121,4 +130,6 @@ PARAMS: dict[str, Param] = {
 # Parameters that say *which* architecture variant a cell is; left out of pair_key so a
 # sequential cell pairs with every variant of another architecture at the same settings.
 ARCH_SPECIFIC = tuple(n for n, p in PARAMS.items() if p.architectures is not None)
+# Parameter -> its default, for those whose default is not hashed (see Param.hash_default).
+UNHASHED_DEFAULTS = {n: p.default for n, p in PARAMS.items() if not p.hash_default}
 REQUIRED = tuple(n for n, p in PARAMS.items() if p.default is None and not p.optional)

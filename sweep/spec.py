@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .params import ARCH_SPECIFIC, ARCHITECTURES, PARAMS, REQUIRED, Param
+from .params import ARCH_SPECIFIC, ARCHITECTURES, PARAMS, REQUIRED, UNHASHED_DEFAULTS, Param
 
 STUDY_KEYS = {"name": str, "description": str, "save_weights": bool}
 ANALYSIS_KEYS = ("margin",)
@@ -56,8 +56,10 @@ def did_you_mean(word, candidates) -> str:
 
 def _hash(config: dict) -> str:
     # json.dumps writes floats with repr(), the shortest round-trip spelling, so 3e-3 and
-    # 0.003 hash alike; sort_keys makes the id independent of key order.
-    canon = _CANON.encode({k: v for k, v in config.items() if v is not None})
+    # 0.003 hash alike; sort_keys makes the id independent of key order. Parameters added
+    # later (precision) hash only when off their default: older ids stay as they were.
+    canon = _CANON.encode({k: v for k, v in config.items() if v is not None
+                           and (k not in UNHASHED_DEFAULTS or v != UNHASHED_DEFAULTS[k])})
     return hashlib.sha256(canon.encode()).hexdigest()[:16]
 
 

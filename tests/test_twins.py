@@ -38,15 +38,17 @@ branches = [1, 2]
 """
 
 
-def _train(config: dict, steps: int = 4):
+def _train(config: dict, steps: int = 4, precision: str = "fp32", parallel_body: str = "loop"):
     """A few AdamW steps of the tool's own epoch (train.train_epoch, one batch each) on fixed
     random data, seeded as train.py seeds a cell."""
     torch.manual_seed(config["seed"])
     model, _ = build_for_cell(config, in_channels=1, n_classes=10)
+    if config["architecture"] == "parallel":
+        model.parallel_body = parallel_body
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-4)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
-    losses = [train_epoch(model, opt, x, y, len(x), config["seed"], epoch, steps)[0]
+    losses = [train_epoch(model, opt, x, y, len(x), config["seed"], epoch, steps, precision)[0]
               for epoch in range(1, steps + 1)]
     model.eval()
     with torch.no_grad():
