@@ -192,6 +192,9 @@ class DriverFiles:
     def save_weights(self, cell_id: str, data: bytes) -> str | None:
         return self.store.save_weights(cell_id, data)
 
+    def quarantine_checkpoint(self, cell_id: str, reason: str, mark_in_flight: bool = False) -> None:
+        self.store.quarantine_checkpoint(cell_id, reason, mark_in_flight)
+
 
 class _RemoteFiles:
     """train.CellFiles over the actor: each call waits for the write, so a checkpoint is on
@@ -208,6 +211,9 @@ class _RemoteFiles:
 
     def save_weights(self, cell_id: str, data: bytes) -> str | None:
         return ray.get(self.handle.save_weights.remote(cell_id, data))
+
+    def quarantine_checkpoint(self, cell_id: str, reason: str, mark_in_flight: bool = False) -> None:
+        ray.get(self.handle.quarantine_checkpoint.remote(cell_id, reason, mark_in_flight))
 
 
 def _driver_node_id() -> str:
