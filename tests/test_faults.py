@@ -5,6 +5,7 @@ row per cell, no row lost or rewritten, interrupted cells resumed from their che
 """
 import json
 import os
+import secrets
 import resource
 import signal
 import socket
@@ -269,7 +270,11 @@ def test_worker_node_lost_mid_study(tmp_path):
     base = tempfile.mkdtemp(prefix="rn", dir="/tmp")
     # a loopback-only test cluster; its address file in a private RAY_TMPDIR, so that no
     # plain `ray.init()` elsewhere on this machine attaches to it
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": base}
+    token = Path(base) / "auth_token"  # token authentication on, with a token of its own
+    token.write_text(secrets.token_hex(32))
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+           "RAY_TMPDIR": base}
+    env.pop("RAY_AUTH_TOKEN", None)
     port = _free_port()
     ray = str(Path(sys.executable).with_name("ray"))
     spec_path = tmp_path / "slow.toml"
