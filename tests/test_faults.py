@@ -311,3 +311,24 @@ def test_worker_node_lost_mid_study(tmp_path):
     # after the loss only the head node ran cells
     later = df[df["finished_at"] > killed_at + pd.Timedelta(seconds=1)]
     assert len(later) >= 1 and later["node_id"].nunique() == 1
+
+
+@pytest.mark.slow
+def test_chaos_small_driver_killed_twice_two_worker_nodes_lost():
+    """benchmarks/chaos.py at a few hundred cells: nothing lost, nothing twice."""
+    chaos = Path(__file__).resolve().parents[1] / "benchmarks" / "chaos.py"
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("chaos", chaos)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    if mod.why_not():
+        pytest.skip(mod.why_not())
+    r = subprocess.run([sys.executable, str(chaos), "--cells", "200", "--kills", "2",
+                        "--epochs", "3", "--seed", "1"], capture_output=True, text=True,
+                       timeout=900)
+    print(r.stdout)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "rows: 200 (pyarrow), 200 (DuckDB) for 200 cells" in r.stdout
+    assert "distinct (cell, epoch): 600; N x epochs = 600" in r.stdout
+    assert r.stdout.count("  driver SIGKILLed at") == 2 and "Ray processes left running: 0" in r.stdout
