@@ -103,11 +103,15 @@ class Cluster:
 
 
 def landed(results: Path) -> int:
+    """Distinct cells with a row: a compaction holds a cell in a merged file and its part for
+    a moment, so rows alone overcount."""
+    import pyarrow.compute as pc
     import pyarrow.dataset as ds
 
     files = sorted(str(p) for p in (results / "trials").glob("*.parquet"))
     try:
-        return ds.dataset(files).count_rows() if files else 0
+        return len(pc.unique(ds.dataset(files).to_table(columns=["cell_id"])["cell_id"])) \
+            if files else 0
     except (OSError, ValueError):  # a file renamed away under us: next time
         return 0
 
@@ -125,15 +129,15 @@ def drive(cluster: Cluster, cmd: list[str], until: int | None, extra_s: float, e
             n = landed(cluster.results)
             while events and n >= events[0][0]:
                 rows, what, act = events.pop(0)
-                print(f"  at {n} rows: {what} ({act()} processes)", flush=True)
+                print(f"  at {n} cells landed: {what} ({act()} processes)", flush=True)
             if until is not None and n >= until:
                 time.sleep(extra_s)
                 kill_tree(driver.pid)
                 driver.wait()
-                print(f"  driver SIGKILLed at {landed(cluster.results)} rows, "
+                print(f"  driver SIGKILLed at {landed(cluster.results)} cells landed, "
                       f"{time.time() - t0:.0f} s after its start", flush=True)
                 return -signal.SIGKILL
-            time.sleep(0.5)
+            time.sleep(1)
     print(f"  driver exited {driver.returncode} after {time.time() - t0:.0f} s", flush=True)
     return driver.returncode
 
@@ -198,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     n = 2 * max(1, args.cells // 2)
     at, extra, (w1_at, w2_at) = plan(random.Random(args.seed), n, args.kills)
     print(f"chaos: {n} cells x {args.epochs} epochs; seed {args.seed}: driver SIGKILLed at "
-          f"{at} rows landed (+{extra} s); worker 1 killed and restarted at {w1_at} rows, "
-          f"worker 2 killed for good at {w2_at} rows", flush=True)
+          f"{at} cells landed (+{extra} s); worker 1 killed and restarted at {w1_at} cells, "
+          f"worker 2 killed for good at {w2_at} cells", flush=True)
     base = Path(tempfile.mkdtemp(prefix="ch", dir="/tmp"))  # short: Ray's socket paths
     results, data = base / "driver" / "res", base / "driver" / "data"
     results.mkdir(parents=True)

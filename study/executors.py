@@ -117,20 +117,23 @@ def _join(address: str, kwargs: dict) -> None:
     """ray.init at a cluster; a refusal (no token, a wrong one, nobody there) becomes one line.
     Ray's C++ client logs its own retries on fd 2 while it tries (~20 s): held back, and
     passed on only when the connection succeeds."""
+    refused = None
     held = tempfile.TemporaryFile()
     saved = os.dup(2)
     os.dup2(held.fileno(), 2)
     try:
         ray.init(address=address, runtime_env=WORKER_RUNTIME_ENV, **kwargs)
     except (ConnectionError, ray.exceptions.AuthenticationError) as e:
-        os.dup2(saved, 2)
-        raise ClusterError(_refusal(address, e)) from None
+        refused = e
     finally:
         os.dup2(saved, 2)
         os.close(saved)
-    held.seek(0)
-    os.write(2, held.read())
-    held.close()
+        if refused is None:
+            held.seek(0)
+            os.write(2, held.read())
+        held.close()
+    if refused is not None:
+        raise ClusterError(_refusal(address, refused)) from None
 
 
 _TOKEN_HOWTO = ("set RAY_AUTH_MODE=token and give this driver the token its nodes use: "
