@@ -94,16 +94,37 @@ def _load_idx(folder: str) -> Callable[[Path], tuple]:
     return read
 
 
+# What a CIFAR-10 batch file holds: a dict of bytes keys, lists of ints and bytes, and numpy
+# arrays; the arrays pickle as these calls (numpy.core in the original Python 2 files,
+# numpy._core from numpy 2, _codecs.encode for bytes pickled by Python 3 at protocol 2).
+# Anything else in the file (os.system, builtins.eval, ...) is refused before it runs.
+_CIFAR_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(
+                f"it asks for {module}.{name}, which a CIFAR-10 batch never holds (refused "
+                "unread); replace the file with the dataset's own copy")
+        return super().find_class(module, name)
+
+
 def _load_cifar(data_dir) -> tuple:
     folder = Path(data_dir) / "cifar-10-batches-py"
     parts = {}
     for fname in _CIFAR_FILES:
         try:
             with open(folder / fname, "rb") as f:
-                d = pickle.load(f, encoding="bytes")
+                d = _CifarUnpickler(f, encoding="bytes").load()
+            if not isinstance(d, dict):
+                raise ValueError(f"it holds a {type(d).__name__}, not a dict")
             x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
             y = np.asarray(d[b"labels"], dtype=np.int64)
-        except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as e:
+        except (OSError, pickle.UnpicklingError, KeyError, ValueError, TypeError, EOFError) as e:
             raise DatasetError(f"cannot read CIFAR-10 batch {folder / fname}: {e}") from None
         parts[fname] = (x, y)
     train = [parts[f] for f in _CIFAR_FILES[:-1]]

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import tempfile
 import time
 from typing import Callable
@@ -49,6 +50,7 @@ def _quiet_ray_env() -> None:
 _quiet_ray_env()
 
 import ray  # noqa: E402
+import ray.exceptions  # noqa: E402
 from ray import tune  # noqa: E402
 from ray.tune.search import Searcher  # noqa: E402
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
@@ -97,7 +99,7 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> bool:
     if address:
         # Other nodes' workers do not inherit this process's environment: the job's
         # runtime_env carries it to them.
-        ray.init(address=address, runtime_env=WORKER_RUNTIME_ENV, **kwargs)
+        _join(address, kwargs)
     else:
         # The Ray started here inherits this process's environment (WORKER_ENV is set above),
         # so no runtime_env: with one, each trial actor's worker took ~0.9 s longer to start
@@ -109,6 +111,47 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> bool:
                  _system_config={"worker_niceness": 0}, **kwargs)
     _OWN_LOCAL_RAY = not address
     return True
+
+
+def _join(address: str, kwargs: dict) -> None:
+    """ray.init at a cluster; a refusal (no token, a wrong one, nobody there) becomes one line.
+    Ray's C++ client logs its own retries on fd 2 while it tries (~20 s): held back, and
+    passed on only when the connection succeeds."""
+    refused = None
+    held = tempfile.TemporaryFile()
+    saved = os.dup(2)
+    os.dup2(held.fileno(), 2)
+    try:
+        ray.init(address=address, runtime_env=WORKER_RUNTIME_ENV, **kwargs)
+    except (ConnectionError, ray.exceptions.AuthenticationError) as e:
+        refused = e
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        if refused is None:
+            held.seek(0)
+            os.write(2, held.read())
+        held.close()
+    if refused is not None:
+        raise ClusterError(_refusal(address, refused)) from None
+
+
+_TOKEN_HOWTO = ("set RAY_AUTH_MODE=token and give this driver the token its nodes use: "
+                "RAY_AUTH_TOKEN_PATH=FILE (or RAY_AUTH_TOKEN, or ~/.ray/auth_token); see "
+                "README, Running on a cluster")
+
+
+def _refusal(address: str, e: Exception) -> str:
+    if isinstance(e, ray.exceptions.AuthenticationError):
+        return f"cannot join the Ray cluster at {address}: this driver has no token; {_TOKEN_HOWTO}"
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+    except (OSError, ValueError):
+        return (f"cannot reach a Ray cluster at {address}: nothing answers there; check "
+                "--address (HEAD_IP:PORT of `ray start --head`) and that the head is running")
+    return (f"the Ray cluster at {address} refused this driver (token authentication: no "
+            f"token, or not the cluster's); {_TOKEN_HOWTO}")
 
 
 def shutdown_if_started() -> None:
@@ -192,6 +235,9 @@ class DriverFiles:
     def save_weights(self, cell_id: str, data: bytes) -> str | None:
         return self.store.save_weights(cell_id, data)
 
+    def quarantine_checkpoint(self, cell_id: str, reason: str, mark_in_flight: bool = False) -> None:
+        self.store.quarantine_checkpoint(cell_id, reason, mark_in_flight)
+
 
 class _RemoteFiles:
     """train.CellFiles over the actor: each call waits for the write, so a checkpoint is on
@@ -208,6 +254,9 @@ class _RemoteFiles:
 
     def save_weights(self, cell_id: str, data: bytes) -> str | None:
         return ray.get(self.handle.save_weights.remote(cell_id, data))
+
+    def quarantine_checkpoint(self, cell_id: str, reason: str, mark_in_flight: bool = False) -> None:
+        ray.get(self.handle.quarantine_checkpoint.remote(cell_id, reason, mark_in_flight))
 
 
 def _driver_node_id() -> str:

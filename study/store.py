@@ -413,6 +413,24 @@ class Store:
         except OSError:
             return None
 
+    def quarantine_checkpoint(self, cell_id: str, reason: str, mark_in_flight: bool = False) -> None:
+        """Move a checkpoint the trainer refused (unreadable, or not plain tensors and
+        containers) to quarantine/ with a note; the cell restarts from its first epoch, and
+        with mark_in_flight keeps its zero-byte in-flight marker."""
+        path = self.checkpoint_path(cell_id)
+        self.quarantine_dir.mkdir(parents=True, exist_ok=True)
+        dest = self.quarantine_dir / f"checkpoints-{cell_id}-{_now().strftime('%Y%m%dT%H%M%S')}.pt"
+        try:
+            os.replace(path, dest)
+        except FileNotFoundError:
+            return
+        _atomic_write_text(dest.with_suffix(".reason.txt"), reason + "\n")
+        if mark_in_flight:
+            try:
+                path.touch()
+            except OSError:
+                pass
+
     def save_weights(self, cell_id: str, data: bytes) -> str | None:
         """The final weights; returns their path relative to the results folder, or None."""
         path = self.weights_path(cell_id)

@@ -37,6 +37,7 @@ class CellFiles(Protocol):
     def save_checkpoint(self, cell_id: str, data: bytes) -> bool: ...
     def load_checkpoint(self, cell_id: str, mark_in_flight: bool = False) -> bytes | None: ...
     def save_weights(self, cell_id: str, data: bytes) -> str | None: ...
+    def quarantine_checkpoint(self, cell_id: str, reason: str, mark_in_flight: bool = False) -> None: ...
 
 # Evaluation batch: on a CPU large batches fall out of cache (2048 measured 2x slower than
 # 256 on MNIST-sized inputs); a GPU wants them large.
@@ -123,14 +124,23 @@ def _to_bytes(state: dict) -> bytes:
 
 
 def _load_checkpoint(files: CellFiles, cell_id: str, mark_in_flight: bool = False) -> dict | None:
+    """The cell's checkpoint state, or None to start afresh. weights_only: a checkpoint holds
+    tensors and plain containers only, so a file whose pickle would run code is refused (and,
+    like a torn or foreign one, quarantined with a note)."""
     data = files.load_checkpoint(cell_id, mark_in_flight)
     if not data:
         return None
     try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
-    except Exception:  # a torn or foreign file: start the cell afresh
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = (str(e).splitlines() or [""])[0][:300]
+        reason = f"checkpoint refused by torch.load(weights_only=True): {type(e).__name__}: {first}"
+        files.quarantine_checkpoint(cell_id, reason, mark_in_flight)
         return None
-    return state if isinstance(state, dict) and state.get("cell_id") == cell_id else None
+    if not (isinstance(state, dict) and state.get("cell_id") == cell_id):
+        files.quarantine_checkpoint(cell_id, "checkpoint is not this cell's", mark_in_flight)
+        return None
+    return state
 
 
 def _setup(config: dict, opts: TrialOptions, raw: "datasets.Raw | None"):

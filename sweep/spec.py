@@ -11,6 +11,7 @@ import difflib
 import hashlib
 import itertools
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -123,6 +124,12 @@ class Spec:
             value_lists.append(self.arch_grids.get(arch, {}).get(
                 p.name, self.grid.get(p.name, [p.default_for(arch)])))
         return keys, value_lists
+
+    def max_cells(self) -> int:
+        """An upper bound of the grid's size from its axes alone (each architecture's product
+        of value counts, before [[exclude]]): known without enumerating a cell."""
+        return sum(math.prod(len(v) for v in self._axes(arch)[1])
+                   for arch in self.grid["architecture"])
 
     def _configs(self, arch: str):
         """One architecture's cell configs, in grid order, exclusions applied (no hashing)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -90,8 +91,14 @@ class Cluster:
         self.base, self.results, self.data = base, results, data
         self.port = _free_port()
         self.address = f"127.0.0.1:{self.port}"
-        self.env = {**os.environ, "RAY_TMPDIR": base, "RAY_AUTH_MODE": "disabled",
+        # token authentication on every node and the driver; the token lives in this
+        # cluster's own folder, never in the user's ~/.ray/auth_token
+        token = Path(base) / "auth_token"
+        token.write_text(secrets.token_hex(32))
+        self.env = {**os.environ, "RAY_TMPDIR": base, "RAY_AUTH_MODE": "token",
+                    "RAY_AUTH_TOKEN_PATH": str(token),
                     "PYTHONPATH": str(ROOT)}  # "this package installed" on every node
+        self.env.pop("RAY_AUTH_TOKEN", None)
         self.workers: dict[str, int] = {}
 
     def start_head(self) -> None:
@@ -158,6 +165,14 @@ def _rows(store: Store) -> dict[str, str]:
     return {r["cell_id"]: repr(sorted(r.items())) for r in store.read_trials().to_dict("records")}
 
 
+def _size(path: Path) -> int:
+    """0 for a file gone since it was listed (its row landed in between)."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
 def _cli(*args) -> list[str]:
     return [sys.executable, "-m", "study.cli", *map(str, args)]
 
@@ -177,8 +192,7 @@ def test_no_shared_disk_driver_killed_and_resumed(cluster, tmp_path):
     try:
         t0 = time.time()
         while time.time() - t0 < 300:
-            flying = [c for c in store.in_flight()
-                      if store.checkpoint_path(c).stat().st_size > 0]
+            flying = [c for c in store.in_flight() if _size(store.checkpoint_path(c)) > 0]
             if store.part_ids(store.trials_dir) and flying:
                 break
             assert driver.poll() is None, driver.stderr.read()
@@ -243,6 +257,28 @@ def test_trial_sizes_the_cluster_cannot_hold_are_refused(cluster, tmp_path):
         assert says in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert not out.exists() and time.time() - t0 < 60  # nothing written, no waiting
+
+
+@pytest.mark.slow
+@needs_cluster
+def test_a_driver_without_the_token_is_refused_in_one_line(cluster, tmp_path):
+    spec_path = tmp_path / "c.toml"
+    spec_path.write_text(SPEC)
+    wrong = tmp_path / "wrong_token"
+    wrong.write_text(secrets.token_hex(32))
+    for name, env in (("a wrong token", {**cluster.env, "RAY_AUTH_TOKEN_PATH": str(wrong)}),
+                      ("no token", {**cluster.env, "RAY_AUTH_TOKEN_PATH": str(tmp_path / "none"),
+                                    "HOME": str(tmp_path)})):
+        out = tmp_path / "res"
+        t0 = time.time()
+        r = run_cli("run", spec_path, "--results", out, "--data-dir", cluster.data,
+                    "--address", cluster.address, env=env, timeout=120)
+        took = time.time() - t0
+        print(f"{name}: exit {r.returncode} after {took:.1f} s: {r.stderr.strip()}")
+        assert r.returncode == 3, r.stderr
+        assert "RAY_AUTH_MODE=token" in r.stderr and "RAY_AUTH_TOKEN_PATH" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not out.exists() and took < 60  # Ray gives up after ~20 s; CI cores are busy
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ row per cell, no row lost or rewritten, interrupted cells resumed from their che
 """
 import json
 import os
+import secrets
 import resource
 import signal
 import socket
@@ -269,7 +270,11 @@ def test_worker_node_lost_mid_study(tmp_path):
     base = tempfile.mkdtemp(prefix="rn", dir="/tmp")
     # a loopback-only test cluster; its address file in a private RAY_TMPDIR, so that no
     # plain `ray.init()` elsewhere on this machine attaches to it
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": base}
+    token = Path(base) / "auth_token"  # token authentication on, with a token of its own
+    token.write_text(secrets.token_hex(32))
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+           "RAY_TMPDIR": base}
+    env.pop("RAY_AUTH_TOKEN", None)
     port = _free_port()
     ray = str(Path(sys.executable).with_name("ray"))
     spec_path = tmp_path / "slow.toml"
@@ -306,3 +311,24 @@ def test_worker_node_lost_mid_study(tmp_path):
     # after the loss only the head node ran cells
     later = df[df["finished_at"] > killed_at + pd.Timedelta(seconds=1)]
     assert len(later) >= 1 and later["node_id"].nunique() == 1
+
+
+@pytest.mark.slow
+def test_chaos_small_driver_killed_twice_two_worker_nodes_lost():
+    """benchmarks/chaos.py at a few hundred cells: nothing lost, nothing twice."""
+    chaos = Path(__file__).resolve().parents[1] / "benchmarks" / "chaos.py"
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("chaos", chaos)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    if mod.why_not():
+        pytest.skip(mod.why_not())
+    r = subprocess.run([sys.executable, str(chaos), "--cells", "200", "--kills", "2",
+                        "--epochs", "3", "--seed", "1"], capture_output=True, text=True,
+                       timeout=900)
+    print(r.stdout)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "rows: 200 (pyarrow), 200 (DuckDB) for 200 cells" in r.stdout
+    assert "distinct (cell, epoch): 600; N x epochs = 600" in r.stdout
+    assert r.stdout.count("  driver SIGKILLed at") == 2 and "Ray processes left running: 0" in r.stdout
