@@ -696,5 +696,5 @@ def plot_time_ratio(stats_df: pd.DataFrame, fig=None) -> Figure:
     ax.set_yticks(ys, labels)
     ax.grid(False, axis="y")
     ax.tick_params(axis="y", length=0)
-    ax.set_xlabel(f"training time per epoch, {b}/{a} (median over settings; log axis)")
+    ax.set_xlabel(f"training time per epoch, {b}/{a}\n(median over settings; log axis)")
     return fig

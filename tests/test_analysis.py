@@ -722,5 +722,11 @@ def test_every_label_and_title_fits_inside_its_figure(full):
                 "forest": plots.plot_forest(analysis.stats(st)),
                 "equivalence_loss": plots.plot_equivalence(st),
                 "ratio_distribution": plots.plot_ratio_distribution(st)}
+    # the training-time figure, from stats rows of the shape analysis.stats gives them
+    timed = pd.DataFrame([{"a": "sequential", "b": "parallel", "dataset": "digits", "q_bin": q,
+                           "metric": "train_s_per_epoch", "n": 5, "median_ratio": 0.95,
+                           "ratio_ci_low": 0.6, "ratio_ci_high": 1.05} for q in ("all", "[0,1)")])
+    with mpl.rc_context(plots.STYLE):  # drawn and saved in the report's style
+        figs["train_time"] = plots.plot_time_ratio(timed)
         for name, fig in figs.items():
             assert _outside_canvas(fig) is None, name
