@@ -116,7 +116,7 @@ gets no verdict.</p>
 sample from a population of networks or tasks: a verdict says how the two architectures
 compare across <i>this</i> grid, not that it would hold on other grids or datasets. {seeds}
 "Equivalent" is relative to the margin: a different δ can change a verdict, which is why the
-margin and where it came from are stated in the headline. The rank-based columns below (median
+margin and where it came from are stated in the headline. The rank-based columns above (median
 ratio with a bootstrap interval, the share of settings {b} wins with a Wilson interval, a
 Wilcoxon signed-rank test) are counterparts that do not decide the verdict. Training times,
 where shown, depend on the hardware and on how many cells shared it.</p>
@@ -511,7 +511,7 @@ def render(res: Analysis) -> str:
               f"<h2>Statistics: {b} vs {a}</h2>", _stats_html(res),
               "<h2>Same-network pairs: the control</h2>", _controls_html(res),
               "<h2>Figures</h2>",
-              f"<p>{esc(AXIS_RULE)} n is the number of pairs (or cells) each figure shows.</p>"
+              f"<p>{esc(AXIS_RULE)} n is the number of settings (seeds averaged), pairs or cells each figure shows.</p>"
               if figs else "",
               "".join(figs) or '<p class="note">No figure could be drawn.</p>',
               "<h2>Failed and diverged cells</h2>", _failed_html(df),
