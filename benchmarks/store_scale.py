@@ -266,6 +266,7 @@ def main() -> None:
         assert "nothing to run" in m[3], m[3]
         report("`study run`, nothing to run, --no-figures, whole command", *m[:3], 15)
         if not args.skip_run_report:
+            (big / "report.html").unlink(missing_ok=True)  # so that this run draws its first
             m = cli_measure("run", spec_path, "--results", big, "--executor", "local")
             report("`study run`, nothing to run, drawing its first report", *m[:3], 30)
         shutil.rmtree(big / "figures", ignore_errors=True)
