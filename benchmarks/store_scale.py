@@ -111,6 +111,7 @@ def synth(cells, epochs: int, rng) -> tuple[pa.Table, pa.Table]:
         "train_acc": np.tile(0.95 - 0.5 * decay, len(has)),
         "val_acc": np.tile(0.93 - 0.5 * decay, len(has)),
         "wall_s": np.tile(e * 1.0, len(has)),
+        "train_s": np.full(len(has) * epochs, 0.9),  # each epoch's training pass alone
     }, schema=schema.EPOCHS)
     return trials, epochs_t
 

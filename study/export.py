@@ -173,6 +173,32 @@ def local_mlflow_uri(store: Store) -> str:
     return f"sqlite:///{path / 'mlflow.db'}"
 
 
+def tune_local_sqlite(uri: str) -> None:
+    """The local store only (a user's own database keeps its settings): write-ahead logging,
+    so that the export's worker processes build their next batch while one writes (measured
+    on 2 cores, 400 cells of 100 epochs: 102 ms per cell with two workers under SQLite's
+    default rollback journal, 70 ms with WAL), and no fsync per commit (NORMAL: a crash loses
+    at most the last runs, which the next export writes again; the file is never corrupted)."""
+    global _TUNED_SQLITE
+    path = uri.removeprefix("sqlite:///")
+    if _TUNED_SQLITE is None:
+        import sqlite3
+        from sqlalchemy import event
+        from sqlalchemy.engine import Engine
+
+        @event.listens_for(Engine, "connect")
+        def _pragmas(conn, _record) -> None:
+            if isinstance(conn, sqlite3.Connection) and _TUNED_SQLITE and any(
+                    row[2] in _TUNED_SQLITE for row in conn.execute("PRAGMA database_list")):
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+        _TUNED_SQLITE = set()
+    _TUNED_SQLITE.add(path)
+
+
+_TUNED_SQLITE: set[str] | None = None
+
+
 def bound_http_retries(max_retries: int, timeout_s: int) -> None:
     """MLflow retries an unreachable server for minutes by default (7 retries, backoff 2,
     120 s timeout: mlflow.environment_variables); a user's own settings win."""
@@ -196,6 +222,8 @@ class MlflowTarget:
         meta = store.meta()
         self.study_name = meta.get("name") or store.root.name
         self.axes = study_axes(store)
+        if self.local:
+            tune_local_sqlite(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri)
         try:
             self.experiment_id = self._experiment()
@@ -419,15 +447,18 @@ def _write_in_processes(target: MlflowTarget, todo: list[Cell], stale: list[str]
     for run_id in stale:
         target.client.delete_run(run_id)
     chunks = [todo[i::workers] for i in range(workers)]
-    args = (target.uri, target.experiment_id, target.parent_id, target.study_id, target.axes)
+    args = (target.uri, target.local, target.experiment_id, target.parent_id, target.study_id,
+            target.axes)
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
         for chunk, f in [(ch, pool.submit(_write_worker, *args, ch)) for ch in chunks if ch]:
             target.remember(chunk, f.result())
 
 
-def _write_worker(uri, experiment_id, parent_id, study_id, axes, cells) -> dict[str, str]:
+def _write_worker(uri, local, experiment_id, parent_id, study_id, axes, cells) -> dict[str, str]:
     from mlflow.tracking import MlflowClient
 
+    if local:
+        tune_local_sqlite(uri)
     return write_cells(MlflowClient(tracking_uri=uri), experiment_id, parent_id, study_id, axes, cells)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -116,6 +117,9 @@ def test_mlflow_export_parent_children_histories_and_idempotence(study_dir, tmp_
             assert run.data.tags["error"] == row["error"] and "InjectedFault" in row["error"]
     twin = trials[trials["same_network_as"].notna()].iloc[0]
     assert by_cell[twin["cell_id"]].data.tags["same_network_as"] == twin["same_network_as"]
+    # the local store writes ahead (the export's workers overlap): the mode is the file's own
+    with sqlite3.connect(results / "mlflow" / "mlflow.db") as db:
+        assert db.execute("PRAGMA journal_mode").fetchall() == [("wal",)]
 
     p = run_cli("export", results, "--mlflow")  # again: nothing new, no duplicates
     assert p.returncode == 0 and f"0 runs added, 0 replaced, {N_CELLS} unchanged" in p.stdout, p.stdout
