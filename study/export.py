@@ -101,8 +101,8 @@ def cell_from_rows(row: dict, epochs: list[dict]) -> Cell:
 
 def store_cells(store: Store) -> Iterator[Cell]:
     """Every cell of the store with its epochs (one read of each table)."""
-    trials = store._read(store.trials_dir, schema.TRIALS, None, None, False, None)
-    epochs = store._read(store.epochs_dir, schema.EPOCHS, None, None, False, None)
+    trials = store.read_table("trials")
+    epochs = store.read_table("epochs")
     epochs = epochs.sort_by([("cell_id", "ascending"), ("epoch", "ascending")])
     ids = epochs["cell_id"].to_numpy(zero_copy_only=False)
     cols = {c: epochs[c].to_numpy(zero_copy_only=False).astype(float)

@@ -72,11 +72,25 @@ EPOCH_COLUMNS = EPOCHS.names
 PARAM_COLUMNS = [f.name for f in PARAM_FIELDS]
 
 
-def conform(rows: list[dict], schema: pa.Schema) -> pa.Table:
-    """Rows -> Table with exactly the schema's columns (missing ones null); unknown keys are
-    a programming error and raise, so the schema cannot drift silently."""
-    extra = {k for r in rows for k in r} - set(schema.names)
+def conform(data: list[dict] | pa.Table, schema: pa.Schema,
+            columns: list[str] | None = None) -> pa.Table:
+    """Rows (dicts) or a Table -> a Table of exactly `columns` of the schema (default: all of
+    them), in order, each of its type; columns the data lacks are nulls.
+
+    Rows come from the tool's own code: a key outside the schema is a programming error and
+    raises KeyError, so the schema cannot drift silently. A Table comes from a file: columns a
+    newer writer added are left out, ones an older writer lacked read as nulls, and a table
+    without `cell_id` raises ValueError (none of its rows can be told apart).
+    """
+    cols = schema.names if columns is None else columns
+    out = pa.schema([schema.field(c) for c in cols])
+    if isinstance(data, pa.Table):
+        if "cell_id" not in data.column_names:
+            raise ValueError("missing columns ['cell_id']")
+        return pa.Table.from_arrays(
+            [data[f.name].cast(f.type) if f.name in data.column_names
+             else pa.nulls(len(data), f.type) for f in out], schema=out)
+    extra = {k for r in data for k in r} - set(schema.names)
     if extra:
         raise KeyError(f"columns not in the store schema: {sorted(extra)}")
-    cols = {name: [r.get(name) for r in rows] for name in schema.names}
-    return pa.Table.from_pydict(cols, schema=schema)
+    return pa.Table.from_pydict({c: [r.get(c) for r in data] for c in cols}, schema=out)

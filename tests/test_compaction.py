@@ -1,7 +1,6 @@
 """Compaction keeps the store's promises: nothing landed is lost at a SIGKILL mid-merge, each
 cell is seen once (by our reader and by DuckDB reading the documented glob), a damaged merged
 file is quarantined and only its cells run again, a re-landed cell replaces its row."""
-import datetime as dt
 import signal
 import subprocess
 import sys
@@ -9,7 +8,8 @@ import sys
 import duckdb
 import pytest
 
-import study.store as store_mod
+import study.store.compact as compaction
+from study.rows import cell_row, failed_result, now
 from study.runner import RunOptions, run_study
 from study.store import Store
 from sweep import Cell, load_spec
@@ -21,8 +21,9 @@ from conftest import run_cli
 #   before_rename:  the merged file is written to its temporary name, not yet renamed;
 #   before_removal: the merged file is in place, the parts and old merged file not removed.
 WRITER = r'''
-import datetime as dt, os, pathlib, sys, time
+import os, pathlib, sys, time
 import study.store as st
+from study.rows import cell_row, failed_result, now
 from sweep import parse_spec
 
 out, spec_path, window = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -32,14 +33,14 @@ store = st.Store(out)
 store.ensure_writable()
 store.save_spec(text, "tiny", spec_path)
 
-def land(c, status):
-    now = dt.datetime.now(dt.timezone.utc)
-    row = {**c.config, "cell_id": c.cell_id, "pair_key": c.pair_key, "status": status,
-           "n_params": 100, "train_loss": 0.5, "val_loss": 0.6, "wall_s": 1.0,
-           "started_at": now, "finished_at": now, "error": "boom" if status == "failed" else None}
+def land(c, status):  # a cell's row and epochs as the trial builds them
+    result = failed_result("boom") if status == "failed" else {
+        "status": "ok", "n_params": 100, "epochs_done": 2, "train_loss": 0.5, "val_loss": 0.6,
+        "wall_s": 1.0, "device": "cpu"}
     epochs = [] if status == "failed" else [
         {"cell_id": c.cell_id, "epoch": e, "train_loss": 1.0 / e, "val_loss": 1.1 / e,
-         "train_acc": 0.5, "val_acc": 0.4, "wall_s": 0.1 * e} for e in (1, 2)]
+         "train_acc": 0.5, "val_acc": 0.4, "wall_s": 0.1 * e, "train_s": 0.08} for e in (1, 2)]
+    row = cell_row(c.to_dict(), result, study="tiny", attempts=1, started_at=now(), host="test")
     store.write_result(row, epochs)
 
 land(cells[0], "ok"); land(cells[1], "ok"); land(cells[2], "failed")
@@ -56,7 +57,7 @@ if window == "before_rename":
         if os.path.basename(str(dst)).startswith("merged-"):
             stop()
         return real(src, dst)
-    st.os.replace = replace
+    os.replace = replace
 else:
     pathlib.Path.unlink = lambda self, *a, **k: stop()
 store.compact()
@@ -120,7 +121,7 @@ def test_sigkill_mid_merge_loses_nothing_and_a_resume_leaves_each_cell_once(tmp_
 
 def test_damaged_merged_file_is_quarantined_and_only_its_cells_rerun(tmp_path, tiny_spec,
                                                                        monkeypatch):
-    monkeypatch.setattr(store_mod, "MERGED_MAX_CELLS", 2)  # 4 cells -> 2 merged files
+    monkeypatch.setattr(compaction, "MERGED_MAX_CELLS", 2)  # 4 cells -> 2 merged files
     spec = load_spec(tiny_spec)
     out = tmp_path / "res"
     opts = RunOptions(results_dir=str(out), executor="local", quiet=True)
@@ -157,16 +158,22 @@ CONFIG = {"dataset": "digits", "architecture": "sequential", "layers": 2, "filte
 
 
 def _row(layers: int, status: str = "ok", val_loss: float = 0.6):
+    """A cell's row and its two epochs as the trial builds them (study.rows.cell_row); a failed
+    cell keeps the epochs it finished, as run_cell does."""
     cell = Cell.from_config({**CONFIG, "layers": layers})
-    now = dt.datetime.now(dt.timezone.utc)
-    row = {**cell.config, "cell_id": cell.cell_id, "pair_key": cell.pair_key, "status": status,
-           "val_loss": val_loss, "started_at": now, "finished_at": now}
-    epochs = [{"cell_id": cell.cell_id, "epoch": e, "val_loss": val_loss * e} for e in (1, 2)]
+    epochs = [{"cell_id": cell.cell_id, "epoch": e, "train_loss": 1.0 / e, "val_loss": val_loss * e,
+               "train_acc": 0.5, "val_acc": 0.4, "wall_s": 0.1 * e, "train_s": 0.08}
+              for e in (1, 2)]
+    result = failed_result("boom", len(epochs)) if status == "failed" else {
+        "status": status, "n_params": 100, "epochs_done": len(epochs), "train_loss": 0.5,
+        "val_loss": val_loss, "wall_s": 0.2, "device": "cpu"}
+    row = cell_row(cell.to_dict(), result, study="tests", attempts=1, started_at=now(),
+                   host="test")
     return row, epochs
 
 
 def test_a_relanded_cell_replaces_its_merged_row_at_once(tmp_path, monkeypatch):
-    monkeypatch.setattr(store_mod, "COMPACT_EVERY_PARTS", 3)
+    monkeypatch.setattr(compaction, "COMPACT_EVERY_PARTS", 3)
     store = Store(tmp_path)
     compacted = []
     for layers in (1, 2, 3):
@@ -187,8 +194,8 @@ def test_a_relanded_cell_replaces_its_merged_row_at_once(tmp_path, monkeypatch):
 
 
 def test_bulk_writes_and_reads_of_chosen_cells(tmp_path, monkeypatch):
-    monkeypatch.setattr(store_mod, "MERGED_MAX_CELLS", 4)
-    monkeypatch.setattr(store_mod, "EPOCHS_ROW_GROUP", 2)  # one cell per row group
+    monkeypatch.setattr(compaction, "MERGED_MAX_CELLS", 4)
+    monkeypatch.setattr(compaction, "EPOCHS_ROW_GROUP", 2)  # one cell per row group
     store = Store(tmp_path)
     store.write_results([_row(n) for n in range(1, 10)])  # 9 cells -> files of 4, 4, 1
     assert len(list(store.trials_dir.glob("merged-*.parquet"))) == 3

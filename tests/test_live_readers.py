@@ -51,8 +51,8 @@ seed = [{seeds}]
 # window of RETAIN_S seconds.
 DRIVER = r'''
 import sys
-import study.live as live, study.store as store
-store.COMPACT_EVERY_PARTS = int(sys.argv[1])
+import study.live as live, study.store.compact as compact
+compact.COMPACT_EVERY_PARTS = int(sys.argv[1])
 live.RETAIN_S = float(sys.argv[2])
 from study.cli import main
 sys.exit(main(["run", *sys.argv[3:], "--executor", "local", "--no-figures", "--quiet"]))

@@ -1,5 +1,4 @@
 """The Parquet store: schema written = schema defined, atomic parts, quarantine, the lock."""
-import datetime as dt
 import json
 import os
 import subprocess
@@ -11,27 +10,31 @@ import pytest
 
 from study import schema
 from study.atomic import atomic_write, atomic_write_table, atomic_write_text
-from study.store import DriverLock, ReadReport, Store, StoreError
+from study.rows import cell_row, failed_result, now
+from study.store import DriverLock, ReadReport, Store, StoreError, StoreReader
 from sweep import Cell
 
 CONFIG = {"dataset": "digits", "architecture": "sequential", "layers": 2, "filters": 4,
           "kernel": 3, "activation": "relu", "batch_norm": False, "lr": 1e-3,
           "weight_decay": 1e-4, "batch_size": 64, "epochs": 2, "seed": 0, "val_fraction": 0.1}
+TRAINED = {"status": "ok", "n_params": 100, "epochs_done": 2, "train_loss": 0.5,
+           "val_loss": 0.6, "wall_s": 1.0, "device": "cpu"}
 
 
-def make_row(**over):
-    cell = Cell.from_config({**CONFIG, **over.pop("config", {})})
-    now = dt.datetime.now(dt.timezone.utc)
-    return {**cell.config, "cell_id": cell.cell_id, "pair_key": cell.pair_key, "status": "ok",
-            "n_params": 100, "train_loss": 0.5, "val_loss": 0.6, "wall_s": 1.0,
-            "started_at": now, "finished_at": now, **over}
+def make_row(result: dict | None = None, config: dict | None = None) -> dict:
+    """A cell's store row as the trial builds it (study.rows.cell_row): `result` is what
+    training returned (default: a trained cell's), `config` the grid values to change."""
+    cell = Cell.from_config({**CONFIG, **(config or {})})
+    return cell_row(cell.to_dict(), TRAINED if result is None else result, study="tests",
+                    attempts=1, started_at=now(), host="test")
 
 
 def test_written_parts_have_exactly_the_defined_schema(tmp_path):
     store = Store(tmp_path)
     row = make_row()
     store.write_result(row, [{"cell_id": row["cell_id"], "epoch": 1, "train_loss": 1.0,
-                              "val_loss": 1.1, "train_acc": 0.5, "val_acc": 0.4, "wall_s": 0.1}])
+                              "val_loss": 1.1, "train_acc": 0.5, "val_acc": 0.4, "wall_s": 0.1,
+                              "train_s": 0.08}])
     t = pq.read_table(tmp_path / "trials" / f"{row['cell_id']}.parquet")
     assert t.schema.equals(schema.TRIALS)
     e = pq.read_table(tmp_path / "epochs" / f"{row['cell_id']}.parquet")
@@ -39,13 +42,13 @@ def test_written_parts_have_exactly_the_defined_schema(tmp_path):
     # no temporary files left behind
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
     with pytest.raises(KeyError, match="not in the store schema"):
-        store.write_result(make_row(bogus=1), [])
+        store.write_result(make_row({**TRAINED, "bogus": 1}), [])
 
 
 def test_rewriting_a_cell_replaces_its_row(tmp_path):
     store = Store(tmp_path)
-    store.write_result(make_row(status="failed", error="boom"), [])
-    store.write_result(make_row(status="ok"), [])
+    store.write_result(make_row(failed_result("boom")), [])
+    store.write_result(make_row(), [])
     df = store.read_trials()
     assert len(df) == 1 and df["status"].tolist() == ["ok"]
 
@@ -61,6 +64,13 @@ def test_truncated_part_is_reported_and_quarantined(tmp_path):
     df = store.read_trials(report=report)  # readers skip and report, never move
     assert df["cell_id"].tolist() == [good["cell_id"]]
     assert len(report.bad_parts) == 1 and bad["cell_id"] in report.bad_parts[0]
+    assert part.exists()
+    reader = StoreReader(tmp_path)  # the read-only side, as analysis opens a folder
+    report = ReadReport()
+    assert reader.read_trials(report=report)["cell_id"].tolist() == [good["cell_id"]]
+    assert len(report.bad_parts) == 1 and bad["cell_id"] in report.bad_parts[0]
+    with pytest.raises(StoreError, match="only the driver moves"):
+        reader.read_trials(quarantine=True)
     assert part.exists()
     df = store.read_trials(quarantine=True, report=ReadReport())
     assert not part.exists()
