@@ -218,7 +218,7 @@ def run_ray(pending: list[Cell], run_opts, land: Land, progress, store) -> None:
     """Every pending cell as a Tune trial of `run_opts`' size, trained with `run_opts.trial`."""
     ray_connect.start_or_join(run_opts.address)
     opts = run_opts.trial
-    # Tune's end-of-run summary looks for the per-trial files we switched off above.
+    # Tune's end-of-run summary looks for the per-trial files ray_connect.WORKER_ENV switched off.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     store_errors: list[StoreError] = []
 
