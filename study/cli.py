@@ -12,11 +12,11 @@ import os
 import sys
 from pathlib import Path
 
-from sweep import SpecError, load_spec, parse_spec
+from sweep import SpecError, load_spec
 from sweep.spec import parse_margin
 
 from . import executor_registry as executors
-from .counts import STATUS_COLUMNS, count_cells
+from .counts import STATUS_COLUMNS, StudyGrid, count_cells
 from .store import Store, StoreError
 
 EXIT_SPEC, EXIT_ENV = 2, 3
@@ -151,11 +151,12 @@ def cmd_plan(args) -> int:
 
     spec = load_spec(args.spec)
     _check_size(spec, _results_dir(args, spec), args)
-    cells = spec.cells()
+    store = Store(_results_dir(args, spec))
+    grid = StudyGrid(spec, store)
+    cells = grid.cells()
     trained = _trained_cells(cells)
     cost = grid_cost(trained)
-    store = Store(_results_dir(args, spec))
-    n = count_cells(store.read_trials(columns=STATUS_COLUMNS, live=True), [c.cell_id for c in cells])
+    n = count_cells(store.read_trials(columns=STATUS_COLUMNS, live=True), grid.cell_ids())
     if args.json:
         print(json.dumps({"study": spec.name, "origin": spec.origin, "cells": len(cells),
                           "networks": len(trained), "cost": cost.to_dict(),
@@ -228,16 +229,17 @@ def _print_counts(cells) -> None:
 
 
 def _run(spec, results: Path, args) -> int:
+    from .options import TrialOptions
     from .runner import RunOptions, run_study
 
     _check_size(spec, results, args)
     _remember_max_cells(results, args)
-    opts = RunOptions(results_dir=str(results), data_dir=args.data_dir, download=args.download,
-                      executor=args.executor, address=args.address,
+    trial = TrialOptions(results_dir=str(results), data_dir=args.data_dir,
+                         download=args.download, max_failures=args.max_failures)
+    opts = RunOptions(trial, executor=args.executor, address=args.address,
                       cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
-                      max_concurrent=args.max_concurrent, max_failures=args.max_failures,
-                      retry_failed=args.retry_failed, quiet=args.quiet,
-                      export=tuple(_export_targets(args.export)))
+                      max_concurrent=args.max_concurrent, retry_failed=args.retry_failed,
+                      quiet=args.quiet, export=tuple(_export_targets(args.export)))
     store = Store(results)
     judged_before = _saved_analysis(store, spec)
     summary = run_study(spec, opts)
@@ -264,8 +266,8 @@ def _saved_analysis(store: Store, spec) -> dict | None:
     """The [analysis] table of the study's saved spec (None without one): when a run changes
     only it, no cell runs but the figures and report are drawn again."""
     try:
-        saved = store.spec_path.read_text()
-        return spec.analysis if saved == spec.source else parse_spec(saved).analysis
+        saved = StudyGrid.saved(store)
+        return spec.analysis if saved.source == spec.source else saved.spec.analysis
     except (OSError, UnicodeDecodeError, SpecError):
         return None
 
@@ -280,12 +282,12 @@ def cmd_resume(args) -> int:
     if not store.exists():
         raise StoreError(f"{store.root} holds no study (no spec.toml); start one with "
                          f"`study run SPEC --results {store.root}`")
-    spec = parse_spec(store.spec_path.read_text(), origin=str(store.spec_path))
-    return _run(spec, store.root, args)
+    return _run(StudyGrid.saved(store).spec, store.root, args)
 
 
 def cmd_status(args) -> int:
-    from .runner import _fmt_s, status
+    from .durations import short_duration
+    from .runner import status
 
     st = status(Store(args.results))
     if args.json:
@@ -295,9 +297,10 @@ def cmd_status(args) -> int:
     print(f"  cells {st['total']}: {st['done']} done ({st['ok']} ok, {st['failed']} failed, "
           f"{st['diverged']} diverged), {st['pending']} pending, {st['running']} running"
           + (f", {st['interrupted']} interrupted (will resume from checkpoints)" if st["interrupted"] else ""))
-    print(f"  compute spent: {_fmt_s(st['compute_s'])}"
-          + (f", mean {st['mean_cell_s']:.1f} s per cell, ETA {_fmt_s(st['eta_compute_s'])} of "
-             "compute for the pending cells" if st["mean_cell_s"] else ""))
+    print(f"  compute spent: {short_duration(st['compute_s'])}"
+          + (f", mean {st['mean_cell_s']:.1f} s per cell, "
+             f"ETA {short_duration(st['eta_compute_s'])} of compute for the pending cells"
+             if st["mean_cell_s"] else ""))
     d = st["driver"]
     print(f"  driver: host {d['host']}, pid {d['pid']}, started {d['started_at']}" if d
           else "  driver: none running")

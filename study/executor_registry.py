@@ -1,12 +1,14 @@
 """Executors by name: how the pending cells run (what runs is the runner's), register / get / list.
 
-Every executor has one signature, `run(pending, opts, land, progress, run_opts, store)`: the
-pending cells (sweep.Cell), the trial's options (options.TrialOptions), `land(row, epochs)` to
-call for each finished cell, the progress line, the command's runner.RunOptions and the store.
-An executor runs each cell through `train.run_cell` and lands every row, failed or not.
+Every executor has one signature, `run(pending, run_opts, land, progress, store)`: the
+pending cells (sweep.Cell), the command's runner.RunOptions (the trial's options, as every
+cell trains with them, in `run_opts.trial`), `land(row, epochs)` to call for each finished
+cell, the progress line and the store. An executor runs each cell through `train.run_cell`
+with `run_opts.trial` and lands every row, failed or not.
 
-An entry names its functions as "module:function" and imports them on first use: `study plan`
-and the CLI's --executor choices need the names, not Ray (whose import costs seconds).
+An entry names its functions as "module:function" and imports them on first use: `study plan`,
+the CLI's --executor choices and the local executor need the names, not Ray (whose import
+costs seconds).
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from sweep import SpecError
+
+Land = Callable[[dict, list[dict]], None]  # an executor's `land(row, epochs)`
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,7 @@ def get(name: str) -> Executor:
                         + " or ".join(list_executors())) from None
 
 
-register(Executor("ray", "Ray Tune trials", run="study.executors:run_ray",
-                  check="study.executors:connect", gpus_on_request=True))
-register(Executor("local", "in this process, one by one", run="study.executors:run_local"))
+register(Executor("ray", "Ray Tune trials", run="study.executors.ray_tune:run_ray",
+                  check="study.executors.ray_connect:connect", gpus_on_request=True))
+register(Executor("local", "in this process, one by one",
+                  run="study.executors.local:run_local"))

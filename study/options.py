@@ -1,7 +1,11 @@
-"""How to run a cell (not part of its identity): torch-free, so the driver never imports torch."""
+"""How to run a cell (not part of its identity): torch-free, so the driver never imports torch.
+
+A `study run`'s options (runner.RunOptions) hold these as `trial`: the folders, the download
+flag and the retries are given once, here, for the driver and every cell.
+"""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 
 @dataclass
@@ -25,6 +29,3 @@ class TrialOptions:
     # Test hook: "key=value[,key=value]@EPOCH[xTIMES]" raises in matching cells at EPOCH on
     # the first TIMES attempts (default: every attempt). Set from STUDY_INJECT_FAULT.
     inject_fault: str | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)

@@ -7,36 +7,40 @@ folder for rows, and there is a single writer under the driver lock).
 """
 from __future__ import annotations
 
+import datetime as dt
 import os
 import sys
 import time
-import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sweep import Cell, Spec, parse_spec
+from sweep import Cell, Spec
+from sweep.values import plain_value
 
 from . import executor_registry as executors
-from .counts import STATUS_COLUMNS, count_cells
+from . import schema
+from .counts import STATUS_COLUMNS, StudyGrid, count_cells
+from .durations import short_duration
+from .options import TrialOptions
 from .store import DriverLock, ReadReport, Store, StoreError
 
 
 @dataclass
 class RunOptions:
-    results_dir: str
-    data_dir: str | None = None
-    download: bool = False
+    """A `study run`: how its cells run (the executor, the trial size, what to retry, print
+    and export). `trial` holds what the driver and every cell share: the results and data
+    folders, --download, the retries per cell; run_study fills in the rest of it (the
+    study's name, threads, device, ...) before the executor gets it."""
+    trial: TrialOptions
     executor: str = "ray"  # ray | local
     address: str | None = None
     cpus_per_trial: float = 1
     gpus_per_trial: float = 0
     max_concurrent: int | None = None
-    max_failures: int = 2
     retry_failed: bool = False
     quiet: bool = False
     export: tuple = ()  # live export targets: ("mlflow"|"tensorboard", URI/LOGDIR or None)
@@ -84,13 +88,13 @@ class Progress:
             return "after a few cells"
         est = (time.time() - self.t_first) / k * left
         spread = 1 / k ** 0.5
-        return f"{_fmt_s(est * (1 - spread))}-{_fmt_s(est * (1 + spread))}"
+        return f"{short_duration(est * (1 - spread))}-{short_duration(est * (1 + spread))}"
 
     def line(self) -> str:
         elapsed = time.time() - self.t0
         return (f"[study] {self.done}/{self.total} cells done, {self.running} running, "
-                f"{self.failed} failed, {self.diverged} diverged, elapsed {_fmt_s(elapsed)}, "
-                f"ETA {self.eta()}")
+                f"{self.failed} failed, {self.diverged} diverged, "
+                f"elapsed {short_duration(elapsed)}, ETA {self.eta()}")
 
     def tick(self, force: bool = False) -> None:
         now = time.time()
@@ -102,25 +106,6 @@ class Progress:
                 self.heartbeat()
             if not self.quiet:
                 print(self.line(), file=self.out, flush=True)
-
-
-def _fmt_s(s: float) -> str:
-    s = int(s)
-    if s >= 3600:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
-
-
-def plan(spec: Spec, store: Store, retry_failed: bool = False, trials=None,
-         cells: list[Cell] | None = None) -> tuple[list[Cell], dict[str, int]]:
-    """(pending cells, counts by status of the grid's cells already in the store).
-    `trials`: the store's cell_id and status columns when the caller has read them already;
-    `cells`: the spec's cells when already enumerated."""
-    cells = spec.cells() if cells is None else cells
-    df = store.read_trials(columns=STATUS_COLUMNS) if trials is None else trials
-    counts = count_cells(df, [c.cell_id for c in cells], retry_failed=retry_failed)
-    to_run = set(counts.to_run)
-    return [c for c in cells if c.cell_id in to_run], counts.by_status()
 
 
 # -- same-network twins (sweep.twins): trained once, recorded under every cell_id ----------
@@ -169,10 +154,8 @@ def record_copies(store: Store, copies: list[tuple[Cell, str]]) -> int:
     """Write the rows of twins whose network is already in the store (a resume after a
     crash between the two writes, or an extension): read the source rows, write copies."""
     sources = {src for _, src in copies}
-    trials = store.read_trials(report=ReadReport())
-    trials = trials[trials["cell_id"].isin(sources)]
-    epochs = store.read_epochs(report=ReadReport())
-    epochs = epochs[epochs["cell_id"].isin(sources)]
+    trials = store.read_trials(report=ReadReport(), cell_ids=sources)
+    epochs = store.read_epochs(report=ReadReport(), cell_ids=sources)
     n = 0
     for twin, src in copies:
         hit = trials[trials["cell_id"] == src]
@@ -186,28 +169,18 @@ def record_copies(store: Store, copies: list[tuple[Cell, str]]) -> int:
 
 
 def _python_row(raw: dict) -> dict:
-    """A pandas row back to the values the schema takes (pandas turns int columns with nulls
-    into floats and nulls into NaN/NaT)."""
-    import pandas as pd
-    import pyarrow as pa
+    """A pandas row back to the values the schema takes (sweep.values)."""
+    # a float column's NaN is a value of its own (a diverged cell's loss): kept as read
+    return {f.name: raw.get(f.name) if pa.types.is_floating(f.type)
+            else plain_value(raw.get(f.name), _python_type(f.type)) for f in schema.TRIALS}
 
-    from . import schema
 
-    out = {}
-    for f in schema.TRIALS:
-        v = raw.get(f.name)
-        if v is None or (v is pd.NaT) or (not pa.types.is_floating(f.type)
-                                          and isinstance(v, float) and v != v):
-            out[f.name] = None
-        elif pa.types.is_integer(f.type):
-            out[f.name] = int(v)
-        elif pa.types.is_boolean(f.type):
-            out[f.name] = bool(v)
-        elif pa.types.is_timestamp(f.type):
-            out[f.name] = pd.Timestamp(v).to_pydatetime()
-        else:
-            out[f.name] = v
-    return out
+def _python_type(arrow_type: pa.DataType) -> type:
+    if pa.types.is_integer(arrow_type):
+        return int
+    if pa.types.is_boolean(arrow_type):
+        return bool
+    return dt.datetime if pa.types.is_timestamp(arrow_type) else str
 
 
 @dataclass
@@ -218,7 +191,7 @@ class StoreView:
     report: ReadReport
     pending: list[Cell]
     counts: dict[str, int]
-    enumerated: list[Cell] | None  # the spec's cells, when they had to be enumerated
+    grid: StudyGrid  # the spec's grid: its cells enumerated where any is pending
 
 
 def preflight(spec: Spec, store: Store, opts: RunOptions) -> StoreView:
@@ -228,26 +201,26 @@ def preflight(spec: Spec, store: Store, opts: RunOptions) -> StoreView:
     from . import data as datasets
 
     if store.exists():
-        saved = store.spec_path.read_text()
-        if saved != spec.source:  # the same text extends itself: no second parse of the grid
-            spec.check_extends(parse_spec(saved, origin=str(store.spec_path)))
+        saved = StudyGrid.saved(store)
+        if saved.source != spec.source:  # the same text extends itself: no second parse
+            spec.check_extends(saved.spec)
     report = ReadReport()
     trials = store.read_trials(columns=STATUS_COLUMNS, report=report)
-    ids = store.cached_cell_ids(spec.source)
-    if ids is not None:  # cached cell ids: no need to enumerate the grid if nothing is left
-        counts = count_cells(trials, ids, retry_failed=opts.retry_failed)
-        if not counts.to_run:
-            store.ensure_writable()
-            return StoreView(len(ids), trials, report, [], counts.by_status(), None)
-    cells = spec.cells()
-    pending, counts = plan(spec, store, opts.retry_failed, trials=trials, cells=cells)
+    grid = StudyGrid(spec, store)
+    # cached cell ids: no need to enumerate the grid if nothing is left to run
+    counts = count_cells(trials, grid.cell_ids(), retry_failed=opts.retry_failed)
+    if not counts.to_run:
+        store.ensure_writable()
+        return StoreView(counts.total, trials, report, [], counts.by_status(), grid)
+    to_run = set(counts.to_run)
+    pending = [c for c in grid.cells() if c.cell_id in to_run]
     for name in sorted({c["dataset"] for c in pending}):
-        datasets.check_available(name, opts.data_dir, opts.download)
-    if pending:  # e.g. a trial size the cluster cannot hold is refused before any write
-        check_precision(pending, opts)  # first: a refusal here starts no Ray
-        executors.get(opts.executor).preflight(opts)
+        datasets.check_available(name, opts.trial.data_dir, opts.trial.download)
+    check_precision(pending, opts)  # first: a refusal here starts no Ray
+    # e.g. a trial size the cluster cannot hold is refused before any write
+    executors.get(opts.executor).preflight(opts)
     store.ensure_writable()
-    return StoreView(len(cells), trials, report, pending, counts, cells)
+    return StoreView(counts.total, trials, report, pending, counts.by_status(), grid)
 
 
 def check_precision(pending: list[Cell], opts: RunOptions) -> None:
@@ -274,10 +247,8 @@ def check_precision(pending: list[Cell], opts: RunOptions) -> None:
 
 
 def run_study(spec: Spec, opts: RunOptions, out=sys.stderr) -> RunSummary:
-    """Run every pending cell of `spec` into the store at `opts.results_dir`."""
-    from .options import TrialOptions
-
-    store = Store(opts.results_dir)
+    """Run every pending cell of `spec` into the store at `opts.trial.results_dir`."""
+    store = Store(opts.trial.results_dir)
     executor = executors.get(opts.executor)
     view = preflight(spec, store, opts)
     lock = DriverLock(store)
@@ -286,25 +257,14 @@ def run_study(spec: Spec, opts: RunOptions, out=sys.stderr) -> RunSummary:
         if stale and not opts.quiet:
             print(f"[study] took over a stale lock of a driver that is gone "
                   f"(host {stale.get('host')}, pid {stale.get('pid')})", file=out)
-        # Quarantine from the one read made above (its plan already counts those cells as
-        # pending); the epochs files only get their footers checked.
-        report = view.report
-        store.quarantine_bad(report)
-        store.check_epochs(quarantine=True)
-        for bad in report.bad_parts:
-            print(f"[study] unreadable part moved to {store.quarantine_dir}: {bad}; "
-                  "its cell will run again", file=out)
-        store.save_spec(spec.source, spec.name, spec.origin)
-        store.compact()  # what a crashed run left; publishes the live files for readers
-        if view.enumerated is not None:
-            store.save_cell_ids(spec.source, [c.cell_id for c in view.enumerated])
-        pending, counts = view.pending, view.counts
-        twins_of, copies = {}, []
+        _take_over_store(spec, store, view, out)
+        pending, twins_of, copies = view.pending, {}, []
         if pending:  # pending cells imply the grid was enumerated by preflight
-            pending, twins_of, copies = same_network_plan(view.enumerated or spec.cells(), pending)
-        total = view.total
+            pending, twins_of, copies = same_network_plan(view.grid.cells(), pending)
+        counts = view.counts
         done = sum(counts.values()) - (counts["failed"] if opts.retry_failed else 0)
-        summary = RunSummary(total=total, already_done=done, quarantined=report.bad_parts)
+        summary = RunSummary(total=view.total, already_done=done,
+                             quarantined=view.report.bad_parts)
         if copies:  # the trained cell landed earlier, its twin's row did not: no training
             summary.copied += record_copies(store, copies)
             if not opts.quiet:
@@ -313,72 +273,109 @@ def run_study(spec: Spec, opts: RunOptions, out=sys.stderr) -> RunSummary:
         if not pending:
             store.compact()  # what a crashed run left as parts
             if not opts.quiet and not copies:
-                print(f"[study] nothing to run: all {total} cells are in {store.root}", file=out)
+                print(f"[study] nothing to run: all {view.total} cells are in {store.root}",
+                      file=out)
             return summary
-
-        trial_opts = TrialOptions(
-            results_dir=str(store.root.resolve()), study=spec.name,
-            data_dir=str(Path(opts.data_dir).resolve()) if opts.data_dir else None,
-            download=False,  # the driver has downloaded already; workers only read
-            threads=max(1, int(opts.cpus_per_trial)), max_failures=opts.max_failures,
-            save_weights=spec.save_weights,
-            device="auto" if (opts.gpus_per_trial or not executor.gpus_on_request) else "cpu",
-            checkpoint_every_s=float(os.environ.get("STUDY_CHECKPOINT_EVERY_S", 30)),
-            inject_fault=os.environ.get("STUDY_INJECT_FAULT") or None)
-        progress = Progress(total, done + summary.copied, out=out, quiet=opts.quiet,
-                            heartbeat=lock.heartbeat)
-        n_twins = sum(map(len, twins_of.values()))
-        if not opts.quiet:
-            print(f"[study] {spec.name}: {len(pending)} of {total} cells to train"
-                  + (f" (+{n_twins} same-network twins recorded from them)" if n_twins else "")
-                  + f" ({done} already in {store.root}), executor {opts.executor}",
-                  file=out, flush=True)
-        t0 = time.time()
-        live = None
-        if opts.export:  # off the training path: a background thread fed as rows land
-            from .export import LiveExport
-            live = LiveExport(store, list(opts.export), out=out)
-
-        def land(row: dict, epochs: list[dict]) -> None:
-            store.write_result(row, epochs)
-            landed = [row["cell_id"]]
-            if live is not None:
-                live.submit(row, epochs)
-            for twin in twins_of.get(row["cell_id"], ()):
-                store.write_result(*(twin_row := twin_result(row, epochs, twin)))
-                landed.append(twin.cell_id)
-                if live is not None:
-                    live.submit(*twin_row)
-            for cell_id in landed:
-                store.maybe_compact(cell_id)
-            while store.notes:
-                print(f"[study] unreadable file moved to {store.quarantine_dir}: "
-                      f"{store.notes.pop(0)}; its cells will run at the next `study run`", file=out)
-            summary.ran += 1
-            st = row["status"]
-            setattr(summary, st, getattr(summary, st) + 1)
-            progress.done += 1
-            if st in ("failed", "diverged"):
-                setattr(progress, st, getattr(progress, st) + 1)
-                if not opts.quiet:
-                    print(f"[study] cell {row['cell_id']} {st}: {row.get('error')}", file=out)
-            summary.copied += len(landed) - 1
-            progress.done += len(landed) - 1
-            progress.tick()
-
-        try:
-            executor.runner()(pending, trial_opts, land, progress, opts, store)
-        finally:
-            if live is not None:
-                live.close(wait=sys.exc_info()[0] is None)
-        store.compact()  # readers find a handful of files, not one per cell
-        summary.wall_s = time.time() - t0
-        store.remove_empty_checkpoints_dir()  # only in-flight cells' checkpoints stay
-        progress.running = 0
-        progress.tick(force=True)
+        _train(spec, store, executor, opts, pending, twins_of, summary, lock, out)
         return summary
     finally:
         lock.release()
+
+
+def _take_over_store(spec: Spec, store: Store, view: StoreView, out) -> None:
+    """Under the lock, before any cell: quarantine what preflight's read found unreadable
+    (its plan already counts those cells as pending; the epochs files only get their
+    footers checked), save the spec, compact what a crashed run left, cache the cell ids."""
+    store.quarantine_bad(view.report)
+    store.check_epochs(quarantine=True)
+    for bad in view.report.bad_parts:
+        print(f"[study] unreadable part moved to {store.quarantine_dir}: {bad}; "
+              "its cell will run again", file=out)
+    store.save_spec(spec.source, spec.name, spec.origin)
+    store.compact()  # what a crashed run left; publishes the live files for readers
+    if view.grid.enumerated:
+        store.save_cell_ids(spec.source, view.grid.cell_ids())
+
+
+def _train(spec: Spec, store: Store, executor: executors.Executor, opts: RunOptions,
+           pending: list[Cell], twins_of: dict[str, list[Cell]], summary: RunSummary,
+           lock: DriverLock, out) -> None:
+    """The pending cells through the executor, each landing as it finishes; then the store
+    compacted and the last progress line."""
+    run_opts = replace(opts, trial=_trial_options(spec, store, executor, opts))
+    progress = Progress(summary.total, summary.already_done + summary.copied, out=out,
+                        quiet=opts.quiet, heartbeat=lock.heartbeat)
+    n_twins = sum(map(len, twins_of.values()))
+    if not opts.quiet:
+        print(f"[study] {spec.name}: {len(pending)} of {summary.total} cells to train"
+              + (f" (+{n_twins} same-network twins recorded from them)" if n_twins else "")
+              + f" ({summary.already_done} already in {store.root}), executor {opts.executor}",
+              file=out, flush=True)
+    t0 = time.time()
+    live = None
+    if opts.export:  # off the training path: a background thread fed as rows land
+        from .export import LiveExport
+        live = LiveExport(store, list(opts.export), out=out)
+    land = _lander(store, twins_of, live, summary, progress, opts.quiet, out)
+    try:
+        executor.runner()(pending, run_opts, land, progress, store)
+    finally:
+        if live is not None:
+            live.close(wait=sys.exc_info()[0] is None)
+    store.compact()  # readers find a handful of files, not one per cell
+    summary.wall_s = time.time() - t0
+    store.remove_empty_checkpoints_dir()  # only in-flight cells' checkpoints stay
+    progress.running = 0
+    progress.tick(force=True)
+
+
+def _trial_options(spec: Spec, store: Store, executor: executors.Executor,
+                   opts: RunOptions) -> TrialOptions:
+    """The options every cell trains with, as a worker needs them: absolute folders (a
+    worker's working directory is not the driver's), no download (the driver has downloaded
+    already; workers only read), a torch thread per CPU of the trial, a GPU where the
+    executor gives one, the spec's save_weights, and the test hooks of the environment."""
+    data_dir = opts.trial.data_dir
+    return replace(
+        opts.trial, results_dir=str(store.root.resolve()), study=spec.name,
+        data_dir=str(Path(data_dir).resolve()) if data_dir else None, download=False,
+        threads=max(1, int(opts.cpus_per_trial)), save_weights=spec.save_weights,
+        device="auto" if (opts.gpus_per_trial or not executor.gpus_on_request) else "cpu",
+        checkpoint_every_s=float(os.environ.get("STUDY_CHECKPOINT_EVERY_S", 30)),
+        inject_fault=os.environ.get("STUDY_INJECT_FAULT") or None)
+
+
+def _lander(store: Store, twins_of: dict[str, list[Cell]], live, summary: RunSummary,
+            progress: Progress, quiet: bool, out) -> executors.Land:
+    """The executors' `land(row, epochs)`: write the row (and its same-network twins'),
+    feed the live export, compact when due, count it and say what failed."""
+    def land(row: dict, epochs: list[dict]) -> None:
+        store.write_result(row, epochs)
+        landed = [row["cell_id"]]
+        if live is not None:
+            live.submit(row, epochs)
+        for twin in twins_of.get(row["cell_id"], ()):
+            store.write_result(*(twin_row := twin_result(row, epochs, twin)))
+            landed.append(twin.cell_id)
+            if live is not None:
+                live.submit(*twin_row)
+        for cell_id in landed:
+            store.maybe_compact(cell_id)
+        while store.notes:
+            print(f"[study] unreadable file moved to {store.quarantine_dir}: "
+                  f"{store.notes.pop(0)}; its cells will run at the next `study run`", file=out)
+        summary.ran += 1
+        st = row["status"]
+        setattr(summary, st, getattr(summary, st) + 1)
+        progress.done += 1
+        if st in ("failed", "diverged"):
+            setattr(progress, st, getattr(progress, st) + 1)
+            if not quiet:
+                print(f"[study] cell {row['cell_id']} {st}: {row.get('error')}", file=out)
+        summary.copied += len(landed) - 1
+        progress.done += len(landed) - 1
+        progress.tick()
+    return land
 
 
 def status(store: Store) -> dict:
@@ -386,15 +383,8 @@ def status(store: Store) -> dict:
     if not store.exists():
         raise StoreError(f"{store.root} holds no study (no spec.toml); run `study run SPEC "
                          f"--results {store.root}` first")
-    source = store.spec_path.read_text()
-    ids = store.cached_cell_ids(source)
-    if ids is not None:  # this very text was parsed and enumerated by `study run`
-        spec = SimpleNamespace(name=store.meta().get("name")
-                               or tomllib.loads(source).get("study", {}).get("name", "study"))
-        cells = set(ids)
-    else:
-        spec = parse_spec(source, origin=str(store.spec_path))
-        cells = {c.cell_id for c in spec.cells()}
+    grid = StudyGrid.saved(store)
+    cells = set(grid.cell_ids())  # from the cache where `study run` enumerated this very text
     df = store.read_trials(report=ReadReport(), columns=["cell_id", "status", "wall_s", "same_network_as"],
                            live=True)  # a running driver compacts meanwhile
     counts = count_cells(df, cells, in_flight=store.in_flight(done=df["cell_id"]))
@@ -409,7 +399,7 @@ def status(store: Store) -> dict:
     mean_s = float(ok_wall.mean()) if len(ok_wall) else None
     pending = counts.pending
     return {
-        "study": spec.name, "results": str(store.root), "total": counts.total,
+        "study": grid.name, "results": str(store.root), "total": counts.total,
         "done": counts.done, **counts.by_status(), "pending": pending, "running": running,
         "interrupted": counts.in_flight - running,
         "compute_s": float(trained["wall_s"].fillna(0).sum()),
@@ -419,4 +409,4 @@ def status(store: Store) -> dict:
     }
 
 
-__all__ = ["RunOptions", "RunSummary", "run_study", "plan", "status"]
+__all__ = ["RunOptions", "RunSummary", "run_study", "status"]

@@ -16,10 +16,10 @@ equal network_id are one network; detection is a grouping, not a list of special
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Iterable
 
 from .params import ARCH_SPECIFIC, PARAMS
+from .values import plain_value
 
 # architecture -> (condition on the cell's config, why it is the sequential stack)
 SAME_AS_SEQUENTIAL: dict[str, tuple[Callable[[dict], bool], str]] = {
@@ -89,18 +89,10 @@ def config_from_row(row: dict) -> dict:
     arch = row["architecture"]
     out = {}
     for name, p in PARAMS.items():
-        if not p.applies_to(arch) or name not in row:
-            continue
-        v = row[name]
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            continue
-        if p.type is int:
-            v = int(v)
-        elif p.type is float:
-            v = float(v)
-        elif p.type is bool:
-            v = bool(v)
-        out[name] = v
+        if p.applies_to(arch) and name in row:
+            v = plain_value(row[name], p.type)
+            if v is not None:
+                out[name] = v
     return out
 
 

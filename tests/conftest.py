@@ -29,7 +29,7 @@ max_train_examples = 200
 def ray_session():
     """One real local Ray for every test that needs it (started once: ~10 s)."""
     import ray
-    from study.executors import ensure_ray
+    from study.executors.ray_connect import ensure_ray
 
     started = ensure_ray(None, num_cpus=2)
     yield ray

@@ -32,7 +32,8 @@ def descendants(pid: int, procs=None) -> set[int]:
 
 def kill_tree(pid: int | None = None, marker: str | None = None) -> int:
     """SIGKILL a process, all its descendants, and every process whose command line holds
-    `marker` (with their descendants). Returns how many processes were signalled."""
+    `marker` (with their descendants), and wait until they are gone. Returns how many
+    processes were signalled."""
     procs = _procs()
     roots = set()
     if pid is not None:
@@ -43,10 +44,34 @@ def kill_tree(pid: int | None = None, marker: str | None = None) -> int:
     for r in roots:
         victims |= descendants(r, procs)
     victims.discard(os.getpid())
+    started = {v: _start_time(v) for v in victims}
     for v in victims:
         try:
             os.kill(v, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    time.sleep(0.5)
+    _wait_gone(started)
     return len(victims)
+
+
+def _start_time(pid: int) -> str | None:
+    """When the process started (field 22 of /proc/PID/stat: a PID taken again meanwhile is
+    another process); None where it is gone, or a zombie (dead, its parent not yet told)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def _wait_gone(started: dict[int, str | None], timeout: float = 30.0) -> None:
+    """Until every one of these processes has died (SIGKILL is delivered, not awaited)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [p for p, t in started.items() if t is not None and _start_time(p) == t]
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"processes {sorted(left)} still run {timeout:.0f} s "
+                                 "after SIGKILL")
+        time.sleep(0.02)

@@ -53,6 +53,18 @@ seed = [0, 1]
 """
 
 
+# Polls the head until N nodes are alive, for at most TIMEOUT seconds: ADDRESS N TIMEOUT.
+_WAIT_FOR_NODES = """
+import sys, time, ray
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+want, deadline = int(sys.argv[2]), time.monotonic() + float(sys.argv[3])
+while (alive := sum(1 for n in ray.nodes() if n["Alive"])) < want:
+    if time.monotonic() > deadline:
+        sys.exit(f"{alive} of {want} Ray nodes alive after {sys.argv[3]} s")
+    time.sleep(0.1)
+"""
+
+
 def _why_no_cluster() -> str | None:
     if os.geteuid() != 0:
         return "needs root (mount a tmpfs in a private mount namespace); CI runs as root"
@@ -119,10 +131,18 @@ class Cluster:
             pid = _raylet_pid(tmp)
             if pid:
                 self.workers[name] = pid
-                time.sleep(2)  # registered with the head by now
+                self.wait_for_alive_nodes(1 + len(self.workers))  # the head and each worker
                 return pid
             time.sleep(0.2)
         raise AssertionError(f"worker node {name} has no raylet")
+
+    def wait_for_alive_nodes(self, n: int, timeout: float = 120) -> None:
+        """Until the head lists `n` nodes alive (a node's raylet runs before it registers),
+        asked by a short-lived driver of its own."""
+        r = subprocess.run([sys.executable, "-c", _WAIT_FOR_NODES, self.address, str(n),
+                            str(timeout)], env=self.env, capture_output=True, text=True,
+                           timeout=timeout + 60)
+        assert r.returncode == 0, r.stderr
 
     def worker_view(self, name: str, path: Path) -> Path:
         return Path(f"/proc/{self.workers[name]}/root") / str(path).lstrip("/")
@@ -313,7 +333,8 @@ def test_fractional_gpus_pack_trials_on_one_gpu(cluster, tmp_path):
 
 def test_the_driver_never_imports_torch():
     # torch loads only where a cell trains: the driver's start-up stays Ray's own
-    code = ("import sys, study.cli, study.runner, study.executors, study.data, study.store; "
+    code = ("import sys, study.cli, study.runner, study.executors.ray_tune, study.data, "
+            "study.store; "
             "study.data.load_raw('digits'); print('torch' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})

@@ -9,6 +9,7 @@ import duckdb
 import pytest
 
 import study.store.compact as compaction
+from study.options import TrialOptions
 from study.rows import cell_row, failed_result, now
 from study.runner import RunOptions, run_study
 from study.store import Store
@@ -124,7 +125,7 @@ def test_damaged_merged_file_is_quarantined_and_only_its_cells_rerun(tmp_path, t
     monkeypatch.setattr(compaction, "MERGED_MAX_CELLS", 2)  # 4 cells -> 2 merged files
     spec = load_spec(tiny_spec)
     out = tmp_path / "res"
-    opts = RunOptions(results_dir=str(out), executor="local", quiet=True)
+    opts = RunOptions(TrialOptions(str(out)), executor="local", quiet=True)
     first = run_study(spec, opts)
     assert first.ran + first.copied == 4  # the layers-1 twin is recorded, not trained
     merged = sorted((out / "trials").glob("merged-*.parquet"))

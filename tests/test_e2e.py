@@ -1,10 +1,15 @@
 """Spec -> Ray Tune (real local cluster) / local executor -> Parquet -> figure, and the CLI."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from study import schema
+from study.options import TrialOptions
 from study.runner import RunOptions, run_study
 from study.store import Store
 from sweep import load_spec
@@ -15,7 +20,7 @@ from conftest import run_cli
 def test_ray_run_lands_every_cell_and_a_rerun_runs_nothing(ray_session, tiny_spec, tmp_path):
     spec = load_spec(tiny_spec)
     out = tmp_path / "res"
-    summary = run_study(spec, RunOptions(results_dir=str(out), executor="ray", quiet=True))
+    summary = run_study(spec, RunOptions(TrialOptions(str(out)), executor="ray", quiet=True))
     # the layers-1 parallel cell is the sequential network: trained once, recorded twice
     assert (summary.total, summary.ran, summary.copied, summary.ok) == (4, 3, 1, 3)
     store = Store(out)
@@ -33,13 +38,13 @@ def test_ray_run_lands_every_cell_and_a_rerun_runs_nothing(ray_session, tiny_spe
     one = df[df["layers"] == 1].set_index("architecture")
     assert one.loc["sequential", "val_loss"] == one.loc["parallel", "val_loss"]
 
-    again = run_study(spec, RunOptions(results_dir=str(out), executor="ray", quiet=True))
+    again = run_study(spec, RunOptions(TrialOptions(str(out)), executor="ray", quiet=True))
     assert again.ran == 0 and again.already_done == 4
     assert len(store.read_trials()) == 4
 
     # the local executor runs the same trial function: the same numbers
     local = tmp_path / "local"
-    run_study(spec, RunOptions(results_dir=str(local), executor="local", quiet=True))
+    run_study(spec, RunOptions(TrialOptions(str(local)), executor="local", quiet=True))
     a = df.set_index("cell_id").sort_index()
     b = Store(local).read_trials().set_index("cell_id").sort_index()
     assert (a["val_loss"] == b["val_loss"]).all()
@@ -70,6 +75,22 @@ def test_cli_run_plan_status_and_rerun(tiny_spec, tmp_path):
     r = run_cli("run", tiny_spec, "--results", out, "--executor", "local", "--no-figures")
     assert r.returncode == 0 and "nothing to run" in r.stderr
     assert {p.name: p.stat().st_mtime_ns for p in (out / "trials").iterdir()} == before
+
+
+def test_the_local_executor_never_imports_ray(tiny_spec, tmp_path):
+    # `--executor local` trains in this process: it pays for no Ray import (seconds)
+    code = ("import sys; from study import cli; "
+            "rc = cli.main(['run', sys.argv[1], '--results', sys.argv[2], '--executor', 'local', "
+            "'--no-figures', '--quiet']); "
+            "print(rc, sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))")
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", code, str(tiny_spec), str(tmp_path / "res")],
+                       capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONPATH": str(root)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == "0 []", r.stdout
+    df = Store(tmp_path / "res").read_trials()  # the study did run, in that process
+    assert len(df) == 4 and (df["status"] == "ok").all()
 
 
 @pytest.mark.parametrize("args, code, needle", [

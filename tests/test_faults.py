@@ -19,6 +19,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from study.options import TrialOptions
 from study.runner import RunOptions, run_study
 from study.schema import STATUSES
 from study.store import Store
@@ -159,7 +160,7 @@ def test_a_cell_raising_under_ray_is_retried_from_its_checkpoint(ray_session, tm
     monkeypatch.setenv("STUDY_INJECT_FAULT", "layers=2,architecture=parallel@3x1")
     monkeypatch.setenv("STUDY_CHECKPOINT_EVERY_S", "0")
     out = tmp_path / "res"
-    summary = run_study(load_spec(spec_path), RunOptions(results_dir=str(out), quiet=True))
+    summary = run_study(load_spec(spec_path), RunOptions(TrialOptions(str(out)), quiet=True))
     assert summary.ok + summary.copied == 4  # parallel@1 is recorded from sequential@1
     df = Store(out).read_trials().set_index("architecture")
     hit = df[df["layers"] == 2].loc["parallel"]

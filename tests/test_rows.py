@@ -29,7 +29,7 @@ def test_cell_round_trips_through_its_plain_form():
 def test_a_failed_row_is_the_same_row_on_the_worker_and_on_the_driver(tmp_path):
     """run_cell (a cell that keeps raising) and the Ray driver's row for a trial whose worker
     died (StoreCallback.on_trial_error) come from one builder: the same fields, schema-clean."""
-    from study.executors import StoreCallback
+    from study.executors.ray_tune import StoreCallback
 
     cell = Cell.from_config(CONFIG).to_dict()
     opts = TrialOptions(results_dir=str(tmp_path), study="s", device="cpu", max_failures=0,

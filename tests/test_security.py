@@ -12,6 +12,7 @@ import torch
 from study import data as datasets
 from study import train
 from study.errors import DatasetError
+from study.options import TrialOptions
 from study.runner import RunOptions, run_study
 from study.store import Store
 from sweep import load_spec
@@ -64,7 +65,7 @@ def test_code_running_checkpoint_is_refused_quarantined_and_the_cell_reruns(
     out = tmp_path / "res"
     (out / "checkpoints").mkdir(parents=True)
     (out / "checkpoints" / f"{cell.cell_id}.pt").write_bytes(buf.getvalue())
-    summary = run_study(load_spec(spec_path), RunOptions(results_dir=str(out), executor=executor,
+    summary = run_study(load_spec(spec_path), RunOptions(TrialOptions(str(out)), executor=executor,
                                                          quiet=True))
     assert not marker.exists()
     assert (summary.ran, summary.ok) == (1, 1)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from study.models import build_for_cell, n_params
+from study.options import TrialOptions
 from study.runner import RunOptions, run_study
 from study.store import Store
 from study.train import train_epoch
@@ -173,7 +174,7 @@ def test_run_trains_each_network_once_and_records_both_rows(tmp_path):
 def test_ray_run_records_twins(ray_session, tmp_path):
     spec = parse_spec(SPEC.replace('gate = ["residual", "coupled"]', 'gate = "residual"')
                       .replace("layers = [1, 2]", "layers = 1"))
-    summary = run_study(spec, RunOptions(results_dir=str(tmp_path / "res"), executor="ray",
+    summary = run_study(spec, RunOptions(TrialOptions(str(tmp_path / "res")), executor="ray",
                                          quiet=True))
     # three cells, one network (sequential = parallel@1 = highway residual)
     assert (summary.total, summary.ran, summary.copied) == (3, 1, 2)

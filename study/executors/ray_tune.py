@@ -1,0 +1,256 @@
+"""The Ray executor: the pending cells as Ray Tune trials.
+
+The driver ships the cell table and the datasets through Ray's object store once; each trial
+(tune_trial) trains one cell with train.run_cell and reports its row back, which
+StoreCallback lands in the store from the driver as it finishes. Cells Tune gave up on too
+early run again in further passes (_fit_in_passes). Workers need this package and torch,
+nothing else. No torch is imported here (the driver never trains); the trial function
+imports it on the worker.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+
+from . import ray_connect  # first: WORKER_ENV is set before Ray is imported
+
+import ray  # noqa: E402
+from ray import tune  # noqa: E402
+from ray.tune.search import Searcher  # noqa: E402
+
+from sweep import Cell  # noqa: E402
+
+from ..executor_registry import Land  # noqa: E402
+from ..options import TrialOptions  # noqa: E402
+from ..rows import cell_row, failed_result, now  # noqa: E402
+from ..store import StoreError  # noqa: E402
+from . import codec  # noqa: E402
+from .ray_files import start_driver_files, trial_files  # noqa: E402
+
+
+class CellSearcher(Searcher):
+    """Hands Tune one index into the cell table at a time: constant work per trial, where a
+    `tune.grid_search` over the cell dicts is deep-copied for every variant (quadratic)."""
+
+    def __init__(self, indices: list[int]):
+        super().__init__()
+        self.indices, self.next = indices, 0
+
+    def suggest(self, trial_id: str):
+        if self.next >= len(self.indices):
+            return Searcher.FINISHED
+        self.next += 1
+        return {"i": self.indices[self.next - 1]}
+
+    def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
+        pass
+
+    # Tune's own experiment restore is not used: the store is the record of the study.
+    def save(self, checkpoint_path: str) -> None:
+        pass
+
+    def restore(self, checkpoint_path: str) -> None:
+        pass
+
+
+HEARTBEAT_S = 10.0
+_WORKER_CACHE: dict[str, object] = {}
+
+
+def _cached(ref):
+    """ray.get once per worker process: a reused actor fetches the table and data once."""
+    key = ref.hex()
+    if key not in _WORKER_CACHE:
+        _WORKER_CACHE[key] = ray.get(ref)
+    return _WORKER_CACHE[key]
+
+
+def _unnice() -> None:
+    """Train at normal priority on nodes started without RAY_worker_niceness=0 (Ray runs its
+    workers at nice 15): where the process may raise its priority (root, CAP_SYS_NICE), this
+    training thread takes back its share of the CPU; elsewhere it stays as Ray set it."""
+    try:
+        if os.getpriority(os.PRIO_PROCESS, 0) > 0:
+            os.setpriority(os.PRIO_PROCESS, 0, 0)  # on Linux: the calling thread
+    except OSError:
+        pass
+
+
+def tune_trial(config: dict, shared: dict) -> None:
+    """The Ray Tune function trainable: cell number config["i"] of the shipped table."""
+    from ..train import run_cell
+
+    _unnice()
+    cell = _cached(shared["cells"])[config["i"]]
+    opts = shared["opts"]  # the run's TrialOptions, as the driver resolved them
+    raw = _cached(shared["data"][cell["config"]["dataset"]]) \
+        if cell["config"]["dataset"] in shared["data"] else None
+    node_id = ray.get_runtime_context().get_node_id()
+    last = [time.monotonic()]
+
+    def heartbeat(metrics: dict) -> None:
+        # Each tune.report waits for the driver to take it: a report per epoch would cost a
+        # driver round trip per epoch. The epoch rows travel with the final row; this only
+        # keeps the progress line (and the driver lock's heartbeat) alive during long cells.
+        if time.monotonic() - last[0] >= HEARTBEAT_S:
+            last[0] = time.monotonic()
+            tune.report(metrics)
+
+    row, epochs = run_cell(cell, opts, report=heartbeat, node_id=node_id,
+                           files=trial_files(shared["files"], opts.results_dir), raw=raw)
+    tune.report({"final": 1, **codec.encode(row, epochs)})
+
+
+class StoreCallback(tune.Callback):
+    """Lands each finished cell in the store from the driver, as it finishes."""
+
+    def __init__(self, land: Land, progress, opts: TrialOptions, max_failures: int,
+                 cells: list[dict]):
+        self.land, self.progress, self.opts, self.max_failures = land, progress, opts, max_failures
+        self.cells = cells
+        self.started: dict[str, object] = {}  # trial_id -> when it started (a failed row's)
+        self.requeue: list[int] = []  # cells Tune gave up on before max_failures (see below)
+        self.may_requeue = False
+
+    def __getstate__(self):
+        # Tune pickles its callbacks with the experiment; ours hold the live driver
+        # (streams, the store) and are never restored from Tune's state: our store is.
+        return {}
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.started.setdefault(trial.trial_id, now())  # a restart keeps the first
+        self.progress.running += 1
+        self.progress.tick()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "row_json" in result:
+            self.land(*codec.decode(result))
+            # Tune keeps each trial's last result for the whole run (and in its snapshots):
+            # once landed, the row must not stay there (Tune lets callbacks edit it).
+            for k in codec.ROW_KEYS:
+                result.pop(k, None)
+        self.progress.tick()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.started.pop(trial.trial_id, None)
+        self.progress.running = max(0, self.progress.running - 1)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        # Ray gave up on the trial (its worker died more than max_failures times):
+        # record it as failed so the study goes on; --retry-failed runs it again.
+        self.progress.running = max(0, self.progress.running - 1)
+        # Tune retries a RUNNING trial up to max_failures times, but errs a PENDING one at
+        # once when the reused actor it was handed died with its node: such a cell goes
+        # into the next pass instead of failing for a loss that was not its own.
+        if self.may_requeue and trial.run_metadata.num_failures <= self.max_failures:
+            self.requeue.append(trial.config["i"])
+            self.started.pop(trial.trial_id, None)
+            return
+        cell = self.cells[trial.config["i"]]
+        err = getattr(trial, "error_message", None) or "Ray trial failed (worker lost)"
+        lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+        row = cell_row(cell, failed_result(lines[-1] if lines else "Ray trial failed"),
+                       study=self.opts.study, attempts=self.max_failures + 1,
+                       started_at=self.started.pop(trial.trial_id, None),
+                       host=_hostname(getattr(trial, "node_ip", None)), node_id=None)
+        self.land(row, [])
+
+
+def _hostname(ip: str | None) -> str | None:
+    """The name of the machine at a node address Ray reported (what a worker's row holds)."""
+    if not ip:
+        return None
+    names = [n.get("NodeManagerHostname") for n in ray.nodes() if n.get("NodeManagerAddress") == ip]
+    return next((h for h in names if h), ip)
+
+
+def _ship_datasets(cells: list[dict], opts: TrialOptions) -> dict:
+    """Each dataset the cells need, read once here (uint8) and put in the object store."""
+    from .. import data as datasets
+
+    refs = {}
+    for name in sorted({c["config"]["dataset"] for c in cells}):
+        refs[name] = ray.put(datasets.load_raw(name, opts.data_dir))
+    return refs
+
+
+def _trainable(shared: dict, run_opts):
+    """tune_trial with the shipped table and data, at the trial size asked for."""
+    slots = max(1, ray_connect.trial_slots(run_opts.cpus_per_trial, run_opts.gpus_per_trial))
+    # A custom searcher gets one pending trial at a time by default: let as many wait as can
+    # run, so the cluster fills at once.
+    os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(max(2, 2 * slots))
+    resources = {"cpu": run_opts.cpus_per_trial, "gpu": run_opts.gpus_per_trial}
+    return tune.with_resources(tune.with_parameters(tune_trial, shared=shared), resources)
+
+
+def _fit_in_passes(trainable, callback: StoreCallback, n_cells: int, run_opts,
+                   tune_dir: str) -> None:
+    """All cells through Tune; then, in further passes (at most max_failures), the cells
+    the callback requeued because Tune gave up on them before max_failures."""
+    todo = list(range(n_cells))
+    max_failures = run_opts.trial.max_failures
+    for n_pass in range(max_failures + 1):
+        callback.may_requeue = n_pass < max_failures
+        tune.Tuner(
+            trainable,
+            param_space={},
+            tune_config=tune.TuneConfig(
+                search_alg=CellSearcher(todo), num_samples=len(todo),
+                reuse_actors=True,  # ~40 ms per trial instead of ~1 s of actor start-up
+                max_concurrent_trials=run_opts.max_concurrent,
+            ),
+            run_config=tune.RunConfig(
+                name=f"tune-{n_pass}", storage_path=tune_dir,
+                failure_config=tune.FailureConfig(max_failures=max_failures),
+                callbacks=[callback], verbose=0, log_to_file=False,
+            ),
+        ).fit()
+        todo, callback.requeue = callback.requeue, []
+        if not todo:
+            return
+
+
+def run_ray(pending: list[Cell], run_opts, land: Land, progress, store) -> None:
+    """Every pending cell as a Tune trial of `run_opts`' size, trained with `run_opts.trial`."""
+    ray_connect.start_or_join(run_opts.address)
+    opts = run_opts.trial
+    # Tune's end-of-run summary looks for the per-trial files ray_connect.WORKER_ENV switched off.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    store_errors: list[StoreError] = []
+
+    def land_or_stop(row: dict, epochs: list[dict]) -> None:
+        # A row that cannot be written (disk full, folder gone) must stop the study: going
+        # on would train cells whose results are thrown away.
+        try:
+            land(row, epochs)
+        except StoreError as e:
+            store_errors.append(e)
+            raise
+
+    cells = [c.to_dict() for c in pending]
+    callback = StoreCallback(land_or_stop, progress, opts, opts.max_failures, cells)
+    # A Ray started here has one node, this machine: trials reach the results folder
+    # directly. Joined to a cluster (--address), no node but the driver's may assume it.
+    files = None if ray_connect.own_local_ray() else start_driver_files(opts.results_dir)
+    # The options travel as they are: a dataclass pickles through the object store.
+    shared = {"cells": ray.put(cells), "data": _ship_datasets(cells, opts), "files": files,
+              "opts": opts}
+    trainable = _trainable(shared, run_opts)
+    # Tune's own bookkeeping stays on the driver's machine, outside the results folder.
+    tune_dir = tempfile.mkdtemp(prefix="study-tune-")
+    try:
+        _fit_in_passes(trainable, callback, len(cells), run_opts, tune_dir)
+    except Exception:
+        if store_errors:
+            raise store_errors[0] from None
+        raise
+    finally:
+        if files is not None:
+            ray.kill(files)
+        ray_connect.shutdown_if_started()
+        # Tune's own bookkeeping: our store is the record of the study.
+        shutil.rmtree(tune_dir, ignore_errors=True)
