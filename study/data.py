@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from sweep.params import DATASETS
+from sweep.params import DATASETS, split_sizes
 
 from .errors import DatasetError
 
@@ -293,10 +293,8 @@ def load(name: str, data_dir: str | Path | None = None, val_fraction: float = 0.
         raw = _CACHE[base_key]
     n = len(raw.train_x)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED)).numpy()
-    n_val = int(round(n * val_fraction))
-    val_idx, train_idx = perm[:n_val], perm[n_val:]
-    if max_train_examples is not None:
-        train_idx = train_idx[:max_train_examples]
+    n_val, n_train = split_sizes(n, val_fraction, max_train_examples)
+    val_idx, train_idx = perm[:n_val], perm[n_val:n_val + n_train]
     device = torch.device(device)
     mean = torch.as_tensor(raw.mean, device=device).view(1, -1, 1, 1)
     std = torch.as_tensor(raw.std, device=device).view(1, -1, 1, 1)

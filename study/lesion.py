@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from sweep.params import ARCH_SPECIFIC
 
@@ -25,6 +24,7 @@ from .atomic import atomic_write, atomic_write_text
 from .errors import DatasetError
 from .models import build, image_size_for, model_kwargs
 from .store import Store, StoreError
+from .train import evaluate
 
 # Families whose blocks cannot be dropped or reordered meaningfully: why (becomes a note).
 SKIP = {
@@ -57,16 +57,6 @@ def lesion_orders(n_blocks: int) -> list[tuple[str, int | None, list[int]]]:
     return out
 
 
-@torch.no_grad()
-def val_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-             order: list[int] | None = None, batch_size: int = 1024) -> float:
-    total = 0.0
-    for i in range(0, len(x), batch_size):
-        total += F.cross_entropy(model(x[i:i + batch_size], order), y[i:i + batch_size],
-                                 reduction="sum").item()
-    return total / len(x)
-
-
 def load_model(path: Path, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
     """Rebuild a cell's model from its weights file (train.py's format) in eval mode."""
     saved = torch.load(path, map_location=device, weights_only=True)
@@ -91,6 +81,99 @@ def _variant_labels(rows: pd.DataFrame) -> pd.Series:
     return labels
 
 
+class _Skip(Exception):
+    """A cell that cannot be lesioned; the message is its note. `dataset` is set when the
+    cell's dataset cannot be loaded: the later cells of that dataset are skipped unnoted."""
+
+    def __init__(self, note: str, dataset: str | None = None):
+        super().__init__(note)
+        self.dataset = dataset
+
+
+def _saved_cells(root: Path) -> pd.DataFrame:
+    """The finished cells whose weights were saved, each with its variant label."""
+    trials = Store(root).read_trials(live=True)  # a study may be running
+    saved = trials[(trials["status"] == "ok") & trials["weights_path"].notna()]
+    if saved.empty:
+        raise LesionError(f"no cell in {root} has saved weights; run the study with "
+                          "save_weights = true in its [study] table")
+    return saved.assign(variant=_variant_labels(saved))
+
+
+def _cell_inputs(trial: pd.Series, path: Path, data_dir: str | Path | None, device: str):
+    """(model, weights file contents, data) of one cell; raises _Skip saying why not."""
+    try:
+        model, saved_file = load_model(path, device)
+    except Exception as e:  # truncated file, foreign format, mismatched state dict, ...
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise _Skip(f"cell {trial['cell_id']} skipped: cannot rebuild it from {path}: {first}")
+    config = saved_file["config"]
+    try:
+        data = _data.load(config["dataset"], data_dir, val_fraction=config["val_fraction"],
+                          max_train_examples=config.get("max_train_examples"), device=device)
+    except DatasetError as e:
+        raise _Skip(f"{config['dataset']} cells skipped: {e}", dataset=config["dataset"])
+    if len(data.val_x) == 0:
+        raise _Skip(f"cell {trial['cell_id']} skipped: val_fraction = 0 leaves no validation set")
+    return model, saved_file, data
+
+
+def _lesion_rows(trial: pd.Series, model: torch.nn.Module, saved_file: dict,
+                 data: "_data.Data") -> list[dict]:
+    """The validation loss of one cell under every lesion; intact comes first, so each row
+    also carries the intact loss and the increase over it."""
+    arch, config, n_blocks = trial["architecture"], saved_file["config"], len(model.blocks)
+    rows, intact = [], None
+    for lesion, position, order in lesion_orders(n_blocks):
+        if arch in ORDER_FREE:
+            order = sorted(order)
+        loss, _ = evaluate(model, data.val_x, data.val_y, None if lesion == "intact" else order)
+        intact = loss if lesion == "intact" else intact
+        rows.append({"cell_id": trial["cell_id"], "architecture": arch,
+                     "variant": trial["variant"], "dataset": config["dataset"],
+                     "layers": config["layers"], "filters": config["filters"],
+                     "filters_used": int(saved_file["filters_used"]),
+                     "kernel": config["kernel"], "n_blocks": n_blocks, "lesion": lesion,
+                     "position": position, "val_loss": loss, "val_loss_intact": intact,
+                     "loss_increase": loss - intact})
+    return rows
+
+
+def _lesion_cells(root: Path, saved: pd.DataFrame, data_dir: str | Path | None,
+                  device: str) -> tuple[list[dict], list[str]]:
+    """The rows of every saved cell that can be lesioned, and a note for each that cannot
+    (one per skipped family and per dataset that cannot be loaded)."""
+    rows: list[dict] = []
+    notes: list[str] = []
+    skipped_archs: set[str] = set()
+    bad_data: set[str] = set()
+    for _, trial in saved.iterrows():
+        arch, path = trial["architecture"], root / trial["weights_path"]
+        if arch in SKIP:
+            if arch not in skipped_archs:
+                notes.append(f"{arch} skipped: {SKIP[arch]}")
+                skipped_archs.add(arch)
+        elif not path.is_file():
+            notes.append(f"cell {trial['cell_id']} skipped: its weights file {path} is missing")
+        elif trial["dataset"] not in bad_data:
+            try:
+                rows += _lesion_rows(trial, *_cell_inputs(trial, path, data_dir, device))
+            except _Skip as skip:
+                notes.append(str(skip))
+                if skip.dataset is not None:
+                    bad_data.add(skip.dataset)
+    return rows, notes
+
+
+def _write_table(root: Path, df: pd.DataFrame, notes: list[str]) -> Path:
+    out_dir = root / "lesions"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = out_dir / "lesions.parquet"
+    atomic_write(table, lambda p: df.to_parquet(p, index=False))
+    atomic_write_text(out_dir / "notes.txt", "".join(n + "\n" for n in notes))
+    return table
+
+
 def run_lesion(results_dir: str | Path, data_dir: str | Path | None = None,
                device: str = "cpu") -> tuple[pd.DataFrame, list[Path]]:
     """Evaluate every saved cell intact and lesioned; write the table (not the figure).
@@ -98,71 +181,10 @@ def run_lesion(results_dir: str | Path, data_dir: str | Path | None = None,
     Returns (table, [parquet]); `table.attrs["notes"]` lists what was skipped and why.
     """
     root = Path(results_dir)
-    trials = Store(root).read_trials(live=True)  # a study may be running
-    saved = trials[(trials["status"] == "ok") & trials["weights_path"].notna()]
-    if saved.empty:
-        raise LesionError(f"no cell in {root} has saved weights; run the study with "
-                          "save_weights = true in its [study] table")
-    saved = saved.assign(variant=_variant_labels(saved))
-
-    notes: list[str] = []
-    skipped_archs: set[str] = set()
-    bad_data: dict[str, str] = {}
-    rows = []
-    for _, trial in saved.iterrows():
-        arch = trial["architecture"]
-        if arch in SKIP:
-            if arch not in skipped_archs:
-                notes.append(f"{arch} skipped: {SKIP[arch]}")
-                skipped_archs.add(arch)
-            continue
-        path = root / trial["weights_path"]
-        if not path.is_file():
-            notes.append(f"cell {trial['cell_id']} skipped: its weights file {path} is missing")
-            continue
-        if trial["dataset"] in bad_data:
-            continue
-        try:
-            model, saved_file = load_model(path, device)
-        except Exception as e:  # truncated file, foreign format, mismatched state dict, ...
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            notes.append(f"cell {trial['cell_id']} skipped: cannot rebuild it from {path}: {first}")
-            continue
-        config = saved_file["config"]
-        try:
-            d = _data.load(config["dataset"], data_dir, val_fraction=config["val_fraction"],
-                           max_train_examples=config.get("max_train_examples"), device=device)
-        except DatasetError as e:
-            bad_data[config["dataset"]] = str(e)
-            notes.append(f"{config['dataset']} cells skipped: {e}")
-            continue
-        if len(d.val_x) == 0:
-            notes.append(f"cell {trial['cell_id']} skipped: val_fraction = 0 leaves no validation set")
-            continue
-        n_blocks = len(model.blocks)
-        intact = None
-        for lesion, position, order in lesion_orders(n_blocks):
-            if arch in ORDER_FREE:
-                order = sorted(order)
-            loss = val_loss(model, d.val_x, d.val_y, None if lesion == "intact" else order)
-            intact = loss if lesion == "intact" else intact
-            rows.append({"cell_id": trial["cell_id"], "architecture": arch,
-                         "variant": trial["variant"], "dataset": config["dataset"],
-                         "layers": config["layers"], "filters": config["filters"],
-                         "filters_used": int(saved_file["filters_used"]),
-                         "kernel": config["kernel"], "n_blocks": n_blocks, "lesion": lesion,
-                         "position": position, "val_loss": loss, "val_loss_intact": intact,
-                         "loss_increase": loss - intact})
+    rows, notes = _lesion_cells(root, _saved_cells(root), data_dir, device)
     if not rows:
         raise LesionError("no cell could be lesioned" + (": " + "; ".join(notes) if notes else ""))
-
     df = pd.DataFrame(rows, columns=COLUMNS)
     df["position"] = df["position"].astype("Int64")
     df.attrs["notes"] = notes
-
-    out_dir = root / "lesions"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    table = out_dir / "lesions.parquet"
-    atomic_write(table, lambda p: df.to_parquet(p, index=False))
-    atomic_write_text(out_dir / "notes.txt", "".join(n + "\n" for n in notes))
-    return df, [table]
+    return df, [_write_table(root, df, notes)]

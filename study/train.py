@@ -98,8 +98,10 @@ def _fault_matches(spec: str | None, config: dict, epoch: int, attempt: int) -> 
 
 
 @torch.no_grad()
-def evaluate(model, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy over a whole split, in eval mode."""
+def evaluate(model, x: torch.Tensor, y: torch.Tensor, order: list[int] | None = None
+             ) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over a whole split, in eval mode. `order`: the blocks
+    to run, in that order (the lesion analysis drops or swaps them); None runs them all."""
     if len(x) == 0:
         return float("nan"), float("nan")
     was_training = model.training
@@ -108,7 +110,7 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     correct = torch.zeros((), device=x.device, dtype=torch.long)
     bs = EVAL_BATCH.get(x.device.type, 1024)
     for i in range(0, len(x), bs):
-        logits = model(x[i:i + bs])
+        logits = model(x[i:i + bs], order)
         yb = y[i:i + bs]
         loss_sum += F.cross_entropy(logits, yb, reduction="sum")
         correct += (logits.argmax(1) == yb).sum()

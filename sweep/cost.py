@@ -18,7 +18,7 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
-from .params import DATASET_SIZES, PARAMS, n_train_examples
+from .params import DATASET_SIZES, PARAMS, split_sizes
 
 # The reference GPU: NVIDIA H100 SXM, dense (no sparsity) tensor-core peaks from NVIDIA's
 # H100 datasheet: 989 TFLOPS BF16, 495 TFLOPS TF32.
@@ -68,9 +68,9 @@ def forward_flops(config: dict, filters: int | None = None) -> int:
 def examples(config: dict) -> tuple[int, int, int]:
     """(n_train, n_val, n_test) of a cell, as study/data.py splits the dataset."""
     ds = DATASET_SIZES[config["dataset"]]
-    frac = _get(config, "val_fraction")
-    n_val = int(round(ds.train * frac))
-    return n_train_examples(config["dataset"], frac, config.get("max_train_examples")), n_val, ds.test
+    n_val, n_train = split_sizes(ds.train, _get(config, "val_fraction"),
+                                 config.get("max_train_examples"))
+    return n_train, n_val, ds.test
 
 
 def cell_flops(config: dict, filters: int | None = None) -> int:

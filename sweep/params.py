@@ -48,12 +48,18 @@ DATASET_SIZES: dict[str, DatasetSize] = {
 }
 
 
+def split_sizes(n: int, val_fraction: float, max_train_examples: int | None) -> tuple[int, int]:
+    """(validation, training) examples of a training split of n: round(n * val_fraction)
+    held out for validation, the rest capped at max_train_examples. study/data.py splits the
+    data by these sizes, and `study plan` counts with them before any file is read."""
+    n_val = int(round(n * val_fraction))
+    n_train = n - n_val
+    return n_val, (n_train if max_train_examples is None else min(n_train, max_train_examples))
+
+
 def n_train_examples(dataset: str, val_fraction: float, max_train_examples: int | None) -> int:
-    """Training examples a cell gets: the split of study/data.py (round(n * val_fraction)
-    held out for validation), then capped at max_train_examples."""
-    n = DATASET_SIZES[dataset].train
-    n -= int(round(n * val_fraction))
-    return n if max_train_examples is None else min(n, max_train_examples)
+    """Training examples a cell of this dataset gets (see split_sizes)."""
+    return split_sizes(DATASET_SIZES[dataset].train, val_fraction, max_train_examples)[1]
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,7 @@
-"""Lesion analysis: tiny trained nets in a real results store, lesioned end to end."""
+"""Lesion analysis: tiny nets trained by the tool into a real results store, lesioned end to end."""
 from __future__ import annotations
+
+import shutil
 
 import pandas as pd
 import pytest
@@ -8,10 +10,11 @@ import torch
 import analysis
 import sweep
 from study import data as sdata
-from study.lesion import LesionError, lesion_orders, run_lesion, val_loss
-from study.models import build_for_cell, model_kwargs
+from study.lesion import LesionError, lesion_orders, load_model, run_lesion
+from study.options import TrialOptions
+from study.rows import cell_row, failed_result, now
 from study.store import Store
-from study.train import train_epoch
+from study.train import run_cell
 
 SPEC = """
 [study]
@@ -31,48 +34,40 @@ gate = ["full", "coupled"]
 [grid.merge_and_run]
 branches = 3
 """
-TRAINED = ("sequential", "parallel")  # the others are saved untrained: wiring checks only
 
 
-def _save_cell(root, cell, data):
-    config = cell.config
-    torch.manual_seed(config["seed"])
-    model, width = build_for_cell(config, data.in_channels, data.n_classes)
-    if config["architecture"] in TRAINED:  # one epoch of the tool's own loop
-        opt = torch.optim.AdamW(model.parameters(), lr=config["lr"])
-        train_epoch(model, opt, data.train_x, data.train_y, config["batch_size"],
-                    config["seed"], epoch=1, epochs=1)
-    rel = f"weights/{cell.cell_id}.pt"
-    (root / "weights").mkdir(exist_ok=True)
-    torch.save({"state_dict": model.state_dict(), "config": config, "filters_used": width,
-                "in_channels": data.in_channels, "n_classes": data.n_classes}, root / rel)
-    row = {**config, "cell_id": cell.cell_id, "pair_key": cell.pair_key, "status": "ok",
-           "weights_path": rel, "filters_used": width}
+def _train(root, cell) -> dict:
+    """Train a cell the way `study run` does (run_cell, weights saved by the store) and land
+    its row; returns the row."""
+    opts = TrialOptions(results_dir=str(root), study="lesion-test", device="cpu",
+                        save_weights=True)
+    row, epochs = run_cell(cell.to_dict(), opts)
+    assert row["status"] == "ok" and row["weights_path"], row.get("error")
+    Store(root).write_result(row, epochs)
+    return row
+
+
+def _land(root, cell, result: dict) -> None:
+    """A row the tool did not train (what a failed cell or an older store leaves)."""
+    row = cell_row(cell.to_dict(), result, study="lesion-test", attempts=1, started_at=now(),
+                   host="test")
     Store(root).write_result(row, epochs=[])
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
 def lesioned(tmp_path_factory):
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("results")
-    spec = sweep.parse_spec(SPEC)
-    cells = spec.cells()
-    data = sdata.load("digits", val_fraction=cells[0]["val_fraction"])
-    models = {c.cell_id: _save_cell(root, c, data) for c in cells}
+    cells = sweep.parse_spec(SPEC).cells()
+    rows = {c.cell_id: _train(root, c) for c in cells}
     # A failed cell with a path, and an ok cell without one: neither is lesioned.
-    extra = dict(cells[0].config, seed=1)
-    Store(root).write_result({**extra, **_ids(extra), "status": "failed",
-                              "weights_path": "weights/none.pt"}, epochs=[])
+    failed = sweep.Cell.from_config(dict(cells[0].config, seed=1))
+    _land(root, failed, {**failed_result("boom"), "weights_path": "weights/none.pt"})
+    unsaved = sweep.Cell.from_config(dict(cells[0].config, seed=2))
+    _land(root, unsaved, {"status": "ok"})
     df, paths = run_lesion(root)
-    yield root, cells, models, data, df, paths
+    yield root, cells, rows, df, paths
     torch.set_num_threads(threads)
-
-
-def _ids(config):
-    c = sweep.Cell.from_config(config)
-    return {"cell_id": c.cell_id, "pair_key": c.pair_key}
 
 
 def _rows(df, arch):
@@ -80,7 +75,7 @@ def _rows(df, arch):
 
 
 def test_table_shape_and_files(lesioned):
-    root, cells, _, _, df, paths = lesioned
+    root, cells, _, df, paths = lesioned
     # sequential, parallel, 2 highway: 3 blocks -> 1 + 3 + 2 rows; merge_and_run (K=3): 1 block
     # -> intact + remove; learned_connectivity is skipped with a note.
     assert len(df) == 4 * 6 + 2
@@ -95,11 +90,13 @@ def test_table_shape_and_files(lesioned):
                 "position", "val_loss", "val_loss_intact", "loss_increase"]:
         assert col in back
     assert len(back) == len(df)
+    lesionable = {c.cell_id for c in cells if c["architecture"] != "learned_connectivity"}
+    assert set(df["cell_id"]) == lesionable  # not the failed cell, nor the one saved no weights
     assert not list(root.glob("lesions/.*.tmp")) and not list(root.glob("figures/.*.tmp"))
 
 
 def test_the_figure_is_drawn_by_analysis_from_the_table(lesioned, tmp_path):
-    root, _, _, _, df, _ = lesioned
+    root, _, _, df, _ = lesioned
     png, pdf = analysis.write_lesion_figure(root)
     assert png == root / "figures" / "lesions.png" and pdf == root / "figures" / "lesions.pdf"
     assert png.stat().st_size > 0 and pdf.stat().st_size > 0
@@ -123,16 +120,19 @@ def test_the_figure_is_drawn_by_analysis_from_the_table(lesioned, tmp_path):
 
 
 def test_intact_loss_is_the_trained_models(lesioned):
-    _, cells, models, data, df, _ = lesioned
-    for cell in cells:
-        if cell["architecture"] in TRAINED:
-            row = df[(df["cell_id"] == cell.cell_id) & (df["lesion"] == "intact")].iloc[0]
-            assert row["val_loss"] == pytest.approx(val_loss(models[cell.cell_id], data.val_x, data.val_y))
-            assert row["loss_increase"] == 0.0
+    # The rebuilt net, evaluated as training evaluated it (train.evaluate, same device, same
+    # weights, same validation split), gives exactly the validation loss its row records.
+    _, _, rows, df, _ = lesioned
+    intact = df[df["lesion"] == "intact"]
+    assert len(intact) == df["cell_id"].nunique()
+    for _, lesion_row in intact.iterrows():
+        assert lesion_row["val_loss"] == rows[lesion_row["cell_id"]]["val_loss"]
+        assert lesion_row["val_loss_intact"] == lesion_row["val_loss"]
+        assert lesion_row["loss_increase"] == 0.0
 
 
 def test_parallel_swap_is_a_no_op_and_removal_is_not(lesioned):
-    _, _, _, _, df, _ = lesioned
+    _, _, _, df, _ = lesioned
     par = _rows(df, "parallel")
     swaps, removes = par[par["lesion"] == "swap"], par[par["lesion"] == "remove"]
     assert list(swaps["position"]) == [0, 1] and list(removes["position"]) == [0, 1, 2]
@@ -146,8 +146,10 @@ def test_parallel_swap_is_a_no_op_and_removal_is_not(lesioned):
 
 def test_parallel_order_invariance_is_real_not_just_sorted(lesioned):
     # run_lesion evaluates parallel nets in index order; here the model itself, reordered.
-    _, cells, models, data, _, _ = lesioned
-    par = next(models[c.cell_id] for c in cells if c["architecture"] == "parallel")
+    root, cells, rows, _, _ = lesioned
+    cell = next(c for c in cells if c["architecture"] == "parallel")
+    par, _ = load_model(root / rows[cell.cell_id]["weights_path"])
+    data = sdata.load("digits", val_fraction=cell["val_fraction"])
     with torch.no_grad():
         assert torch.allclose(par(data.val_x, [2, 0, 1]), par(data.val_x), atol=1e-5)
 
@@ -159,36 +161,40 @@ def test_lesion_orders():
 
 
 def test_no_saved_weights_is_a_clear_error(tmp_path):
-    config = sweep.parse_spec(SPEC).cells()[0].config
-    Store(tmp_path).write_result({**config, **_ids(config), "status": "ok"}, epochs=[])
+    _land(tmp_path, sweep.parse_spec(SPEC).cells()[0], {"status": "ok"})
     with pytest.raises(LesionError, match="save_weights"):
         run_lesion(tmp_path)
 
 
 def test_rebuild_uses_filters_used(tmp_path):
-    # A match_params cell saved at another width is rebuilt at that width.
+    # A match_params cell trains at another width than `filters`; it is rebuilt at that width.
     config = dict(sweep.parse_spec(SPEC).cells()[0].config)
     config.update(architecture="highway", gate="full", gate_bias=-2.0, gate_kernel=1,
                   match_params=True, layers=2, filters=8)
-    data = sdata.load("digits", val_fraction=config["val_fraction"])
-    model, width = build_for_cell(config, 1, 10)
-    assert width != 8 and model_kwargs(config)["filters"] == 8
-    (tmp_path / "w").mkdir()
-    torch.save({"state_dict": model.state_dict(), "config": config, "filters_used": width,
-                "in_channels": 1, "n_classes": 10}, tmp_path / "w" / "a.pt")
-    Store(tmp_path).write_result({**config, **_ids(config), "status": "ok",
-                                  "weights_path": "w/a.pt"}, epochs=[])
+    row = _train(tmp_path, sweep.Cell.from_config(config))
+    assert row["filters_used"] != 8
     df, _ = run_lesion(tmp_path)
-    assert set(df["filters_used"]) == {width} and set(df["filters"]) == {8}
-    intact = df[df["lesion"] == "intact"]["val_loss"].iloc[0]
-    assert intact == pytest.approx(val_loss(model.eval(), data.val_x, data.val_y))
+    assert set(df["filters_used"]) == {row["filters_used"]} and set(df["filters"]) == {8}
+    assert df[df["lesion"] == "intact"]["val_loss"].iloc[0] == row["val_loss"]
 
 
-def test_unreadable_weights_file_is_a_note_not_a_crash(tmp_path):
-    config = sweep.parse_spec(SPEC).cells()[0].config
-    (tmp_path / "weights").mkdir()
-    (tmp_path / "weights" / "bad.pt").write_bytes(b"not a torch file")
-    Store(tmp_path).write_result({**config, **_ids(config), "status": "ok",
-                                  "weights_path": "weights/bad.pt"}, epochs=[])
+def test_unreadable_weights_file_is_a_note_not_a_crash(lesioned, tmp_path):
+    # Two cells and more: the one whose weights file is unreadable gets a note and is
+    # skipped; every other cell is lesioned as before.
+    root, cells, rows, df, _ = lesioned
+    store = tmp_path / "store"
+    shutil.copytree(root, store)
+    bad = next(c.cell_id for c in cells if c["architecture"] == "sequential")
+    (store / rows[bad]["weights_path"]).write_bytes(b"not a torch file")
+    got, _ = run_lesion(store)
+    [note] = [n for n in got.attrs["notes"] if bad in n]
+    assert "cannot rebuild" in note and rows[bad]["weights_path"] in note
+    expected = df[df["cell_id"] != bad].reset_index(drop=True)
+    pd.testing.assert_frame_equal(got.reset_index(drop=True), expected)
+    # With no readable cell at all, there is nothing to lesion: the error says why.
+    alone = tmp_path / "alone"
+    (alone / "weights").mkdir(parents=True)
+    (alone / "weights" / "bad.pt").write_bytes(b"not a torch file")
+    _land(alone, cells[0], {"status": "ok", "weights_path": "weights/bad.pt"})
     with pytest.raises(LesionError, match="cannot rebuild"):
-        run_lesion(tmp_path)
+        run_lesion(alone)
