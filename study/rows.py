@@ -1,7 +1,7 @@
 """A cell's row in the store, built in one place whether the cell finished, diverged or failed.
 
 Torch-free: the trial function builds rows on the worker, and the Ray driver builds the row of a
-trial whose worker died (executors.StoreCallback) without importing torch.
+trial whose worker died (executors.ray_tune.StoreCallback) without importing torch.
 """
 from __future__ import annotations
 
