@@ -198,18 +198,7 @@ def plot_table2(t2: pd.DataFrame, fig=None) -> Figure:
             for row in sub.itertuples(index=False):
                 i, j = archs.index(row.architecture), Q_LABELS.index(row.q_bin)
                 grid[i, j], ns[i, j] = getattr(row, m), row.n
-            shown = np.ma.masked_invalid(np.where(grid > 0, grid, np.nan))
-            im = ax.imshow(shown, cmap=cmap, norm=norm, aspect="auto")
-            for i in range(len(archs)):
-                for j in range(len(Q_LABELS)):
-                    v = grid[i, j]
-                    if not np.isfinite(v):
-                        ax.text(j, i, "–", ha="center", va="center", fontsize=8, color="0.4")
-                        continue
-                    rgba = cmap(norm(v)) if v > 0 else (1, 1, 1, 1)
-                    dark = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] < 0.5
-                    ax.text(j, i, f"{_cell(v)}\nn={ns[i, j]}", ha="center", va="center",
-                            fontsize=7, color="white" if dark else "black", linespacing=1.1)
+            im = _heat_map(ax, grid, ns, cmap, norm)
             ax.set_xticks(range(len(Q_LABELS)), [f"Q∈{x}" for x in Q_LABELS])
             ax.set_yticks(range(len(archs)), archs)
             ax.tick_params(length=0)
@@ -223,6 +212,23 @@ def plot_table2(t2: pd.DataFrame, fig=None) -> Figure:
                          fontsize=7.5)
             log_colorbar(cb, lo, hi)
     return fig
+
+
+def _heat_map(ax, grid: np.ndarray, ns: np.ndarray, cmap, norm):
+    """One Table 2 panel: the coloured cells, each printed with its value and n ('–': none)."""
+    shown = np.ma.masked_invalid(np.where(grid > 0, grid, np.nan))
+    im = ax.imshow(shown, cmap=cmap, norm=norm, aspect="auto")
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            v = grid[i, j]
+            if not np.isfinite(v):
+                ax.text(j, i, "–", ha="center", va="center", fontsize=8, color="0.4")
+                continue
+            rgba = cmap(norm(v)) if v > 0 else (1, 1, 1, 1)
+            dark = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] < 0.5
+            ax.text(j, i, f"{_cell(v)}\nn={ns[i, j]}", ha="center", va="center",
+                    fontsize=7, color="white" if dark else "black", linespacing=1.1)
+    return im
 
 
 def _cell(v: float) -> str:
@@ -380,7 +386,12 @@ def plot_learning_curves(pairs_df: pd.DataFrame, epochs_df: pd.DataFrame, rows=N
         ax.set_ylabel("loss")
     for ax in list(axes.flat)[len(chosen):]:
         ax.set_visible(False)
-    # One legend under the panels: nothing drawn over the curves.
+    _one_legend(fig, axes)
+    return fig
+
+
+def _one_legend(fig, axes) -> None:
+    """One legend under the panels, each label once: nothing drawn over the curves."""
     seen: dict[str, object] = {}
     for ax in axes.flat:
         for h, lbl in zip(*ax.get_legend_handles_labels()):
@@ -388,7 +399,6 @@ def plot_learning_curves(pairs_df: pd.DataFrame, epochs_df: pd.DataFrame, rows=N
     if seen:
         fig.legend(list(seen.values()), list(seen), loc="outside lower center",
                    ncols=min(4, len(seen)))
-    return fig
 
 
 def _settings(p: pd.Series, factors: list[str]) -> str:
@@ -660,19 +670,21 @@ def draw_figures(res: Analysis) -> Drawn:
     return drawn
 
 
+# The figures whose input analyse read from the store apart (None: it could not, see notes).
+_READ_APART = {"learning_curves": lambda res: res.curves, "lesions": lambda res: res.lesions}
+
+
 def _draw(drawn: Drawn, res: Analysis, stem: str, draw) -> None:
+    """One figure, if wanted: its input's notes first, then the figure or why it is skipped."""
     if stem not in res.wanted:
         return
     drawn.notes += res.figure_notes.get(stem, [])
-    read_failed = stem in res.figure_notes and getattr(res, _INPUTS[stem]) is None
-    fig = None if read_failed else guarded(stem, drawn.notes, draw)
+    unread = stem in _READ_APART and _READ_APART[stem](res) is None
+    fig = None if unread else guarded(stem, drawn.notes, draw)
     if fig is None:
         drawn.skipped.append(stem)
     else:
         drawn.figures[stem] = fig
-
-
-_INPUTS = {"learning_curves": "curves", "lesions": "lesions"}  # read from the store apart
 
 
 def draw_lesions(table: pd.DataFrame) -> Figure:

@@ -1,4 +1,4 @@
-"""Layer 3b: one self-contained HTML report (figures inlined as base64 PNG, no scripts, no
+"""Layer 3c: one self-contained HTML report (figures inlined as base64 PNG, no scripts, no
 external resources; a Content-Security-Policy makes the browser refuse anything else)."""
 from __future__ import annotations
 
