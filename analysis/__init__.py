@@ -45,30 +45,33 @@ Three layers (as in rliable):
 2. Figures, one function per figure, each returning a matplotlib Figure (``fig=None``):
    ``plot_equivalence``, ``plot_table2``, ``plot_ratio_distribution``,
    ``plot_factor_effects``, ``plot_learning_curves``, ``plot_zoo``, ``plot_forest``,
-   ``plot_seed_noise`` (module ``analysis.plots``);
-   ``plot_lesions`` (module ``analysis.lesions``) from the table `study lesion` computes.
+   ``plot_seed_noise`` (module ``analysis.draw``, log ticks in ``analysis.ticks``);
+   ``plot_lesions`` (module ``analysis.lesion_figure``) from the table `study lesion` computes.
 3. Outputs: ``write_figures(DIR, compare=("sequential", "parallel"), pairs=None) -> list[Path]``
    writes DIR/figures/*.png + *.pdf (the lesion figure too when DIR/lesions/lesions.parquet
    exists), table2.csv/.md, stats.csv and NOTES.txt (why any figure was skipped; also on the
    returned list's ``.notes``); ``write_lesion_figure(DIR)`` draws the lesion figure alone;
    ``write_report(DIR, compare) -> Path`` writes DIR/report.html, self-contained (figures
-   inlined as base64 PNG).
+   inlined as base64 PNG). Both run the same three steps: ``compute.analyse`` computes an
+   ``Analysis`` (the frames and statistics), ``draw.draw_figures`` draws it in memory and
+   ``write.write_outputs`` saves it (module ``analysis.write``); ``report.render`` embeds the
+   PNGs that were saved, never reading them back.
 
 Both writers raise ``AnalysisError`` (one-line message) for a folder that is not a results
 store or an unknown architecture; a figure that cannot be drawn is a note, never a crash.
 """
 from ._common import Q_LABELS, AnalysisError, NothingToPlot, add_q
-from .data import (control_summary, controls, evidence, live_files, load, load_epochs,
-                   network_ids, pairs, settings, swept_factors, table2, table2_markdown,
-                   table2_wide, train_time)
-from .figures import FigureResult, write_figures, write_lesion_figure
-from .lesions import plot_lesions
-from .plots import (plot_equivalence, plot_factor_effects, plot_forest, plot_learning_curves,
-                    plot_ratio_distribution, plot_seed_noise, plot_table2, plot_time_ratio,
-                    plot_zoo)
+from .draw import (plot_equivalence, plot_factor_effects, plot_forest, plot_learning_curves,
+                   plot_ratio_distribution, plot_seed_noise, plot_table2, plot_time_ratio,
+                   plot_zoo)
+from .frames import (control_summary, controls, evidence, live_files, load, load_epochs,
+                     network_ids, pairs, settings, swept_factors, table2, table2_markdown,
+                     table2_wide, train_time)
+from .lesion_figure import plot_lesions
 from .report import write_report
 from .stats import (arch_effect, bootstrap_median_ci, equivalence, seed_noise, seed_pairs, stats,
                     wilson_interval)
+from .write import FigureResult, write_figures, write_lesion_figure
 from sweep.spec import DEFAULT_MARGIN
 
 __all__ = ["AnalysisError", "NothingToPlot", "Q_LABELS", "add_q", "load", "load_epochs",

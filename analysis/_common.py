@@ -2,15 +2,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
-import numpy as np
 import pandas as pd
 
+from study.coverage import Q_EDGES, Q_LABELS  # the paper's bins of Q (their one home)
 from sweep.params import ARCHITECTURES, DATASETS
-
-# The paper's bins of the determination ratio Q = n_train * n_classes / n_params.
-Q_EDGES = (0.0, 1.0, 3.0, 10.0, np.inf)
-Q_LABELS = ("[0,1)", "[1,3)", "[3,10)", "[10,inf)")
 
 LOSSES = ("train_loss", "val_loss", "test_loss")
 ACCURACIES = ("train_acc", "val_acc", "test_acc")
@@ -28,6 +25,21 @@ class AnalysisError(RuntimeError):
 
 class NothingToPlot(AnalysisError):
     """A figure cannot be drawn from these results; the message says why (it becomes a note)."""
+
+
+def guarded(stem: str, notes: list[str], make: Callable[[], object]):
+    """make() for one figure (its input or the figure itself), or None with a line on `notes`:
+    a figure that cannot be drawn is a note, never a crash (an AnalysisError other than
+    NothingToPlot is the user's to see)."""
+    try:
+        return make()
+    except AnalysisError as e:
+        if not isinstance(e, NothingToPlot):
+            raise
+        notes.append(f"{stem}: skipped, {e}")
+    except Exception as e:  # a bug in one figure must not cost the others
+        notes.append(f"{stem}: could not be drawn ({type(e).__name__}: {e})")
+    return None
 
 
 def check_store(root: str | Path) -> Path:

@@ -1,4 +1,4 @@
-"""Layer 3b: one self-contained HTML report (figures inlined as base64 PNG, no scripts, no
+"""Layer 3c: one self-contained HTML report (figures inlined as base64 PNG, no scripts, no
 external resources; a Content-Security-Policy makes the browser refuse anything else)."""
 from __future__ import annotations
 
@@ -14,12 +14,16 @@ import pandas as pd
 
 from study.counts import count_cells
 from study.store import Store, atomic_write_text
+from study.trials import trained_cells
 from sweep import SpecError, parse_spec
 
 from ._common import PRETTY, AnalysisError, dataset_label
-from .data import table2_wide
-from .plots import AXIS_RULE
-from .figures import FIGURES, Analysis, analyse
+from .captions import FIGURES
+from .compute import Analysis
+from .draw import AXIS_RULE
+from .frames import controls, swept_factors, table2_wide
+from .stats import TIME_METRIC, arch_effect, noise_of
+from .write import Written, analyse_draw_write
 
 MAX_FAILED_ROWS = 500  # a report stays readable; the store has every row
 
@@ -173,9 +177,6 @@ def _stats_html(res: Analysis) -> str:
             + STATS_PARAGRAPH.format(a=a, b=b, seeds=seeds))
 
 
-TIME_METRIC = "train_s_per_epoch"
-
-
 def _time_html(res: Analysis, times: pd.DataFrame) -> str:
     """The speed half of the claim: training time per epoch, b/a, outside the verdicts."""
     if times.empty:
@@ -216,8 +217,6 @@ def _one_seed_sentence() -> str:
 
 def _noise_html(res: Analysis) -> str:
     """The seed-noise table beside the architecture effect measured the same way."""
-    from .stats import arch_effect
-
     noise = res.noise
     if noise is None or noise.empty:
         return f'<p class="note">{_one_seed_sentence()}</p>'
@@ -310,8 +309,6 @@ def _headline(res: Analysis) -> str:
     """The report's first paragraph: the margin and where it came from, then per dataset and
     loss the verdict of the equivalence test with its numbers, the verdicts per Q bin, the
     seeds, and the same-network control."""
-    from .stats import arch_effect, noise_of
-
     a, b = esc(res.a), esc(res.b)
     s = res.stats
     ctl = res.controls or {}
@@ -381,8 +378,7 @@ def _controls_html(res: Analysis) -> str:
     if not ctl.get("n"):
         return (f"<p>No same-network {esc(res.a)}/{esc(res.b)} pair in this grid (no cell is the "
                 "same network as its twin), so there is no built-in control.</p>")
-    c = res.all_pairs[res.all_pairs["same_network"].astype(bool)]
-    from .data import swept_factors
+    c = controls(res.all_pairs)
     factors = swept_factors(res.all_pairs)[:4]
     rows = []
     for r in c.head(50).itertuples(index=False):
@@ -406,7 +402,7 @@ def _environment_html(res: Analysis) -> str:
     df = res.trials
     if df.empty:
         return "<p>No finished cell: nothing recorded.</p>"
-    trained = df[df["same_network_as"].isna()] if "same_network_as" in df else df
+    trained = trained_cells(df)
 
     def counts(col: str) -> str:
         if col not in df:
@@ -446,18 +442,41 @@ def _failed_html(df: pd.DataFrame) -> str:
     return out
 
 
-def _img(path: Path, alt: str) -> str:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
+def _img(png: bytes, alt: str) -> str:
+    data = base64.b64encode(png).decode("ascii")
     return f'<img src="data:image/png;base64,{data}" alt="{esc(alt)}">'
 
 
-def render(res: Analysis) -> str:
+def render(res: Analysis, written: Written) -> str:
+    """The report's HTML: `res` laid out, with the figures `written` saved embedded."""
     meta = Store(res.root).meta()
     counts, source, spec_note = _progress(res)
     name = meta.get("name") or res.root.name
-    df = res.trials
-    trained = df[df["same_network_as"].isna()] if "same_network_as" in df else df
-    wall = float(pd.to_numeric(trained["wall_s"], errors="coerce").sum()) if len(df) else 0.0
+    notes = list(written.notes) + ([spec_note] if spec_note else [])
+    figs = _figures_html(res, written.pngs)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>Study report: {esc(name)}</title><style>{CSS}</style></head><body>",
+        f"<h1>Study report: {esc(name)}</h1>",
+        f"<p>{esc(meta.get('description', ''))}</p>" if meta.get("description") else "",
+        f"<p>Generated {stamp}.</p>",
+        "<h2>Headline</h2>", _headline(res),
+        "<h2>Progress</h2>" + _progress_html(res, meta, counts),
+    ]
+    if notes:
+        parts.append("<h2>Notes</h2><ul>" + "".join(f'<li class="note">{esc(n)}</li>' for n in notes)
+                     + "</ul>")
+    parts += _sections(res, figs, source)
+    return "\n".join(p for p in parts if p)
+
+
+def _progress_html(res: Analysis, meta: dict, counts: dict) -> str:
+    """The Progress list: where the study is, what it compares and how far it got."""
+    trained = trained_cells(res.trials)
+    wall = float(pd.to_numeric(trained["wall_s"], errors="coerce").sum()) if len(res.trials) else 0.0
     a, b = esc(res.a), esc(res.b)
 
     def c(k):
@@ -474,51 +493,45 @@ def render(res: Analysis) -> str:
           ("compute time", esc(_duration(wall)))]
     if counts.get("outside_spec"):
         kv.append(("rows outside the current spec", c("outside_spec")))
-    notes = list(res.notes) + ([spec_note] if spec_note else [])
-    figs = []
+    return '<dl class="kv">' + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in kv) + "</dl>"
+
+
+def _figures_html(res: Analysis, pngs: dict[str, bytes]) -> list[str]:
+    """One <figure> per figure drawn, numbered in FIGURES order, its PNG inlined."""
+    df = res.trials
     n_cells = int((df["status"] == "ok").sum()) if len(df) else 0
+    n_settings = len(res.settings) if res.settings is not None else len(res.pairs)
+    figs = []
     for stem, caption in FIGURES.items():
-        if stem in res.pngs:
+        if stem in pngs:
             num = len(figs) + 1
-            n_settings = len(res.settings) if res.settings is not None else len(res.pairs)
             cap = esc(caption.format(a=res.a, b=res.b, n=f"{n_settings:,}",
                                      cells=f"{n_cells:,}", margin=_margin_text(res)))
-            figs.append(f'<figure id="fig{num}">{_img(res.pngs[stem], f"Figure {num}. {cap}")}'
+            figs.append(f'<figure id="fig{num}">{_img(pngs[stem], f"Figure {num}. {cap}")}'
                         f"<figcaption><b>Figure {num}.</b> {cap} (figures/{esc(stem)}.png, .pdf)"
                         "</figcaption></figure>")
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    parts = [
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>Study report: {esc(name)}</title><style>{CSS}</style></head><body>",
-        f"<h1>Study report: {esc(name)}</h1>",
-        f"<p>{esc(meta.get('description', ''))}</p>" if meta.get("description") else "",
-        f"<p>Generated {stamp}.</p>",
-        "<h2>Headline</h2>", _headline(res),
-        "<h2>Progress</h2><dl class=\"kv\">" + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in kv)
-        + "</dl>",
-    ]
-    if notes:
-        parts.append("<h2>Notes</h2><ul>" + "".join(f'<li class="note">{esc(n)}</li>' for n in notes)
-                     + "</ul>")
-    parts += ["<h2>Table 2: mean loss by Q bin</h2>", _table2_html(res.table2),
-              "<h2>Table 2 of accuracy: mean accuracy by Q bin</h2>",
-              _table2_html(res.table2_acc if res.table2_acc is not None else pd.DataFrame(),
-                           "accuracy"),
-              "<h2>Seed noise: re-seeding against swapping the architecture</h2>",
-              _noise_html(res),
-              f"<h2>Statistics: {b} vs {a}</h2>", _stats_html(res),
-              "<h2>Same-network pairs: the control</h2>", _controls_html(res),
-              "<h2>Figures</h2>",
-              f"<p>{esc(AXIS_RULE)} n is the number of settings (seeds averaged), pairs or cells each figure shows.</p>"
-              if figs else "",
-              "".join(figs) or '<p class="note">No figure could be drawn.</p>',
-              "<h2>Failed and diverged cells</h2>", _failed_html(df),
-              "<h2>Environment</h2>", _environment_html(res),
-              "<h2>Spec</h2>", f"<pre>{esc(source)}</pre>" if source else "<p>(no spec.toml)</p>",
-              "</body></html>"]
-    return "\n".join(p for p in parts if p)
+    return figs
+
+
+def _sections(res: Analysis, figs: list[str], source: str) -> list[str]:
+    """Everything after the notes: tables, statistics, control, figures, failures, spec."""
+    a, b = esc(res.a), esc(res.b)
+    return ["<h2>Table 2: mean loss by Q bin</h2>", _table2_html(res.table2),
+            "<h2>Table 2 of accuracy: mean accuracy by Q bin</h2>",
+            _table2_html(res.table2_acc if res.table2_acc is not None else pd.DataFrame(),
+                         "accuracy"),
+            "<h2>Seed noise: re-seeding against swapping the architecture</h2>",
+            _noise_html(res),
+            f"<h2>Statistics: {b} vs {a}</h2>", _stats_html(res),
+            "<h2>Same-network pairs: the control</h2>", _controls_html(res),
+            "<h2>Figures</h2>",
+            f"<p>{esc(AXIS_RULE)} n is the number of settings (seeds averaged), pairs or cells "
+            "each figure shows.</p>" if figs else "",
+            "".join(figs) or '<p class="note">No figure could be drawn.</p>',
+            "<h2>Failed and diverged cells</h2>", _failed_html(res.trials),
+            "<h2>Environment</h2>", _environment_html(res),
+            "<h2>Spec</h2>", f"<pre>{esc(source)}</pre>" if source else "<p>(no spec.toml)</p>",
+            "</body></html>"]
 
 
 def write_report(root: str | Path, compare=("sequential", "parallel"),
@@ -526,10 +539,10 @@ def write_report(root: str | Path, compare=("sequential", "parallel"),
     """(Re)draw the figures and write DIR/report.html, a single self-contained file.
     `margin`: the equivalence margin (a positive number or "seed"; default the spec's
     [analysis] margin, else analysis.DEFAULT_MARGIN)."""
-    res = analyse(root, compare, pairs, margin=margin)
+    res, written = analyse_draw_write(root, compare, pairs, margin=margin)
     out = res.root / "report.html"
     try:
-        atomic_write_text(out, render(res))
+        atomic_write_text(out, render(res, written))
     except Exception as e:
         raise AnalysisError(str(e)) from None
     return out

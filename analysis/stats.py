@@ -2,7 +2,7 @@
 
 The unit of evidence is a *setting*: one deep/shallow comparison at fixed layers, filters,
 kernel, ... (and variant). Its seeds are repeats of that comparison, so every test below runs
-on the settings' mean log ratios (``data.settings``), never on seeds as if they were pairs.
+on the settings' mean log ratios (``frames.settings``), never on seeds as if they were pairs.
 """
 from __future__ import annotations
 
@@ -16,9 +16,12 @@ from statsmodels.stats.proportion import proportion_confint
 from statsmodels.stats.weightstats import ttost_paired
 
 from study import schema
+from study.trials import trained_cells
 from sweep.spec import DEFAULT_MARGIN, SEED_MARGIN
 
 from ._common import Q_LABELS, dataset_order
+from .frames import evidence
+from .frames import settings as _settings
 
 Z95 = 1.959963984540054
 BOOT_SEED = 20230101  # fixed: the same store always gives the same intervals
@@ -128,9 +131,7 @@ def seed_pairs(df: pd.DataFrame, metrics=("train_loss", "val_loss")) -> pd.DataF
     cols = ["dataset", "q_bin", "architecture", "metric", "group", "abs_log_ratio"]
     if df is None or df.empty or "seed" not in df.columns:
         return pd.DataFrame(columns=cols)
-    ok = df[df["status"] == "ok"]
-    if "same_network_as" in ok.columns:
-        ok = ok[ok["same_network_as"].isna()]
+    ok = trained_cells(df[df["status"] == "ok"])
     keys = [c for c in schema.PARAM_COLUMNS if c != "seed" and c in ok.columns]
     if ok.empty:
         return pd.DataFrame(columns=cols)
@@ -313,7 +314,7 @@ def stats(pairs_df: pd.DataFrame, metrics=("train_loss", "val_loss"), margin=DEF
     the settings of two different networks (same-network pairs are left out; the seeds of a
     setting are averaged first, so n counts settings and n_runs the seeds behind them).
 
-    `pairs_df`: a pairs frame (data.pairs) or a settings frame (data.settings). `margin`: the
+    `pairs_df`: a pairs frame (frames.pairs) or a settings frame (frames.settings). `margin`: the
     relative margin delta (the ratio b/a counts as "the same" inside [1/(1+delta), 1+delta]),
     or "seed" to take it from `noise` (a seed_noise table) per dataset, bin and metric.
 
@@ -334,8 +335,6 @@ def stats(pairs_df: pd.DataFrame, metrics=("train_loss", "val_loss"), margin=DEF
       wilcoxon_stat, wilcoxon_p, wilcoxon_p_holm  scipy.stats.wilcoxon on d (rank-based
                       counterpart; it does not decide the verdict).
     """
-    from .data import settings as _settings
-
     if pairs_df is None or pairs_df.empty:
         return pd.DataFrame(columns=STATS_COLUMNS)
     sdf = pairs_df if "n_seeds" in pairs_df.columns else _settings(pairs_df)
@@ -428,8 +427,7 @@ def arch_effect(pairs_df: pd.DataFrame, metrics=("train_loss", "val_loss")) -> p
     median and 90th percentile, as log ratios and as ratios."""
     if pairs_df is None or pairs_df.empty:
         return pd.DataFrame(columns=ARCH_EFFECT_COLUMNS)
-    if "same_network" in pairs_df.columns:
-        pairs_df = pairs_df[~pairs_df["same_network"].astype(bool)]
+    pairs_df = evidence(pairs_df)
     rows = []
     qb = pairs_df["q_bin"].astype(object)
     for ds in dataset_order(pairs_df["dataset"]):

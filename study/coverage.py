@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 from sweep.params import DATASET_SIZES, n_train_examples
 
-# The paper's bins (analysis/_common.py draws the same ones): [0,1), [1,3), [3,10), [10,inf).
+# The paper's bins of Q, left-closed: [0,1), [1,3), [3,10), [10,inf). Their one home: the
+# plan's coverage counts cells into them here, and analysis bins the results with them.
 Q_EDGES = (0.0, 1.0, 3.0, 10.0, float("inf"))
 Q_LABELS = ("[0,1)", "[1,3)", "[3,10)", "[10,inf)")
 
@@ -29,6 +30,7 @@ class DatasetCoverage:
 
 
 def q_bin(q: float) -> int:
+    """Index into Q_LABELS of the bin holding one Q (analysis._common.q_bin bins a column)."""
     for i in range(len(Q_LABELS)):
         if Q_EDGES[i] <= q < Q_EDGES[i + 1]:
             return i

@@ -5,6 +5,7 @@ every pair, Q bins chosen by hand), so every number the analysis gives back can 
 """
 from __future__ import annotations
 
+import datetime as dt
 import html
 import json
 import os
@@ -23,6 +24,7 @@ import pytest
 import analysis
 from analysis.stats import holm, wilson_interval
 from study import schema
+from study.rows import cell_row
 from study.store import Store
 from sweep import parse_spec, twins
 
@@ -43,6 +45,7 @@ epochs = 3
 """
 
 N_TRAIN, N_CLASSES = 1000, 10
+STARTED = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)  # every synthetic cell's start
 # (layers, filters) -> n_params; Q = 10000 / n_params lands in a known bin (edges included).
 N_PARAMS = {(1, 4): 20000, (1, 8): 5000, (2, 4): 2000, (2, 8): 500, (4, 4): 10000, (4, 8): 1000}
 Q_BIN = {(1, 4): "[0,1)", (1, 8): "[1,3)", (2, 4): "[3,10)", (2, 8): "[10,inf)",
@@ -59,24 +62,23 @@ def seq_losses(cfg) -> tuple[float, float]:
 def make_row(cell, status="ok", factor=0.9, error=None, mark=True) -> dict:
     """parallel = factor x sequential, except where the two are one network (layers 1): there
     the numbers are equal, and the row is marked as a run records it (unless mark=False, a
-    store written before the marker existed)."""
+    store written before the marker existed). Built by study.rows.cell_row, as a run builds it."""
     cfg = cell.config
     train, val = seq_losses(cfg)
     twin = twins.network_id(cfg) != cell.cell_id
     par = cfg["architecture"] != "sequential" and not twin
     if par:
         train, val = factor * train, factor * val
-    row = {k: v for k, v in cfg.items() if k in schema.TRIAL_COLUMNS}
-    row.update(cell_id=cell.cell_id, pair_key=cell.pair_key, status=status, study="tiny",
-               n_params=N_PARAMS[(cfg["layers"], cfg["filters"])], n_train=N_TRAIN,
-               n_classes=N_CLASSES, epochs_done=3, wall_s=2.5, error=error,
-               same_network_as=twins.network_id(cfg) if twin and mark else None)
+    result = {"status": status, "error": error, "n_params": N_PARAMS[(cfg["layers"], cfg["filters"])],
+              "n_train": N_TRAIN, "n_classes": N_CLASSES, "epochs_done": 3, "wall_s": 2.5,
+              "same_network_as": twins.network_id(cfg) if twin and mark else None}
     if status == "ok":
-        row.update(train_loss=train, val_loss=val, test_loss=val * 1.01,
-                   train_acc=0.9, val_acc=0.85 if par else 0.80, test_acc=0.84 if par else 0.79)
+        result.update(train_loss=train, val_loss=val, test_loss=val * 1.01,
+                      train_acc=0.9, val_acc=0.85 if par else 0.80, test_acc=0.84 if par else 0.79)
     elif status == "diverged":
-        row.update(train_loss=float("nan"), val_loss=float("nan"))
-    return row
+        result.update(train_loss=float("nan"), val_loss=float("nan"))
+    return cell_row(cell.to_dict(), result, study="tiny", attempts=1, started_at=STARTED,
+                    host="test-host", device="cpu")
 
 
 def curve(row: dict) -> list[dict]:
@@ -651,13 +653,13 @@ def test_write_figures_at_paper_scale(tmp_path):
     status = rng.choice(["ok", "failed", "diverged"], p=[0.97, 0.02, 0.01], size=n)
     rows = []
     for i, c in enumerate(cells):
-        row = {k: v for k, v in c.config.items() if k in schema.TRIAL_COLUMNS}
         loss = float(base[int(c.pair_key[:8], 16) % n] * noise[i]) if status[i] == "ok" else None
-        row.update(cell_id=c.cell_id, pair_key=c.pair_key, status=str(status[i]),
-                   n_params=int(n_params[i]), n_train=int(n_train[i]), n_classes=10,
-                   train_loss=loss, val_loss=loss and loss * 1.3, val_acc=0.9, test_acc=0.9,
-                   wall_s=60.0, error=None if status[i] == "ok" else "synthetic failure")
-        rows.append(row)
+        result = {"status": str(status[i]), "n_params": int(n_params[i]),
+                  "n_train": int(n_train[i]), "n_classes": 10, "train_loss": loss,
+                  "val_loss": loss and loss * 1.3, "val_acc": 0.9, "test_acc": 0.9,
+                  "wall_s": 60.0, "error": None if status[i] == "ok" else "synthetic failure"}
+        rows.append(cell_row(c.to_dict(), result, study=spec.name, attempts=1,
+                             started_at=STARTED, host="test-host", device="cpu"))
     for k in range(8):
         pq.write_table(schema.conform(rows[k::8], schema.TRIALS), store.trials_dir / f"part{k}.parquet")
     # curves for a few pairs only: the figure must pick among pairs that have them
@@ -680,7 +682,7 @@ def test_log_x_tick_labels_never_overlap(width_in):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from analysis.plots import log_axis
+    from analysis.ticks import log_axis
 
     for lo, hi in ((3e-4, 0.025), (0.05, 0.25), (2e3, 6e4), (1e-6, 10.0)):
         fig = Figure(figsize=(width_in, 2.5))
@@ -711,22 +713,22 @@ def test_every_label_and_title_fits_inside_its_figure(full):
     """factor_effects once cut its y label ("median log10(parallel/sequential)") at the top."""
     import matplotlib as mpl
 
-    from analysis import plots
+    from analysis import draw
 
     root, _ = full
     df = analysis.load(root)
     p = analysis.pairs(df)
     st = analysis.settings(p)
-    with mpl.rc_context(plots.STYLE):
-        figs = {"factor_effects": plots.plot_factor_effects(st),
-                "forest": plots.plot_forest(analysis.stats(st)),
-                "equivalence_loss": plots.plot_equivalence(st),
-                "ratio_distribution": plots.plot_ratio_distribution(st)}
+    with mpl.rc_context(draw.STYLE):
+        figs = {"factor_effects": draw.plot_factor_effects(st),
+                "forest": draw.plot_forest(analysis.stats(st)),
+                "equivalence_loss": draw.plot_equivalence(st),
+                "ratio_distribution": draw.plot_ratio_distribution(st)}
     # the training-time figure, from stats rows of the shape analysis.stats gives them
     timed = pd.DataFrame([{"a": "sequential", "b": "parallel", "dataset": "digits", "q_bin": q,
                            "metric": "train_s_per_epoch", "n": 5, "median_ratio": 0.95,
                            "ratio_ci_low": 0.6, "ratio_ci_high": 1.05} for q in ("all", "[0,1)")])
-    with mpl.rc_context(plots.STYLE):  # drawn and saved in the report's style
-        figs["train_time"] = plots.plot_time_ratio(timed)
+    with mpl.rc_context(draw.STYLE):  # drawn and saved in the report's style
+        figs["train_time"] = draw.plot_time_ratio(timed)
         for name, fig in figs.items():
             assert _outside_canvas(fig) is None, name

@@ -205,7 +205,7 @@ def test_margin_from_the_spec_from_the_command_line_and_from_seed_noise(tmp_path
     layers, filters, seeds = (2, 3, 4, 5), (4, 8, 12), (0, 1)
     root = tmp_path / "spec_margin"
     build(root, spec_text(layers, filters, seeds, margin=0.05), 0.0, 0.02)
-    res = analysis.figures.analyse(root, only=["forest"])
+    res = analysis.compute.analyse(root, only=["forest"])
     assert res.margin == 0.05 and res.margin_from == "spec [analysis]"
     assert (res.stats["margin"] == 0.05).all()
     head = analysis.report._headline(res)
@@ -217,7 +217,7 @@ def test_margin_from_the_spec_from_the_command_line_and_from_seed_noise(tmp_path
     assert (st["margin"] == 0.2).all()
     assert "Equivalence margin: ±20 %, given by --margin" in (root / "report.html").read_text()
 
-    res = analysis.figures.analyse(root, only=["forest"], margin="seed")
+    res = analysis.compute.analyse(root, only=["forest"], margin="seed")
     noise = analysis.seed_noise(analysis.load(root))
     row = all_row(res.stats)
     pooled = noise[(noise["q_bin"] == "all") & (noise["architecture"] == "all")
@@ -231,7 +231,7 @@ def test_a_one_seed_study_says_so_and_seed_margin_falls_back(tmp_path):
     root = tmp_path / "one"
     text = spec_text((2, 3, 4), (4, 8), (0,))
     build(root, text, 0.0, 0.05)
-    res = analysis.figures.analyse(root, margin="seed")
+    res = analysis.compute.analyse(root, margin="seed")
     assert res.noise.empty and (res.stats["margin"] == analysis.DEFAULT_MARGIN).all()
     assert (res.stats["margin_source"] == "default (no seed repeats)").all()
     head = analysis.report._headline(res)
@@ -297,7 +297,7 @@ def test_training_time_ratio_rows_figure_and_headline(tmp_path):
     train_s, as rows outside the verdicts and the Holm families."""
     root = tmp_path / "timed"
     build(root, spec_text((2, 3, 4), (4, 8), (0, 1)), 0.0, 0.03, time_factor=0.8)
-    res = analysis.figures.analyse(root)
+    res, out = analysis.write.analyse_draw_write(root)
     t = res.stats[res.stats["metric"] == "train_s_per_epoch"]
     top = t[t["q_bin"] == "all"].iloc[0]
     assert top["n"] == 6 and top["n_runs"] == 12
@@ -307,18 +307,18 @@ def test_training_time_ratio_rows_figure_and_headline(tmp_path):
     # the loss rows' Holm families are those of a table without the time rows
     loss = res.stats[res.stats["metric"] != "train_s_per_epoch"]
     assert list(loss["p_tost_holm"]) == pytest.approx(list(holm(loss["p_tost"])), nan_ok=True)
-    assert "train_time" in res.pngs
+    assert "train_time" in out.pngs
     head = analysis.report._headline(res)
     assert ("<b>DIGITS, training time per epoch</b>: parallel takes 0.80× sequential's (median "
             "over 6 settings, 95 % interval [0.80, 0.80]; on this hardware and schedule)") in head
-    text = analysis.report.render(res)
+    text = analysis.report.render(res, out)
     assert "<h3>Training time per epoch</h3>" in text and "They describe this hardware" in text
     # a store whose epochs never recorded train_s: no time rows, no figure, no note about it
     old = tmp_path / "untimed"
     build(old, spec_text((2, 3), (4,), (0, 1)), 0.0, 0.03)
-    res = analysis.figures.analyse(old)
-    assert not (res.stats["metric"] == "train_s_per_epoch").any() and "train_time" not in res.pngs
-    assert not any("train_time" in n for n in res.notes)
+    res, out = analysis.write.analyse_draw_write(old)
+    assert not (res.stats["metric"] == "train_s_per_epoch").any() and "train_time" not in out.pngs
+    assert not any("train_time" in n for n in out.notes)
 
 
 # -- the maintained implementations keep today's numbers ------------------------------------------

@@ -3,7 +3,7 @@ loss rises when one block is removed, or two adjacent blocks are swapped, by blo
 
 Plotting only: the table is DIR/lesions/lesions.parquet, computed by `study lesion`
 (`study.lesion.run_lesion`; columns cell_id, variant, architecture, n_blocks, lesion, position,
-loss_increase, ...); `analysis.figures` saves the figure with the others. No torch, no ray;
+loss_increase, ...); `analysis.write` saves the figure with the others. No torch, no ray;
 drawn on a `matplotlib.figure.Figure` with an Agg canvas, never through pyplot.
 """
 from __future__ import annotations

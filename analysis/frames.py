@@ -12,6 +12,7 @@ import pandas as pd
 
 from study import live, schema
 from study.store import ReadReport, Store
+from study.trials import variant_labels
 from sweep import twins
 from sweep.params import ARCH_SPECIFIC
 
@@ -77,19 +78,6 @@ def load_epochs(root: str | Path, cell_ids: Iterable[str] | None = None,
     return df.sort_values(["cell_id", "epoch"], kind="stable").reset_index(drop=True)
 
 
-def _variant(side: pd.DataFrame, cols: list[str]) -> pd.Series:
-    """'gate=full, branches=4' from the architecture-specific columns that vary on this side
-    ('' if none does: one variant needs no name)."""
-    cols = [c for c in cols if side[c].nunique(dropna=False) > 1]
-    out = pd.Series("", index=side.index, dtype=object)
-    for c in cols:
-        v = side[c]
-        part = np.where(v.notna(), c + "=" + v.astype(str), "")
-        out = np.where((out != "") & (part != ""), out + ", " + part, out + part)
-        out = pd.Series(out, index=side.index, dtype=object)
-    return out
-
-
 def pairs(df: pd.DataFrame, a: str = "sequential", b: str = "parallel") -> pd.DataFrame:
     """One row per (a cell, b cell) twin pair at the same settings; only status 'ok' pairs.
 
@@ -118,7 +106,7 @@ def pairs(df: pd.DataFrame, a: str = "sequential", b: str = "parallel") -> pd.Da
         specific = [c for c in ARCH_SPECIFIC if c in side.columns and side[c].notna().any()]
         cols = SIDE_COLUMNS + [c for c in TIME_COLUMNS if c in side.columns] + specific
         out = side[cols].rename(columns={c: c + suf for c in cols})
-        out["variant" + suf] = _variant(side, specific)
+        out["variant" + suf] = variant_labels(side)
         out.insert(0, "pair_key", side["pair_key"])
         if suf == "_a":
             for c in SHARED_PARAMS:

@@ -1,4 +1,5 @@
-"""Layer 2: one function per figure. Each takes DataFrames (and `fig=None`), returns the Figure.
+"""Layer 2: one function per figure. Each takes DataFrames (and `fig=None`), returns the Figure;
+`draw_figures` draws every figure of an Analysis (compute.analyse) in memory.
 
 Figures are made with `matplotlib.figure.Figure` on an Agg canvas, never through pyplot: no
 global figure registry to leak, no GUI backend needed, and the caller's backend is untouched.
@@ -6,30 +7,33 @@ A figure that cannot be drawn from the data raises NothingToPlot with the reason
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import matplotlib as mpl
 import numpy as np
 import pandas as pd
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.font_manager import FontProperties
 from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 from matplotlib.colors import LogNorm
-from matplotlib.ticker import (FixedFormatter, FixedLocator, FuncFormatter, LogLocator,
-                               NullFormatter)
 
 from sweep.params import ARCHITECTURES
 
 from ._common import (HIGHER_IS_BETTER, PRETTY, Q_LABELS, NothingToPlot, arch_order,
-                      dataset_label, dataset_order)
-from .data import swept_factors
-from .stats import bootstrap_median_ci
+                      dataset_label, dataset_order, guarded)
+from .compute import Analysis
+from .frames import evidence, swept_factors
+from .lesion_figure import plot_lesions
+from .stats import TIME_METRIC, bootstrap_median_ci, noise_of
+from .ticks import log_axis, log_colorbar
 
 # The one axis rule of every figure: a loss axis is logarithmic in every panel (losses span
 # decades across a grid, and a ratio is a distance on a log axis); an accuracy axis is linear.
 AXIS_RULE = "Every loss axis is logarithmic, every accuracy axis linear."
 
-# The look of every figure, applied once by the report layer (matplotlib.rc_context).
+# The look of every figure, applied once by draw_figures and write_outputs (rc_context).
 STYLE = {
     "figure.dpi": 100, "savefig.dpi": 150,  # constrained layout: no bbox="tight" redraw
     "font.size": 9, "axes.titlesize": 9, "axes.labelsize": 9, "legend.fontsize": 8,
@@ -74,109 +78,12 @@ def _unit(pairs_df: pd.DataFrame) -> str:
 
 def _need_pairs(pairs_df) -> pd.DataFrame:
     """The pairs of two different networks (same-network controls left out), or raise."""
-    if pairs_df is not None and "same_network" in pairs_df.columns:
-        pairs_df = pairs_df[~pairs_df["same_network"].astype(bool)]
+    if pairs_df is not None:
+        pairs_df = evidence(pairs_df)
     if pairs_df is None or pairs_df.empty:
         raise NothingToPlot("no complete pairs of two different networks (both twins finished "
                             "with status ok)")
     return pairs_df
-
-
-def _plain(v: float, _pos=None) -> str:
-    """Tick label without powers of ten: 0.05, 0.2, 1, 2 (readable on short log ranges)."""
-    if v <= 0:
-        return ""
-    return f"{v:.2g}" if v < 1e-3 or v >= 1e4 else f"{v:.3g}".rstrip("0").rstrip(".")
-
-
-def _si(t: float) -> str:
-    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if t >= div:
-            return f"{t / div:g}{suffix}"
-    return f"{t:g}"
-
-
-def tick_labels(ticks) -> list[str]:
-    """Plain labels with just enough significant digits that no two are equal (1k, 20k, 1M
-    for counts)."""
-    if len(ticks) and min(ticks) >= 1000 and all(float(t).is_integer() for t in ticks):
-        labels = [_si(t) for t in ticks]
-        if len(set(labels)) == len(labels):
-            return labels
-    for d in range(2, 8):
-        labels = [f"{t:.{d}g}" for t in ticks]
-        if len(set(labels)) == len(labels):
-            return labels
-    return [f"{t:.8g}" for t in ticks]
-
-
-def nice_log_ticks(lo: float, hi: float, most: int = 6, fits=None) -> list[float]:
-    """Two to `most` readable tick values in [lo, hi] for a log scale: 1-2-5 steps (finer on
-    a short range), else evenly spaced values rounded to the fewest digits that keep them
-    apart (a range of a few per cent still gets labelled ticks). `fits(ticks)`, if given,
-    says whether the ticks' labels fit side by side (a horizontal axis): 1-2-5 steps whose
-    labels would overlap give way to decades."""
-    if not (np.isfinite(lo) and np.isfinite(hi) and 0 < lo < hi):
-        return [lo] if np.isfinite(lo) and lo > 0 else []
-    fits = fits or (lambda ticks: True)
-    for subs in ((1.0, 2.0, 5.0), (1.0,), tuple(np.arange(1, 10.0))):
-        ticks = [m * 10.0 ** k for k in range(int(np.floor(np.log10(lo))) - 1,
-                                                  int(np.ceil(np.log10(hi))) + 1)
-                 for m in subs if lo <= m * 10.0 ** k <= hi]
-        if 2 <= len(ticks) <= most and fits(ticks):
-            return ticks
-        if len(ticks) >= 2 and subs == (1.0,):
-            step = -(-len(ticks) // most)
-            while step < len(ticks) and not fits(ticks[::step]):
-                step += 1
-            if step < len(ticks):
-                return ticks[::step]
-    inner = np.geomspace(lo, hi, 4)[1:-1]  # two, away from the edges: labels never collide
-    for d in range(1, 8):
-        ticks = sorted({float(f"{v:.{d}g}") for v in inner})
-        ticks = [t for t in ticks if lo <= t <= hi]
-        if len(ticks) >= 2:
-            return ticks
-    return list(inner)
-
-
-def _labels_fit(ax, lo: float, hi: float):
-    """For a horizontal log axis spanning [lo, hi]: whether tick labels fit side by side,
-    from the axis's width and the tick font (labels about 0.6 em per character)."""
-    width_in = ax.get_position().width * ax.figure.get_figwidth()
-    em_in = FontProperties(size=mpl.rcParams["xtick.labelsize"]).get_size_in_points() / 72
-    span = np.log10(hi / lo)
-
-    def fits(ticks) -> bool:
-        labels = tick_labels(ticks)
-        x = [np.log10(t / lo) / span * width_in for t in ticks]
-        return all(b - a >= 0.6 * em_in * (len(la) + len(lb)) / 2 + 0.5 * em_in
-                   for a, b, la, lb in zip(x, x[1:], labels, labels[1:]))
-    return fits
-
-
-def log_axis(ax, which: str = "y", values=None) -> None:
-    """Make an axis logarithmic with labelled ticks (at least two, see nice_log_ticks) taken
-    from `values` (the data or the limits), unlabelled minor ticks between."""
-    axis = ax.yaxis if which == "y" else ax.xaxis
-    (ax.set_yscale if which == "y" else ax.set_xscale)("log")
-    v = np.asarray([] if values is None else values, dtype=float)
-    v = v[np.isfinite(v) & (v > 0)]
-    if v.size == 0:
-        return
-    lo, hi = float(v.min()), float(v.max())
-    if hi <= lo * 1.000001:
-        lo, hi = lo / 1.05, hi * 1.05
-    ticks = nice_log_ticks(lo, hi, fits=_labels_fit(ax, lo, hi) if which == "x" else None)
-    axis.set_major_locator(FixedLocator(ticks))
-    axis.set_major_formatter(FixedFormatter(tick_labels(ticks)))
-    axis.set_minor_locator(LogLocator(base=10, subs=tuple(np.arange(2, 10.0)), numticks=12))
-    axis.set_minor_formatter(NullFormatter())
-
-
-def _auto_log(ax, values) -> None:
-    """Loss axes follow AXIS_RULE: always logarithmic (kept under its old name for callers)."""
-    log_axis(ax, "y", values)
 
 
 def _empty_panel(ax, text="no data"):
@@ -195,62 +102,69 @@ def plot_equivalence(pairs_df: pd.DataFrame, metrics=("train_loss", "val_loss"),
     metrics = [m for m in metrics if pairs_df[m + "_a"].notna().any()]
     if not metrics:
         raise NothingToPlot("no pair has these metrics recorded")
-    a, b = _names(pairs_df)
     datasets = dataset_order(pairs_df["dataset"])
     fig, axes = _figure(fig, len(datasets), len(metrics), panel=(3.3, 3.1))
-    q = pairs_df["q_bin"].astype(object)
     for r, ds in enumerate(datasets):
         for c, m in enumerate(metrics):
-            ax = axes[r, c]
             use_log = (not HIGHER_IS_BETTER[m]) if log is None else log
-            x = pd.to_numeric(pairs_df[m + "_a"], errors="coerce")
-            y = pd.to_numeric(pairs_df[m + "_b"], errors="coerce")
-            keep = (pairs_df["dataset"] == ds) & x.notna() & y.notna()
-            hidden = 0
-            if use_log:
-                pos = (x > 0) & (y > 0)
-                hidden = int((keep & ~pos).sum())
-                keep &= pos
-            if not keep.any():
-                _empty_panel(ax, "no pairs")
-                ax.set_title(f"{dataset_label(ds)} · {PRETTY[m]}")
-                continue
-            # One call, points in a fixed random order: no Q bin hides the others under it.
-            idx = np.flatnonzero(keep.to_numpy())
-            idx = idx[np.random.default_rng(0).permutation(idx.size)]
-            colors = [Q_COLORS.get(v, NO_Q_COLOR) for v in q.iloc[idx]]
-            ax.scatter(x.iloc[idx], y.iloc[idx], s=9, alpha=0.65, linewidths=0, c=colors,
-                       rasterized=True)
-            lo = float(min(x[keep].min(), y[keep].min()))
-            hi = float(max(x[keep].max(), y[keep].max()))
-            pad = (hi / lo) ** 0.05 if use_log and lo > 0 else None
-            lo, hi = (lo / pad, hi * pad) if pad else (lo - 0.03 * (hi - lo + 1e-12),
-                                                        hi + 0.03 * (hi - lo + 1e-12))
-            ax.plot([lo, hi], [lo, hi], color="0.2", lw=0.8, ls="--", zorder=0)
-            if use_log:
-                log_axis(ax, "x", [lo, hi])
-                log_axis(ax, "y", [lo, hi])
-            ax.set_xlim(lo, hi)
-            ax.set_ylim(lo, hi)
-            ax.set_aspect("equal", adjustable="box")
-            ratio = pairs_df.loc[keep, m + "_ratio"]
-            xa, yb = x[keep], y[keep]
-            wins = int(((yb > xa) if HIGHER_IS_BETTER[m] else (yb < xa)).sum())
-            n = int(keep.sum())
-            # The numbers go in the title, never over the data.
-            text = f"median ratio {ratio.median():.3g}; {b} better in {wins}/{n}"
-            if hidden:
-                text += f"; {hidden} with loss ≤ 0 not shown"
-            ax.set_title(f"{dataset_label(ds)} · {PRETTY[m]} (n = {n} {_unit(pairs_df)})\n{text}",
-                         fontsize=8)
-            ax.set_xlabel(f"{a} {PRETTY[m]}")
-            ax.set_ylabel(f"{b} {PRETTY[m]}")
+            _equivalence_panel(axes[r, c], pairs_df, ds, m, use_log)
     handles = [Line2D([], [], ls="", marker="o", color=Q_COLORS[lbl], label=f"Q∈{lbl}")
                for lbl in Q_LABELS]
-    if q.isna().any():
+    if pairs_df["q_bin"].isna().any():
         handles.append(Line2D([], [], ls="", marker="o", color=NO_Q_COLOR, label="Q unknown"))
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles))
     return fig
+
+
+def _equivalence_panel(ax, pairs_df: pd.DataFrame, ds: str, m: str, use_log: bool) -> None:
+    """One dataset x metric: a dot per pair (b against a) around y = x, numbers in the title."""
+    a, b = _names(pairs_df)
+    x = pd.to_numeric(pairs_df[m + "_a"], errors="coerce")
+    y = pd.to_numeric(pairs_df[m + "_b"], errors="coerce")
+    keep = (pairs_df["dataset"] == ds) & x.notna() & y.notna()
+    hidden = 0
+    if use_log:
+        pos = (x > 0) & (y > 0)
+        hidden = int((keep & ~pos).sum())
+        keep &= pos
+    if not keep.any():
+        _empty_panel(ax, "no pairs")
+        ax.set_title(f"{dataset_label(ds)} · {PRETTY[m]}")
+        return
+    # One call, points in a fixed random order: no Q bin hides the others under it.
+    idx = np.flatnonzero(keep.to_numpy())
+    idx = idx[np.random.default_rng(0).permutation(idx.size)]
+    colors = [Q_COLORS.get(v, NO_Q_COLOR) for v in pairs_df["q_bin"].astype(object).iloc[idx]]
+    ax.scatter(x.iloc[idx], y.iloc[idx], s=9, alpha=0.65, linewidths=0, c=colors,
+               rasterized=True)
+    _diagonal(ax, x[keep], y[keep], use_log)
+    xa, yb = x[keep], y[keep]
+    wins = int(((yb > xa) if HIGHER_IS_BETTER[m] else (yb < xa)).sum())
+    n = int(keep.sum())
+    # The numbers go in the title, never over the data.
+    text = f"median ratio {pairs_df.loc[keep, m + '_ratio'].median():.3g}; {b} better in {wins}/{n}"
+    if hidden:
+        text += f"; {hidden} with loss ≤ 0 not shown"
+    ax.set_title(f"{dataset_label(ds)} · {PRETTY[m]} (n = {n} {_unit(pairs_df)})\n{text}",
+                 fontsize=8)
+    ax.set_xlabel(f"{a} {PRETTY[m]}")
+    ax.set_ylabel(f"{b} {PRETTY[m]}")
+
+
+def _diagonal(ax, x: pd.Series, y: pd.Series, use_log: bool) -> None:
+    """Equal square limits around the data (padded), the y = x line, log axes if `use_log`."""
+    lo = float(min(x.min(), y.min()))
+    hi = float(max(x.max(), y.max()))
+    pad = (hi / lo) ** 0.05 if use_log and lo > 0 else None
+    lo, hi = (lo / pad, hi * pad) if pad else (lo - 0.03 * (hi - lo + 1e-12),
+                                                hi + 0.03 * (hi - lo + 1e-12))
+    ax.plot([lo, hi], [lo, hi], color="0.2", lw=0.8, ls="--", zorder=0)
+    if use_log:
+        log_axis(ax, "x", [lo, hi])
+        log_axis(ax, "y", [lo, hi])
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_aspect("equal", adjustable="box")
 
 
 # -- (2) Table 2 as a figure -----------------------------------------------------------------
@@ -284,18 +198,7 @@ def plot_table2(t2: pd.DataFrame, fig=None) -> Figure:
             for row in sub.itertuples(index=False):
                 i, j = archs.index(row.architecture), Q_LABELS.index(row.q_bin)
                 grid[i, j], ns[i, j] = getattr(row, m), row.n
-            shown = np.ma.masked_invalid(np.where(grid > 0, grid, np.nan))
-            im = ax.imshow(shown, cmap=cmap, norm=norm, aspect="auto")
-            for i in range(len(archs)):
-                for j in range(len(Q_LABELS)):
-                    v = grid[i, j]
-                    if not np.isfinite(v):
-                        ax.text(j, i, "–", ha="center", va="center", fontsize=8, color="0.4")
-                        continue
-                    rgba = cmap(norm(v)) if v > 0 else (1, 1, 1, 1)
-                    dark = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] < 0.5
-                    ax.text(j, i, f"{_cell(v)}\nn={ns[i, j]}", ha="center", va="center",
-                            fontsize=7, color="white" if dark else "black", linespacing=1.1)
+            im = _heat_map(ax, grid, ns, cmap, norm)
             ax.set_xticks(range(len(Q_LABELS)), [f"Q∈{x}" for x in Q_LABELS])
             ax.set_yticks(range(len(archs)), archs)
             ax.tick_params(length=0)
@@ -307,11 +210,25 @@ def plot_table2(t2: pd.DataFrame, fig=None) -> Figure:
             cb = fig.colorbar(im, ax=list(axes[r]), shrink=0.9, pad=0.02)
             cb.set_label(f"{dataset_label(ds)} mean {'loss' if metrics[0].endswith('loss') else 'value'}",
                          fontsize=7.5)
-            ticks = nice_log_ticks(lo, hi)
-            cb.set_ticks(ticks, labels=tick_labels(ticks))
-            cb.ax.yaxis.set_minor_locator(LogLocator(base=10, subs=(), numticks=1))
-            cb.ax.yaxis.set_minor_formatter(NullFormatter())
+            log_colorbar(cb, lo, hi)
     return fig
+
+
+def _heat_map(ax, grid: np.ndarray, ns: np.ndarray, cmap, norm):
+    """One Table 2 panel: the coloured cells, each printed with its value and n ('–': none)."""
+    shown = np.ma.masked_invalid(np.where(grid > 0, grid, np.nan))
+    im = ax.imshow(shown, cmap=cmap, norm=norm, aspect="auto")
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            v = grid[i, j]
+            if not np.isfinite(v):
+                ax.text(j, i, "–", ha="center", va="center", fontsize=8, color="0.4")
+                continue
+            rgba = cmap(norm(v)) if v > 0 else (1, 1, 1, 1)
+            dark = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] < 0.5
+            ax.text(j, i, f"{_cell(v)}\nn={ns[i, j]}", ha="center", va="center",
+                    fontsize=7, color="white" if dark else "black", linespacing=1.1)
+    return im
 
 
 def _cell(v: float) -> str:
@@ -464,12 +381,17 @@ def plot_learning_curves(pairs_df: pd.DataFrame, epochs_df: pd.DataFrame, rows=N
         if not drawn:
             _empty_panel(ax, "no epoch records")
             continue
-        _auto_log(ax, np.concatenate([ln.get_ydata() for ln in ax.get_lines()]))
+        log_axis(ax, "y", np.concatenate([ln.get_ydata() for ln in ax.get_lines()]))
         ax.set_xlabel("epoch")
         ax.set_ylabel("loss")
     for ax in list(axes.flat)[len(chosen):]:
         ax.set_visible(False)
-    # One legend under the panels: nothing drawn over the curves.
+    _one_legend(fig, axes)
+    return fig
+
+
+def _one_legend(fig, axes) -> None:
+    """One legend under the panels, each label once: nothing drawn over the curves."""
     seen: dict[str, object] = {}
     for ax in axes.flat:
         for h, lbl in zip(*ax.get_legend_handles_labels()):
@@ -477,7 +399,6 @@ def plot_learning_curves(pairs_df: pd.DataFrame, epochs_df: pd.DataFrame, rows=N
     if seen:
         fig.legend(list(seen.values()), list(seen), loc="outside lower center",
                    ncols=min(4, len(seen)))
-    return fig
 
 
 def _settings(p: pd.Series, factors: list[str]) -> str:
@@ -510,7 +431,7 @@ def plot_zoo(df: pd.DataFrame, metric: str = "val_loss", fig=None) -> Figure:
             ax.scatter(s["n_params"].astype(float), s[metric].astype(float), s=10, alpha=0.6,
                        linewidths=0, color=arch_color(arch), rasterized=True)
         log_axis(ax, "x", sub["n_params"].astype(float))
-        _auto_log(ax, sub[metric])
+        log_axis(ax, "y", sub[metric])
         ax.set_title(f"{dataset_label(ds)} (n = {len(sub)} cells)")
         ax.set_xlabel("parameters")
         ax.set_ylabel(f"final {PRETTY[metric]}")
@@ -533,52 +454,23 @@ def plot_forest(stats_df: pd.DataFrame, noise: pd.DataFrame | None = None,
     90% (thick) and 95% (thin) t intervals, the margin band [1/(1+delta), 1+delta] (green), the
     seed-noise band exp(+-median seed-to-seed |log ratio|) of that row (hatched grey, where the
     study has repeats), and the verdict at the row's end. Log-ratio axis, ratio tick labels."""
-    from .stats import noise_of
-
-    if stats_df is None or stats_df.empty:
-        raise NothingToPlot("no statistics (no complete pairs of two different networks)")
-    s = stats_df[stats_df["metric"].isin(metrics) & (stats_df["n"] > 0)].copy()
-    if s.empty:
-        raise NothingToPlot("no statistics of these losses")
+    s = _forest_rows(stats_df, metrics)
     a, b = str(s["a"].iloc[0]), str(s["b"].iloc[0])
-    order_q = {q: i for i, q in enumerate(("all", *Q_LABELS))}
-    order_d = {d: i for i, d in enumerate(dataset_order(s["dataset"]))}
-    order_m = {m: i for i, m in enumerate(metrics)}
-    s = s.assign(_d=s["dataset"].map(order_d), _m=s["metric"].map(order_m),
-                 _q=s["q_bin"].map(order_q)).sort_values(["_d", "_m", "_q"], kind="stable")
     n_rows = len(s)
     fig, axes = _figure(fig, 1, 1, panel=(6.4, 0.6 + 0.27 * n_rows))
     ax = axes[0, 0]
     ys = np.arange(n_rows)[::-1].astype(float)
-    values = [1.0]
-    labels, verdicts = [], []
+    values = [1.0]  # every x drawn: the axis spans them all
+    labels = []
     last_group = None
     for y, r in zip(ys, s.itertuples(index=False)):
-        group = (r.dataset, r.metric)
-        if last_group is not None and group != last_group:
+        if last_group is not None and (r.dataset, r.metric) != last_group:
             ax.axhline(y + 0.5, color="0.75", lw=0.6)
-        last_group = group
-        lo_m, hi_m = 1 / (1 + r.margin), 1 + r.margin
-        ax.fill_betweenx([y - 0.42, y + 0.42], lo_m, hi_m, color="#1b7837", alpha=0.13, lw=0)
-        values += [lo_m, hi_m]
-        med = noise_of(noise, r.dataset, r.q_bin, r.metric)
-        if np.isfinite(med) and med > 0:
-            ax.fill_betweenx([y - 0.22, y + 0.22], np.exp(-med), np.exp(med), facecolor="none",
-                             edgecolor="0.45", hatch="////", lw=0.0)
-            values += [np.exp(-med), np.exp(med)]
-        if np.isfinite(r.ratio):
-            color = VERDICT_COLORS.get(r.verdict, "0.2")
-            if np.isfinite(r.ratio_ci95_low):
-                ax.plot([r.ratio_ci95_low, r.ratio_ci95_high], [y, y], color=color, lw=1.0)
-                ax.plot([r.ratio_ci90_low, r.ratio_ci90_high], [y, y], color=color, lw=3.2,
-                        solid_capstyle="butt")
-                values += [r.ratio_ci95_low, r.ratio_ci95_high]
-            ax.plot([r.ratio], [y], "o", color=color, ms=4.5, mec="white", mew=0.6, zorder=3)
-            values.append(r.ratio)
+        last_group = (r.dataset, r.metric)
+        values += _forest_row(ax, y, r, noise)
         q = "all Q" if r.q_bin == "all" else f"Q∈{r.q_bin}"
         labels.append(f"{dataset_label(r.dataset)} · {PRETTY.get(r.metric, r.metric)} · {q} "
                       f"(n = {r.n})")
-        verdicts.append(r.verdict)
     ax.axvline(1.0, color="0.2", lw=0.8, ls="--", zorder=0)
     v = np.asarray(values, float)
     v = v[np.isfinite(v) & (v > 0)]
@@ -590,7 +482,58 @@ def plot_forest(stats_df: pd.DataFrame, noise: pd.DataFrame | None = None,
     ax.set_yticks(ys, labels)
     ax.grid(False, axis="y")
     ax.tick_params(axis="y", length=0)
-    right = ax.twinx()  # the verdicts as right-hand tick labels: the layout makes room for them
+    _verdict_labels(ax, ys, list(s["verdict"]))
+    ax.set_xlabel(f"ratio {b}/{a} of the loss (settings' mean log ratio; log axis)")
+    handles = [Line2D([], [], color="0.2", lw=3.2, label="90% interval"),
+               Line2D([], [], color="0.2", lw=1.0, label="95% interval"),
+               Patch(color="#1b7837", alpha=0.25, label="margin"),
+               Patch(facecolor="none", edgecolor="0.45", hatch="////",
+                     label="seed noise (median)")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=4)
+    return fig
+
+
+def _forest_rows(stats_df: pd.DataFrame, metrics) -> pd.DataFrame:
+    """The stats rows of these losses with settings, by dataset, loss, then Q bin ('all'
+    first); NothingToPlot when there are none."""
+    if stats_df is None or stats_df.empty:
+        raise NothingToPlot("no statistics (no complete pairs of two different networks)")
+    s = stats_df[stats_df["metric"].isin(metrics) & (stats_df["n"] > 0)].copy()
+    if s.empty:
+        raise NothingToPlot("no statistics of these losses")
+    order_q = {q: i for i, q in enumerate(("all", *Q_LABELS))}
+    order_d = {d: i for i, d in enumerate(dataset_order(s["dataset"]))}
+    order_m = {m: i for i, m in enumerate(metrics)}
+    return s.assign(_d=s["dataset"].map(order_d), _m=s["metric"].map(order_m),
+                    _q=s["q_bin"].map(order_q)).sort_values(["_d", "_m", "_q"], kind="stable")
+
+
+def _forest_row(ax, y: float, r, noise: pd.DataFrame | None) -> list[float]:
+    """One stats row at height y: margin band, seed-noise band, intervals and the ratio; the
+    x values it drew."""
+    lo_m, hi_m = 1 / (1 + r.margin), 1 + r.margin
+    ax.fill_betweenx([y - 0.42, y + 0.42], lo_m, hi_m, color="#1b7837", alpha=0.13, lw=0)
+    values = [lo_m, hi_m]
+    med = noise_of(noise, r.dataset, r.q_bin, r.metric)
+    if np.isfinite(med) and med > 0:
+        ax.fill_betweenx([y - 0.22, y + 0.22], np.exp(-med), np.exp(med), facecolor="none",
+                         edgecolor="0.45", hatch="////", lw=0.0)
+        values += [np.exp(-med), np.exp(med)]
+    if np.isfinite(r.ratio):
+        color = VERDICT_COLORS.get(r.verdict, "0.2")
+        if np.isfinite(r.ratio_ci95_low):
+            ax.plot([r.ratio_ci95_low, r.ratio_ci95_high], [y, y], color=color, lw=1.0)
+            ax.plot([r.ratio_ci90_low, r.ratio_ci90_high], [y, y], color=color, lw=3.2,
+                    solid_capstyle="butt")
+            values += [r.ratio_ci95_low, r.ratio_ci95_high]
+        ax.plot([r.ratio], [y], "o", color=color, ms=4.5, mec="white", mew=0.6, zorder=3)
+        values.append(r.ratio)
+    return values
+
+
+def _verdict_labels(ax, ys, verdicts: list[str]) -> None:
+    """The verdicts as right-hand tick labels in their colours: the layout makes room."""
+    right = ax.twinx()
     right.set_ylim(ax.get_ylim())
     right.set_yticks(ys, verdicts)
     right.tick_params(axis="y", length=0)
@@ -599,14 +542,6 @@ def plot_forest(stats_df: pd.DataFrame, noise: pd.DataFrame | None = None,
     right.grid(False)
     for sp in right.spines.values():
         sp.set_visible(False)
-    ax.set_xlabel(f"ratio {b}/{a} of the loss (settings' mean log ratio; log axis)")
-    handles = [Line2D([], [], color="0.2", lw=3.2, label="90% interval"),
-               Line2D([], [], color="0.2", lw=1.0, label="95% interval"),
-               mpl.patches.Patch(color="#1b7837", alpha=0.25, label="margin"),
-               mpl.patches.Patch(facecolor="none", edgecolor="0.45", hatch="////",
-                                 label="seed noise (median)")]
-    fig.legend(handles=handles, loc="outside lower center", ncols=4)
-    return fig
 
 
 # -- (9) seed noise against the architecture effect ------------------------------------------
@@ -663,8 +598,6 @@ def plot_seed_noise(seed_pairs_df: pd.DataFrame, pairs_df: pd.DataFrame,
 def plot_time_ratio(stats_df: pd.DataFrame, fig=None) -> Figure:
     """Per dataset and Q bin ('all' first): the median over settings of the ratio b/a of
     training time per epoch, with its percentile-bootstrap 95% interval; log-ratio axis."""
-    from .stats import TIME_METRIC
-
     s = stats_df[stats_df["metric"] == TIME_METRIC] if stats_df is not None and len(stats_df) else None
     if s is None or s.empty:
         raise NothingToPlot("no epoch recorded its training time (train_s): a store from "
@@ -698,3 +631,65 @@ def plot_time_ratio(stats_df: pd.DataFrame, fig=None) -> Figure:
     ax.tick_params(axis="y", length=0)
     ax.set_xlabel(f"training time per epoch, {b}/{a}\n(median over settings; log axis)")
     return fig
+
+
+# -- every figure of an analysis -------------------------------------------------------------
+
+
+@dataclass
+class Drawn:
+    """The figures drawn from one Analysis, in memory (nothing saved yet)."""
+    figures: dict[str, Figure] = field(default_factory=dict)  # stem -> figure, in FIGURES order
+    notes: list[str] = field(default_factory=list)  # why any figure was skipped, in that order
+    skipped: list[str] = field(default_factory=list)  # stems tried and not drawn
+
+
+def draw_figures(res: Analysis) -> Drawn:
+    """Draw every figure `res` wants (in the report's style; the lesion figure styles itself)."""
+    drawers = {
+        "forest": lambda: plot_forest(res.stats, res.noise),
+        "seed_noise": lambda: plot_seed_noise(res.seed_pairs, res.pairs),
+        "train_time": lambda: plot_time_ratio(res.stats),
+        "equivalence_loss": lambda: plot_equivalence(res.settings, ("train_loss", "val_loss")),
+        "table2": lambda: plot_table2(res.table2),
+        "ratio_distribution": lambda: plot_ratio_distribution(res.settings),
+        "factor_effects": lambda: plot_factor_effects(res.settings),
+        "learning_curves": lambda: plot_learning_curves(res.pairs, res.curves.epochs,
+                                                        res.curves.rows),
+        "equivalence_accuracy": lambda: plot_equivalence(res.settings, ("val_acc", "test_acc")),
+        "zoo": lambda: plot_zoo(res.trials),
+    }
+    drawn = Drawn()
+    with mpl.rc_context(STYLE):
+        for stem, draw in drawers.items():
+            if stem == "train_time" and not (res.stats["metric"] == TIME_METRIC).any():
+                continue  # a store from before epochs timed their training pass: no note
+            _draw(drawn, res, stem, draw)
+    if "lesions" in res.figure_notes:  # a lesions table was there to read
+        _draw(drawn, res, "lesions", lambda: draw_lesions(res.lesions))
+    return drawn
+
+
+# The figures whose input analyse read from the store apart (None: it could not, see notes).
+_READ_APART = {"learning_curves": lambda res: res.curves, "lesions": lambda res: res.lesions}
+
+
+def _draw(drawn: Drawn, res: Analysis, stem: str, draw) -> None:
+    """One figure, if wanted: its input's notes first, then the figure or why it is skipped."""
+    if stem not in res.wanted:
+        return
+    drawn.notes += res.figure_notes.get(stem, [])
+    unread = stem in _READ_APART and _READ_APART[stem](res) is None
+    fig = None if unread else guarded(stem, drawn.notes, draw)
+    if fig is None:
+        drawn.skipped.append(stem)
+    else:
+        drawn.figures[stem] = fig
+
+
+def draw_lesions(table: pd.DataFrame) -> Figure:
+    """The lesion figure of a lesions table; NothingToPlot when it holds no lesion rows."""
+    try:
+        return plot_lesions(table)
+    except ValueError as e:  # only intact rows, or an empty table
+        raise NothingToPlot(str(e)) from None
