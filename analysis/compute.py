@@ -11,7 +11,7 @@ from typing import Iterable
 
 import pandas as pd
 
-from study.store import ReadReport, Store
+from study.store import ReadReport, StoreReader
 from sweep import SpecError, parse_spec
 from sweep.spec import DEFAULT_MARGIN, parse_margin
 
@@ -64,7 +64,7 @@ def study_margin(root: Path, margin=None) -> tuple[float | str, str]:
     if margin is not None:
         return parse_margin(margin, "--margin"), "--margin"
     try:
-        saved = parse_spec(Store(root).spec_path.read_text()).analysis.get("margin")
+        saved = parse_spec(StoreReader(root).spec_path.read_text()).analysis.get("margin")
     except (OSError, UnicodeDecodeError, SpecError):
         saved = None  # no readable spec: the report says so under Progress
     if saved is not None:
@@ -159,7 +159,7 @@ def _curve_input(root: Path, pairs_df: pd.DataFrame, keys, notes: list[str]) -> 
             raise NothingToPlot("none of the requested pair keys names a complete pair")
     else:
         rows = frames.choose_curve_pairs(pairs_df,
-                                         Store.part_ids(Store(root).epochs_dir, live=True))
+                                         StoreReader.part_ids(StoreReader(root).epochs_dir, live=True))
         if not rows:
             raise NothingToPlot("no complete pair has epoch records for both twins")
     chosen = pairs_df.loc[rows]

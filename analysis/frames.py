@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from study import live, schema
-from study.store import ReadReport, Store
+from study.store import ReadReport, StoreReader
 from study.trials import variant_labels
 from sweep import twins
 from sweep.params import ARCH_SPECIFIC
@@ -42,7 +42,7 @@ def load(root: str | Path, report: ReadReport | None = None,
     if columns is not None:
         columns = list(dict.fromkeys([*columns, "cell_id", "status", "n_train", "n_classes",
                                       "n_params"]))
-    df = Store(root).read_trials(quarantine=False, report=report, columns=columns, live=True)
+    df = StoreReader(root).read_trials(quarantine=False, report=report, columns=columns, live=True)
     return add_q(df)
 
 
@@ -71,7 +71,7 @@ def load_epochs(root: str | Path, cell_ids: Iterable[str] | None = None,
     unreadable file is skipped (and listed in `report`).
     """
     root = check_store(root)
-    store = Store(root)
+    store = StoreReader(root)
     if cell_ids is not None:
         cell_ids = list(dict.fromkeys(cell_ids))
     df = store.read_epochs(quarantine=False, report=report, cell_ids=cell_ids, live=True)
@@ -144,7 +144,7 @@ def train_time(root: str | Path, cell_ids: Iterable[str] | None = None,
     store written before epochs recorded it."""
     if "train_s" not in schema.EPOCH_COLUMNS:
         return pd.Series(dtype=float)
-    ep = Store(check_store(root)).read_epochs(quarantine=False, report=report,
+    ep = StoreReader(check_store(root)).read_epochs(quarantine=False, report=report,
                                               columns=["cell_id", "train_s"],
                                               cell_ids=None if cell_ids is None else list(cell_ids),
                                               live=True)

@@ -12,10 +12,11 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
-from study.counts import count_cells
-from study.store import Store, atomic_write_text
+from study.counts import StudyGrid, count_cells
+from study.durations import long_duration
+from study.store import StoreReader, atomic_write_text
 from study.trials import trained_cells
-from sweep import SpecError, parse_spec
+from sweep import SpecError
 
 from ._common import PRETTY, AnalysisError, dataset_label
 from .captions import FIGURES
@@ -61,15 +62,6 @@ def _num(v, fmt: str) -> str:
     return "–" if not np.isfinite(v) else format(v, fmt)
 
 
-def _duration(seconds: float) -> str:
-    if not np.isfinite(seconds) or seconds <= 0:
-        return "0 s"
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return (f"{int(h)} h {int(m)} min" if h else f"{int(m)} min {s:.0f} s" if m
-            else f"{s:.1f} s") + f" ({seconds:,.0f} s)"
-
-
 def _table(headers: list[str], rows: list[list[str]], left: int = 1, cls: str = "") -> str:
     """rows hold already-escaped HTML; the first `left` columns are left-aligned."""
     th = "".join(f'<th class="{"l" if i < left else ""}">{h}</th>' for i, h in enumerate(headers))
@@ -80,18 +72,16 @@ def _table(headers: list[str], rows: list[list[str]], left: int = 1, cls: str = 
 
 def _progress(res: Analysis) -> tuple[dict, str, str]:
     """Counts of the study's cells, the spec text and a note on the spec (if unreadable)."""
-    store = Store(res.root)
+    store = StoreReader(res.root)
     source, spec_note, ids = "", "", None
     try:
-        source = store.spec_path.read_text()
+        grid = StudyGrid.saved(store)
+        source = grid.source
     except (OSError, UnicodeDecodeError) as e:
         spec_note = f"spec.toml unreadable or missing ({type(e).__name__}); grid size unknown"
     if source:
-        # the driver caches the grid's ids: a 100,000-cell grid is not enumerated again
-        ids = store.cached_cell_ids(source)
         try:
-            if ids is None:
-                ids = [c.cell_id for c in parse_spec(source, origin=str(store.spec_path)).cells()]
+            ids = grid.cell_ids()  # from the driver's cache: a big grid is not enumerated again
         except SpecError as e:
             spec_note = f"spec.toml does not parse ({e}); grid size unknown"
     n = count_cells(res.trials, ids, in_flight=store.in_flight(done=res.trials["cell_id"]))
@@ -189,7 +179,7 @@ def _time_html(res: Analysis, times: pd.DataFrame) -> str:
     head = ["dataset", "Q bin", "settings (runs)", f"median {b}/{a} [95% bootstrap CI]",
             f"{a} s/epoch (geometric mean)", f"{b} s/epoch"]
     return ("<h3>Training time per epoch</h3>" + _table(head, rows, left=2, cls="num")
-            + f"<p>The training pass alone (no validation), the median over a cell's epochs; per "
+            + "<p>The training pass alone (no validation), the median over a cell's epochs; per "
             "setting the log ratio averaged over its seeds. These rows are outside the verdicts "
             "and the Holm families. <b>They describe this hardware and this schedule</b>: "
             "times depend on the device, on how many cells shared it and on what else ran, so "
@@ -285,7 +275,7 @@ def _verdict_sentence(res: Analysis, r, noise_med: float, effect_med: float) -> 
                 f"margin; t-test p = {_p(r.p_ttest_holm)}; {n})")
     elif r.verdict == "inconclusive":
         need = r.settings_needed
-        more = (f"; more than 100 times as many settings would be needed to narrow it "
+        more = ("; more than 100 times as many settings would be needed to narrow it "
                 "enough, if the spread stays as measured (a rough √n estimate): the effect sits "
                 "at the margin's edge" if np.isfinite(need) and need > 100 * r.n else
                 f"; about {int(need):,} settings would narrow it enough, if the spread stays as "
@@ -417,7 +407,7 @@ def _environment_html(res: Analysis) -> str:
           ("devices", counts("device")), ("hosts", counts("host")),
           ("Ray nodes", f"{trained['node_id'].replace('', np.nan).nunique():,}"
            if "node_id" in df else "unknown"),
-          ("compute time", esc(_duration(wall)) + f" over {len(trained):,} trained cells"
+          ("compute time", esc(long_duration(wall)) + f" over {len(trained):,} trained cells"
            + (f" ({len(df) - len(trained):,} same-network twins recorded without training)"
               if len(df) > len(trained) else "")),
           ("first start, last finish", esc(f"{start:%Y-%m-%d %H:%M} – {end:%Y-%m-%d %H:%M} UTC")
@@ -449,7 +439,7 @@ def _img(png: bytes, alt: str) -> str:
 
 def render(res: Analysis, written: Written) -> str:
     """The report's HTML: `res` laid out, with the figures `written` saved embedded."""
-    meta = Store(res.root).meta()
+    meta = StoreReader(res.root).meta()
     counts, source, spec_note = _progress(res)
     name = meta.get("name") or res.root.name
     notes = list(written.notes) + ([spec_note] if spec_note else [])
@@ -490,7 +480,7 @@ def _progress_html(res: Analysis, meta: dict, counts: dict) -> str:
            f"(from {len(res.pairs):,} pairs of cells, seeds counted apart)"),
           ("complete pairs", f"{len(res.pairs):,} of different networks"
            + (f" + {res.controls['n']:,} same-network controls" if res.controls.get("n") else "")),
-          ("compute time", esc(_duration(wall)))]
+          ("compute time", esc(long_duration(wall)))]
     if counts.get("outside_spec"):
         kv.append(("rows outside the current spec", c("outside_spec")))
     return '<dl class="kv">' + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in kv) + "</dl>"

@@ -12,7 +12,7 @@ from typing import Iterable
 import matplotlib as mpl
 
 from study.atomic import atomic_write
-from study.store import Store, atomic_write_text
+from study.store import StoreReader, atomic_write_text
 
 from . import frames
 from ._common import AnalysisError
@@ -78,7 +78,7 @@ def _write_tables(res: Analysis, out_dir: Path, out: Written) -> None:
 
 
 def _figures_dir(root: Path) -> Path:
-    out_dir = Store(root).figures_dir
+    out_dir = StoreReader(root).figures_dir
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:

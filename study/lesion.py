@@ -17,7 +17,6 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from sweep.params import ARCH_SPECIFIC
 
 from . import data as _data
 from .atomic import atomic_write, atomic_write_text
@@ -25,6 +24,7 @@ from .errors import DatasetError
 from .models import build, image_size_for, model_kwargs
 from .store import Store, StoreError
 from .train import evaluate
+from .trials import variant_labels
 
 # Families whose blocks cannot be dropped or reordered meaningfully: why (becomes a note).
 SKIP = {
@@ -72,13 +72,9 @@ def load_model(path: Path, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
 def _variant_labels(rows: pd.DataFrame) -> pd.Series:
     """architecture, plus the architecture-specific options that vary within it in this study
     (e.g. "highway gate=full"), so that each variant gets its own line in the figure."""
-    labels = rows["architecture"].astype(str).copy()
-    for arch, grp in rows.groupby("architecture"):
-        varying = [c for c in ARCH_SPECIFIC if c in grp and grp[c].nunique(dropna=True) > 1]
-        for idx, r in grp.iterrows():
-            extra = " ".join(f"{c}={r[c]}" for c in varying)
-            labels[idx] = f"{arch} {extra}" if extra else arch
-    return labels
+    labels = variant_labels(rows, sep=" ")
+    arch = rows["architecture"].astype(str)
+    return arch.where(labels == "", arch + " " + labels)
 
 
 class _Skip(Exception):

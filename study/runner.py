@@ -27,6 +27,7 @@ from .counts import STATUS_COLUMNS, StudyGrid, count_cells
 from .durations import short_duration
 from .options import TrialOptions
 from .store import DriverLock, ReadReport, Store, StoreError
+from .trials import trained_cells
 
 
 @dataclass
@@ -394,7 +395,7 @@ def status(store: Store) -> dict:
     holder = lock.holder()
     driver_alive = bool(holder) and not lock.is_stale(holder)
     running = counts.in_flight if driver_alive else 0
-    trained = df[df["same_network_as"].isna()]  # a twin's row copies its cell's time
+    trained = trained_cells(df)  # a copy's row repeats its trained cell's time
     ok_wall = trained.loc[trained["status"] == "ok", "wall_s"]
     mean_s = float(ok_wall.mean()) if len(ok_wall) else None
     pending = counts.pending
