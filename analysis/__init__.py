@@ -19,7 +19,7 @@ Three layers (as in rliable):
                                       params such as gate_b, ``variant_b``), ``<metric>_ratio``
                                       = b/a and ``<metric>_diff`` = b-a, ``q``/``q_bin`` of a;
                                       a cell paired with several variants gives a row each;
-                                      ``same_network``: one network on both sides (sweep.twins
+                                      ``same_network``: one network on both sides (sweep.same_network
                                       rule or the same_network_as marker);
    ``evidence(pairs_df)`` / ``controls(pairs_df)``  the pairs of two different networks / the
                                       same-network pairs; ``control_summary`` counts how many

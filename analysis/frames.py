@@ -13,7 +13,7 @@ import pandas as pd
 from study import live, schema
 from study.store import ReadReport, StoreReader
 from study.trials import variant_labels
-from sweep import twins
+from sweep import same_network
 from sweep.params import ARCH_SPECIFIC
 
 from ._common import (METRICS, Q_LABELS, AnalysisError, add_q, arch_order, check_compare,
@@ -215,7 +215,7 @@ def settings(pairs_df: pd.DataFrame) -> pd.DataFrame:
 
 
 def network_ids(df: pd.DataFrame) -> pd.Series:
-    """Each row's network identity (sweep.twins.network_id of its config): rows with equal ids
+    """Each row's network identity (sweep.same_network.network_id of its config): rows with equal ids
     are one network trained once (or, in a store from before the rule, trained twice).
 
     A row no same-network rule matches is its own network, whose id is its cell_id (the hash
@@ -225,7 +225,7 @@ def network_ids(df: pd.DataFrame) -> pd.Series:
         return pd.Series([], index=df.index, dtype=object)
     out = df["cell_id"].astype(object).copy()
     cols = [c for c in schema.PARAM_COLUMNS if c in df.columns]
-    for arch, (rule, _why) in twins.SAME_AS_SEQUENTIAL.items():
+    for arch, (rule, _why) in same_network.SAME_AS_SEQUENTIAL.items():
         sub = df[df["architecture"] == arch]
         if sub.empty:
             continue
@@ -233,7 +233,7 @@ def network_ids(df: pd.DataFrame) -> pd.Series:
         for label, *row in zip(sub.index, *values):
             raw = dict(zip(cols, row))
             if rule(raw):
-                out[label] = twins.network_id(twins.config_from_row(raw))
+                out[label] = same_network.network_id(same_network.config_from_row(raw))
     return out
 
 
@@ -289,7 +289,7 @@ def table2(df: pd.DataFrame, metrics=("train_loss", "val_loss")) -> pd.DataFrame
 
     Tidy: columns dataset, architecture, q_bin, n (cells averaged), then the metrics; one
     row per combination that has at least one cell. Every architecture present is included;
-    a same-network twin counts under both architectures (it is both networks).
+    a same-network copy counts under both architectures (it is both networks).
     """
     if "q_bin" not in df.columns:
         df = add_q(df)

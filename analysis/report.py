@@ -249,7 +249,7 @@ def _table2_html(t2: pd.DataFrame, what: str = "loss") -> str:
     return (_table([""] + [esc(c) for c in wide.columns], rows, cls="num") +
             f"<p>Mean {what}, train / validation, over the cells with status ok in each bin of "
             "Q = training examples × classes / parameters; n = cells averaged (– : no cell). "
-            "A same-network twin is both architectures and counts in both rows.</p>")
+            "A same-network copy is both architectures and counts in both rows.</p>")
 
 
 def _verdict_sentence(res: Analysis, r, noise_med: float, effect_med: float) -> str:
@@ -383,7 +383,7 @@ def _controls_html(res: Analysis) -> str:
     more = f"<p>… and {len(c) - 50} more.</p>" if len(c) > 50 else ""
     return (f"<p>{_control_sentence(res)}</p>" + _table(head, rows, left=2, cls="num") + more +
             "<p>A same-network pair has one network on both sides (the grid's rule in "
-            "sweep/twins.py, or the column same_network_as). A study run trains it once and "
+            "sweep/same_network.py, or the column same_network_as). A study run trains it once and "
             "records it under both cells; in a store that trained both, equal numbers show that "
             "the two sides really see the same weights and batches.</p>")
 
@@ -408,7 +408,7 @@ def _environment_html(res: Analysis) -> str:
           ("Ray nodes", f"{trained['node_id'].replace('', np.nan).nunique():,}"
            if "node_id" in df else "unknown"),
           ("compute time", esc(long_duration(wall)) + f" over {len(trained):,} trained cells"
-           + (f" ({len(df) - len(trained):,} same-network twins recorded without training)"
+           + (f" ({len(df) - len(trained):,} same-network copies recorded without training)"
               if len(df) > len(trained) else "")),
           ("first start, last finish", esc(f"{start:%Y-%m-%d %H:%M} – {end:%Y-%m-%d %H:%M} UTC")
            if pd.notna(start) and pd.notna(end) else "unknown")]

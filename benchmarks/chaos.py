@@ -41,7 +41,7 @@ from procs import _procs, kill_tree  # noqa: E402  (/proc, by PID; never `ray st
 
 
 def spec_text(cells: int, epochs: int) -> str:
-    # seeds make the cells, two architectures each; layers 2: no same-network twins
+    # seeds make the cells, two architectures each; layers 2: no same-network copies
     return f"""
 [study]
 name = "chaos"

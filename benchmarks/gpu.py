@@ -39,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sweep import Cell, load_spec, twins  # noqa: E402
+from sweep import Cell, load_spec, same_network  # noqa: E402
 from sweep.cost import PEAK_FLOPS, cell_flops, grid_cost  # noqa: E402
 
 
@@ -217,7 +217,7 @@ def main(argv=None) -> int:
                       flush=True)
     best = max(results, key=lambda s: s["tflops"])
     cells = load_spec("paper").cells()
-    paper = grid_cost([twins.trained_cell(g) for g in twins.groups(cells).values()])
+    paper = grid_cost([same_network.trained_cell(g) for g in same_network.groups(cells).values()])
     total = sum(d.total for d in paper.datasets.values())
     print(f"best: {best['setting']} K={best['k']}, {best['tflops']:.1f} TFLOPS: the paper preset "
           f"({total:.2g} FLOPs) would take {total / (best['tflops'] * 1e12) / 3600:.1f} h on this GPU")

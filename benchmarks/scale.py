@@ -71,7 +71,7 @@ finally:
 
 def spec_text(cells: int, epochs: int) -> str:
     # seeds make as many cells as asked, two architectures each; 2 layers, so that no cell is
-    # a same-network twin (recorded without training) and the tool runs every trial
+    # a same-network copy (recorded without training) and the tool runs every trial
     return f"""
 [study]
 name = "scale"

@@ -141,9 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _trained_cells(cells) -> list:
     """One cell per distinct network: the cells that actually train."""
-    from sweep import twins
+    from sweep import same_network
 
-    return [twins.trained_cell(g) for g in twins.groups(cells).values()]
+    return [same_network.trained_cell(g) for g in same_network.groups(cells).values()]
 
 
 def cmd_plan(args) -> int:
@@ -199,23 +199,23 @@ def _seed_line(spec) -> str:
 
 
 def _print_counts(cells) -> None:
-    """The grid's counts, each with what it means (pairs, groups, same-network twins)."""
-    from sweep import twins
+    """The grid's counts, each with what it means (pairs, groups, same-network copies)."""
+    from sweep import same_network
 
     groups: dict[str, dict] = {}
     for c in cells:
         groups.setdefault(c.pair_key, {}).setdefault(c["architecture"], []).append(c)
-    nets = twins.groups(cells)
+    nets = same_network.groups(cells)
     same = {c.cell_id for g in nets.values() for c in g if len(g) > 1} - {
-        twins.trained_cell(g).cell_id for g in nets.values()}
-    nid = {c.cell_id: twins.network_id(c.config) for c in cells}
+        same_network.trained_cell(g).cell_id for g in nets.values()}
+    nid = {c.cell_id: same_network.network_id(c.config) for c in cells}
     ds = [(s, p) for a in groups.values() for s in a.get("sequential", [])
           for p in a.get("parallel", [])]
     ds_same = sum(1 for s, p in ds if nid[s.cell_id] == nid[p.cell_id])
     multi = sum(1 for a in groups.values() if len(a) > 1)
     print(f"cells: {len(cells)} in the grid, {len(nets)} distinct networks to train")
     if same:
-        print(f"  same-network twins: {len(same)} cells are bit for bit the network of another "
+        print(f"  same-network copies: {len(same)} cells are bit for bit the network of another "
               "cell (e.g. parallel at layers 1 is sequential);")
         print("    each such network is trained once and recorded under both cells, "
               "marked in column same_network_as")
@@ -245,7 +245,7 @@ def _run(spec, results: Path, args) -> int:
     summary = run_study(spec, opts)
     print(f"ran {summary.ran} cells ({summary.ok} ok, {summary.failed} failed, "
           f"{summary.diverged} diverged) in {summary.wall_s:.1f} s"
-          + (f", recorded {summary.copied} same-network twins without training"
+          + (f", recorded {summary.copied} same-network copies without training"
              if summary.copied else "")
           + f"; {summary.already_done + summary.ran + summary.copied} of {summary.total} cells done")
     print(f"trials: {store.trials_dir}")

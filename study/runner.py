@@ -57,7 +57,7 @@ class RunSummary:
     diverged: int = 0
     wall_s: float = 0.0
     quarantined: list[str] = field(default_factory=list)
-    copied: int = 0  # same-network twins recorded from their trained cell, not trained
+    copied: int = 0  # same-network copies recorded from their trained cell, not trained
 
 
 class Progress:
@@ -109,62 +109,62 @@ class Progress:
                 print(self.line(), file=self.out, flush=True)
 
 
-# -- same-network twins (sweep.twins): trained once, recorded under every cell_id ----------
+# -- same-network copies (sweep.same_network): trained once, recorded under every cell_id ----------
 def same_network_plan(cells: list[Cell], pending: list[Cell]
                       ) -> tuple[list[Cell], dict[str, list[Cell]], list[tuple[Cell, str]]]:
     """Split the pending cells by network identity.
 
-    Returns (cells to train, {trained cell_id: its pending twins, recorded when it lands},
-    [(pending twin, cell_id of a cell of the same network already in the store)]).
+    Returns (cells to train, {trained cell_id: its pending copies, recorded when it lands},
+    [(pending copy, cell_id of a cell of the same network already in the store)]).
     """
-    from sweep import twins
+    from sweep import same_network
 
     pending_ids = {c.cell_id for c in pending}
-    train_ids, twins_of, copies = set(pending_ids), {}, []
-    for group in twins.groups(cells).values():
+    train_ids, copies_of, copies = set(pending_ids), {}, []
+    for group in same_network.groups(cells).values():
         todo = [c for c in group if c.cell_id in pending_ids]
         if len(group) < 2 or not todo:
             continue
         done = [c for c in group if c.cell_id not in pending_ids]
         if done:
-            source = twins.trained_cell(done)
+            source = same_network.trained_cell(done)
             copies += [(c, source.cell_id) for c in todo]
             train_ids -= {c.cell_id for c in todo}
             continue
-        rep = twins.trained_cell(todo)
-        twins_of[rep.cell_id] = [c for c in todo if c is not rep]
-        train_ids -= {c.cell_id for c in twins_of[rep.cell_id]}
-    return [c for c in pending if c.cell_id in train_ids], twins_of, copies
+        rep = same_network.trained_cell(todo)
+        copies_of[rep.cell_id] = [c for c in todo if c is not rep]
+        train_ids -= {c.cell_id for c in copies_of[rep.cell_id]}
+    return [c for c in pending if c.cell_id in train_ids], copies_of, copies
 
 
-def twin_result(row: dict, epochs: list[dict], twin: Cell) -> tuple[dict, list[dict]]:
-    """The trained cell's row and curve under the twin's identity, marked as a copy."""
+def copy_result(row: dict, epochs: list[dict], copy: Cell) -> tuple[dict, list[dict]]:
+    """The trained cell's row and curve under the copy's identity, marked as a copy."""
     from sweep.params import PARAMS
 
     out = dict(row)
-    out.update({name: twin.config.get(name) for name in PARAMS})
+    out.update({name: copy.config.get(name) for name in PARAMS})
     source = row.get("same_network_as") or row["cell_id"]
     # A trained cell whose own row was lost comes back from its copy: it is no copy itself.
-    out.update(cell_id=twin.cell_id, pair_key=twin.pair_key,
-               same_network_as=None if source == twin.cell_id else source,
+    out.update(cell_id=copy.cell_id, pair_key=copy.pair_key,
+               same_network_as=None if source == copy.cell_id else source,
                weights_path=None)  # the weights file holds the trained cell's module layout
-    return out, [{**e, "cell_id": twin.cell_id} for e in epochs]
+    return out, [{**e, "cell_id": copy.cell_id} for e in epochs]
 
 
 def record_copies(store: Store, copies: list[tuple[Cell, str]]) -> int:
-    """Write the rows of twins whose network is already in the store (a resume after a
+    """Write the rows of copies whose network is already in the store (a resume after a
     crash between the two writes, or an extension): read the source rows, write copies."""
     sources = {src for _, src in copies}
     trials = store.read_trials(report=ReadReport(), cell_ids=sources)
     epochs = store.read_epochs(report=ReadReport(), cell_ids=sources)
     n = 0
-    for twin, src in copies:
+    for copy, src in copies:
         hit = trials[trials["cell_id"] == src]
         if hit.empty:
-            continue  # unreadable since plan: the twin stays pending for the next run
+            continue  # unreadable since plan: the copy stays pending for the next run
         row = _python_row(hit.iloc[0].to_dict())
         ep = epochs[epochs["cell_id"] == src].sort_values("epoch").to_dict("records")
-        store.write_result(*twin_result(row, ep, twin))
+        store.write_result(*copy_result(row, ep, copy))
         n += 1
     return n
 
@@ -259,17 +259,18 @@ def run_study(spec: Spec, opts: RunOptions, out=sys.stderr) -> RunSummary:
             print(f"[study] took over a stale lock of a driver that is gone "
                   f"(host {stale.get('host')}, pid {stale.get('pid')})", file=out)
         _take_over_store(spec, store, view, out)
-        pending, twins_of, copies = view.pending, {}, []
+        pending, copies_of, copies = view.pending, {}, []
         if pending:  # pending cells imply the grid was enumerated by preflight
-            pending, twins_of, copies = same_network_plan(view.grid.cells(), pending)
+            pending, copies_of, copies = same_network_plan(view.grid.cells(), pending)
         counts = view.counts
         done = sum(counts.values()) - (counts["failed"] if opts.retry_failed else 0)
         summary = RunSummary(total=view.total, already_done=done,
                              quarantined=view.report.bad_parts)
-        if copies:  # the trained cell landed earlier, its twin's row did not: no training
+        if copies:  # the trained cell landed earlier, its copy's row did not: no training
             summary.copied += record_copies(store, copies)
             if not opts.quiet:
-                print(f"[study] recorded {summary.copied} same-network twin(s) from cells "
+                print(f"[study] recorded {summary.copied} same-network "
+                      f"{'copy' if summary.copied == 1 else 'copies'} from cells "
                       "already in the store, without training", file=out)
         if not pending:
             store.compact()  # what a crashed run left as parts
@@ -277,7 +278,7 @@ def run_study(spec: Spec, opts: RunOptions, out=sys.stderr) -> RunSummary:
                 print(f"[study] nothing to run: all {view.total} cells are in {store.root}",
                       file=out)
             return summary
-        _train(spec, store, executor, opts, pending, twins_of, summary, lock, out)
+        _train(spec, store, executor, opts, pending, copies_of, summary, lock, out)
         return summary
     finally:
         lock.release()
@@ -299,17 +300,17 @@ def _take_over_store(spec: Spec, store: Store, view: StoreView, out) -> None:
 
 
 def _train(spec: Spec, store: Store, executor: executors.Executor, opts: RunOptions,
-           pending: list[Cell], twins_of: dict[str, list[Cell]], summary: RunSummary,
+           pending: list[Cell], copies_of: dict[str, list[Cell]], summary: RunSummary,
            lock: DriverLock, out) -> None:
     """The pending cells through the executor, each landing as it finishes; then the store
     compacted and the last progress line."""
     run_opts = replace(opts, trial=_trial_options(spec, store, executor, opts))
     progress = Progress(summary.total, summary.already_done + summary.copied, out=out,
                         quiet=opts.quiet, heartbeat=lock.heartbeat)
-    n_twins = sum(map(len, twins_of.values()))
+    n_copies = sum(map(len, copies_of.values()))
     if not opts.quiet:
         print(f"[study] {spec.name}: {len(pending)} of {summary.total} cells to train"
-              + (f" (+{n_twins} same-network twins recorded from them)" if n_twins else "")
+              + (f" (+{n_copies} same-network copies recorded from them)" if n_copies else "")
               + f" ({summary.already_done} already in {store.root}), executor {opts.executor}",
               file=out, flush=True)
     t0 = time.time()
@@ -317,7 +318,7 @@ def _train(spec: Spec, store: Store, executor: executors.Executor, opts: RunOpti
     if opts.export:  # off the training path: a background thread fed as rows land
         from .export import LiveExport
         live = LiveExport(store, list(opts.export), out=out)
-    land = _lander(store, twins_of, live, summary, progress, opts.quiet, out)
+    land = _lander(store, copies_of, live, summary, progress, opts.quiet, out)
     try:
         executor.runner()(pending, run_opts, land, progress, store)
     finally:
@@ -346,20 +347,20 @@ def _trial_options(spec: Spec, store: Store, executor: executors.Executor,
         inject_fault=os.environ.get("STUDY_INJECT_FAULT") or None)
 
 
-def _lander(store: Store, twins_of: dict[str, list[Cell]], live, summary: RunSummary,
+def _lander(store: Store, copies_of: dict[str, list[Cell]], live, summary: RunSummary,
             progress: Progress, quiet: bool, out) -> executors.Land:
-    """The executors' `land(row, epochs)`: write the row (and its same-network twins'),
+    """The executors' `land(row, epochs)`: write the row (and its same-network copies'),
     feed the live export, compact when due, count it and say what failed."""
     def land(row: dict, epochs: list[dict]) -> None:
         store.write_result(row, epochs)
         landed = [row["cell_id"]]
         if live is not None:
             live.submit(row, epochs)
-        for twin in twins_of.get(row["cell_id"], ()):
-            store.write_result(*(twin_row := twin_result(row, epochs, twin)))
-            landed.append(twin.cell_id)
+        for copy in copies_of.get(row["cell_id"], ()):
+            store.write_result(*(copy_row := copy_result(row, epochs, copy)))
+            landed.append(copy.cell_id)
             if live is not None:
-                live.submit(*twin_row)
+                live.submit(*copy_row)
         for cell_id in landed:
             store.maybe_compact(cell_id)
         while store.notes:

@@ -19,7 +19,7 @@ TRIAL_FIELDS = PARAM_FIELDS + [
     pa.field("cell_id", pa.string(), nullable=False),
     pa.field("pair_key", pa.string(), nullable=False),
     # cell_id of the cell actually trained when this cell is the same network as that one
-    # (sweep.twins: e.g. parallel at layers 1); its numbers are copied, not measured again.
+    # (sweep.same_network: e.g. parallel at layers 1); its numbers are copied, not measured again.
     pa.field("same_network_as", pa.string()),
     pa.field("study", pa.string()),
     pa.field("status", pa.string(), nullable=False),  # one of STATUSES

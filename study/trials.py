@@ -12,7 +12,7 @@ from sweep.params import ARCH_SPECIFIC
 
 
 def trained_cells(df: pd.DataFrame) -> pd.DataFrame:
-    """The rows of cells that were trained: a same-network twin's row (same_network_as set)
+    """The rows of cells that were trained: a same-network copy's row (same_network_as set)
     copies another cell's result and time, so it is left out. A frame from before the column
     existed is all trained cells."""
     if "same_network_as" not in df.columns:

@@ -26,7 +26,7 @@ from analysis.stats import holm, wilson_interval
 from study import schema
 from study.rows import cell_row
 from study.store import Store
-from sweep import parse_spec, twins
+from sweep import parse_spec, same_network
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,13 +65,13 @@ def make_row(cell, status="ok", factor=0.9, error=None, mark=True) -> dict:
     store written before the marker existed). Built by study.rows.cell_row, as a run builds it."""
     cfg = cell.config
     train, val = seq_losses(cfg)
-    twin = twins.network_id(cfg) != cell.cell_id
-    par = cfg["architecture"] != "sequential" and not twin
+    copy = same_network.network_id(cfg) != cell.cell_id
+    par = cfg["architecture"] != "sequential" and not copy
     if par:
         train, val = factor * train, factor * val
     result = {"status": status, "error": error, "n_params": N_PARAMS[(cfg["layers"], cfg["filters"])],
               "n_train": N_TRAIN, "n_classes": N_CLASSES, "epochs_done": 3, "wall_s": 2.5,
-              "same_network_as": twins.network_id(cfg) if twin and mark else None}
+              "same_network_as": same_network.network_id(cfg) if copy and mark else None}
     if status == "ok":
         result.update(train_loss=train, val_loss=val, test_loss=val * 1.01,
                       train_acc=0.9, val_acc=0.85 if par else 0.80, test_acc=0.84 if par else 0.79)
@@ -290,7 +290,7 @@ def test_same_network_pairs_are_controls_not_evidence(full):
     assert (s.loc[s["q_bin"] == "all", "win_rate_b"] == 1.0).all()
 
 
-def test_twins_found_by_rule_in_a_store_without_the_marker(tmp_path):
+def test_copies_found_by_rule_in_a_store_without_the_marker(tmp_path):
     """A store written before same_network_as: the rule still finds the same-network pairs;
     and when they differ (a broken pairing) every output says so."""
     build(tmp_path / "old", keep=lambda c: c["dataset"] == "digits")
@@ -489,7 +489,7 @@ def test_report_is_self_contained(partial, partial_report):
     for label, value in (("cells in the grid", grid), ("done (ok)", ok), ("failed", 2),
                          ("diverged", 1), ("running", 1), ("pending", grid - len(rows) - 1)):
         assert f"<dt>{label}</dt><dd>{value}</dd>" in text, label
-    # a same-network twin's row copies its trained cell's time: counted once
+    # a same-network copy's row copies its trained cell's time: counted once
     trained = [r for r in rows if not r.get("same_network_as")]
     assert len(trained) < len(rows)
     assert "compute time" in text and f"({len(trained) * 2.5:,.0f} s)" in text

@@ -246,7 +246,7 @@ def test_no_shared_disk_driver_killed_and_resumed(cluster, tmp_path):
     assert df["node_id"].nunique() == 1
     assert (df["val_acc"] > 0.15).all() or not cluster.real_mnist, df["val_acc"]
     # the driver holds the whole study: weights here, checkpoints gone, none on the worker
-    # (a same-network twin's row points at no file: its network's weights are its twin's)
+    # (a same-network copy's row points at no file: its network's weights are its trained cell's)
     trained = df[df["same_network_as"].isna()]
     assert df.loc[df["same_network_as"].notna(), "weights_path"].isna().all()
     assert sorted(trained["weights_path"]) == sorted(f"weights/{c}.pt" for c in trained["cell_id"])
@@ -318,7 +318,7 @@ def test_fractional_gpus_pack_trials_on_one_gpu(cluster, tmp_path):
     df = Store(out).read_trials()
     assert len(df) == 8 and (df["status"] == "ok").all() and df["node_id"].nunique() == 1
     # how many cells ran at once: the most intervals [started_at, finished_at] overlapping
-    # (a same-network twin's row repeats its trained cell's times: count trained cells only)
+    # (a same-network copy's row repeats its trained cell's times: count trained cells only)
     df = df[df["same_network_as"].isna()]
     events = sorted([(t, 1) for t in df["started_at"]] + [(t, -1) for t in df["finished_at"]],
                     key=lambda e: (e[0], e[1]))

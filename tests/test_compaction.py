@@ -127,7 +127,7 @@ def test_damaged_merged_file_is_quarantined_and_only_its_cells_rerun(tmp_path, t
     out = tmp_path / "res"
     opts = RunOptions(TrialOptions(str(out)), executor="local", quiet=True)
     first = run_study(spec, opts)
-    assert first.ran + first.copied == 4  # the layers-1 twin is recorded, not trained
+    assert first.ran + first.copied == 4  # the layers-1 copy is recorded, not trained
     merged = sorted((out / "trials").glob("merged-*.parquet"))
     assert len(merged) == 2 and not [p for p in (out / "trials").iterdir() if p not in merged]
     store = Store(out)
@@ -138,7 +138,7 @@ def test_damaged_merged_file_is_quarantined_and_only_its_cells_rerun(tmp_path, t
     merged[0].write_bytes(data[: len(data) // 2])
 
     summary = run_study(spec, opts)
-    # the lost cells come back: trained again, or recorded from a same-network twin that survived
+    # the lost cells come back: trained again, or recorded from a same-network copy that survived
     assert summary.ran + summary.copied == 2 and summary.failed == summary.diverged == 0
     assert len(summary.quarantined) == 1 and merged[0].name in summary.quarantined[0]
     moved = sorted(p.name.split("-2")[0] for p in (out / "quarantine").glob("*.parquet"))

@@ -35,7 +35,7 @@ def _run(spec: Path, results: Path, *extra, env=None):
 
 @pytest.fixture(scope="module")
 def study_dir(tmp_path_factory) -> Path:
-    """A finished tiny study: 4 cells (one same-network twin), one of them failed."""
+    """A finished tiny study: 4 cells (one same-network copy), one of them failed."""
     base = tmp_path_factory.mktemp("export-study")
     spec = base / "tiny.toml"
     spec.write_text(SPEC)
@@ -115,8 +115,8 @@ def test_mlflow_export_parent_children_histories_and_idempotence(study_dir, tmp_
         else:
             assert run.info.status == "FAILED"
             assert run.data.tags["error"] == row["error"] and "InjectedFault" in row["error"]
-    twin = trials[trials["same_network_as"].notna()].iloc[0]
-    assert by_cell[twin["cell_id"]].data.tags["same_network_as"] == twin["same_network_as"]
+    copy = trials[trials["same_network_as"].notna()].iloc[0]
+    assert by_cell[copy["cell_id"]].data.tags["same_network_as"] == copy["same_network_as"]
     # the local store writes ahead (the export's workers overlap): the mode is the file's own
     with sqlite3.connect(results / "mlflow" / "mlflow.db") as db:
         assert db.execute("PRAGMA journal_mode").fetchall() == [("wal",)]

@@ -209,7 +209,7 @@ def test_damaged_part_is_quarantined_and_its_cell_rerun(tmp_path, tiny_spec):
     r = run_cli("run", tiny_spec, "--results", out, "--executor", "local", "--no-figures")
     assert r.returncode == 0, r.stderr
     assert victim.name in r.stderr and "quarantine" in r.stderr
-    # the merged file held all 4 rows: 3 networks train again, the layers-1 twin is recorded
+    # the merged file held all 4 rows: 3 networks train again, the layers-1 copy is recorded
     assert "ran 3 cells (3 ok" in r.stdout and "4 of 4 cells done" in r.stdout
     assert set(_rows(out)) == set(before)
     moved = sorted(p.name for p in (out / "quarantine").glob("*.parquet"))

@@ -13,10 +13,10 @@ from study import schema
 from study.options import TrialOptions
 from study.store import Store
 from study.train import run_cell
-from sweep import Cell, SpecError, parse_spec, twins
+from sweep import Cell, SpecError, parse_spec, same_network
 
 from conftest import run_cli
-from test_twins import _train
+from test_same_network import _train
 
 CONFIG = {"dataset": "digits", "architecture": "parallel", "layers": 2, "filters": 4,
           "kernel": 3, "activation": "relu", "batch_norm": False, "head": "flatten", "pool": 1,
@@ -125,7 +125,7 @@ def test_parallel_at_one_layer_is_the_sequential_net_under_every_precision(preci
         seq = {**CONFIG, "architecture": "sequential", "layers": 1, "batch_norm": bn,
                "precision": precision}
         par = {**seq, "architecture": "parallel"}
-        assert twins.network_id(par) == Cell.from_config(seq).cell_id
+        assert same_network.network_id(par) == Cell.from_config(seq).cell_id
         ref = _train(seq, precision=precision)
         got = _train(par, precision=precision, parallel_body=body)
         assert got[0] == ref[0] and torch.equal(got[1], ref[1]), (precision, body, bn)
@@ -149,5 +149,5 @@ def test_stores_written_before_the_new_columns_read_them_as_missing(tmp_path):
         assert t["cell_id"] == cell.cell_id and pd.isna(t["precision"]) and pd.isna(t["device_name"])
         assert e["wall_s"] == 1.0 and pd.isna(e["train_s"])
         # the id of an old row's config is its id today (precision unset = fp32 unhashed)
-        assert Cell.from_config(twins.config_from_row(t.to_dict())).cell_id == cell.cell_id
+        assert Cell.from_config(same_network.config_from_row(t.to_dict())).cell_id == cell.cell_id
         store.compact()

@@ -289,25 +289,25 @@ def test_misspelled_preset_and_far_off_names():
     assert "did you mean" not in str(e.value)
 
 
-# -- same-network twins --------------------------------------------------------------------------
-def test_twin_groups_in_the_presets():
-    from sweep import twins
+# -- same-network copies --------------------------------------------------------------------------
+def test_same_network_groups_in_the_presets():
+    from sweep import same_network
 
-    for name, n_cells, n_twins in (("demo", 72, 6), ("paper", 6912, 576)):
+    for name, n_cells, n_copies in (("demo", 72, 6), ("paper", 6912, 576)):
         cells = load_spec(name).cells()
-        groups = twins.groups(cells)
-        extra = [c for g in groups.values() for c in g if c is not twins.trained_cell(g)]
-        assert (len(cells), len(extra)) == (n_cells, n_twins)
+        groups = same_network.groups(cells)
+        extra = [c for g in groups.values() for c in g if c is not same_network.trained_cell(g)]
+        assert (len(cells), len(extra)) == (n_cells, n_copies)
         # exactly the parallel cells at layers 1, each grouped with its sequential twin
         assert all(c["architecture"] == "parallel" and c["layers"] == 1 for c in extra)
         for g in groups.values():
             if len(g) > 1:
                 assert len({c.pair_key for c in g}) == 1
-                assert twins.trained_cell(g)["architecture"] == "sequential"
+                assert same_network.trained_cell(g)["architecture"] == "sequential"
 
 
 def test_network_id_is_the_canonical_cell_id():
-    from sweep import twins
+    from sweep import same_network
 
     spec = parse_spec(BASE.replace('["sequential", "parallel"]',
                                    '["sequential", "parallel", "highway", "merge_and_run"]')
@@ -316,13 +316,13 @@ def test_network_id_is_the_canonical_cell_id():
     cells = spec.cells()
     seq = {c["layers"]: c.cell_id for c in cells if c["architecture"] == "sequential"}
     for c in cells:
-        nid = twins.network_id(c.config)
+        nid = same_network.network_id(c.config)
         same = ((c["architecture"] == "parallel" and c["layers"] == 1)
                 or c.config.get("gate") == "residual" or c.config.get("branches") == 1)
         assert nid == (seq[c["layers"]] if same else c.cell_id), c.config
-        assert (twins.why(c.config) is not None) == same
+        assert (same_network.why(c.config) is not None) == same
     # from a store row: pandas floats and NaN for another architecture's parameters
     c = next(c for c in cells if c.config.get("branches") == 1 and c["layers"] == 2)
     row = {**{k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v
               for k, v in c.config.items()}, "gate": float("nan")}
-    assert twins.network_id(twins.config_from_row(row)) == seq[2]
+    assert same_network.network_id(same_network.config_from_row(row)) == seq[2]

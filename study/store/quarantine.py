@@ -77,11 +77,11 @@ class Quarantine(Layout):
             return
         if part.parent == self.trials_dir:
             # Its epochs belong to rows we no longer trust: those cells re-run and rewrite them.
-            twin = self.epochs_dir / part.name
+            epochs_part = self.epochs_dir / part.name
             if merged_seq(part.name) is None:
-                twin.unlink(missing_ok=True)
-            elif twin.exists():
-                self._move_aside(twin, f"epochs-{part.stem}-{stamp}.parquet",
+                epochs_part.unlink(missing_ok=True)
+            elif epochs_part.exists():
+                self._move_aside(epochs_part, f"epochs-{part.stem}-{stamp}.parquet",
                                  f"the trial rows of these epochs were in {part}, which is "
                                  f"unreadable: {reason}")
             self._merged = self._in_merged = None  # rebuilt on next need

@@ -5,9 +5,12 @@ created in the same order (so the same initial weights under the same seed), the
 forward and backward arithmetic, the same batches. Training both answers nothing new, and a
 statistic that counts them as a deep/shallow comparison counts a network against itself.
 
+Of such a group one cell is trained; the others are its *same-network copies*, recorded from
+it (column `same_network_as`). A *twin* is something else: a cell's deep/shallow partner.
+
 Each rule below names a condition under which an architecture *is* the `sequential` residual
 stack at the same shared settings. Every rule is checked with torch in
-tests/test_twins.py::test_same_network_rules_are_bit_identical (losses and every weight
+tests/test_same_network.py::test_same_network_rules_are_bit_identical (losses and every weight
 after AdamW steps, with and without batch norm); claim nothing here that test does not cover.
 
 `network_id(config)` is the cell_id of the canonical cell: for a cell a rule matches, the

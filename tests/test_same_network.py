@@ -1,4 +1,4 @@
-"""Same-network twins: every rule of sweep.twins is a bit-identical network under torch, and
+"""Same-network copies: every rule of sweep.same_network is a bit-identical network under torch, and
 `study run` trains such a network once and records it under both cells (CLI, local executor;
 and through Ray)."""
 from __future__ import annotations
@@ -14,7 +14,7 @@ from study.options import TrialOptions
 from study.runner import RunOptions, run_study
 from study.store import Store
 from study.train import train_epoch
-from sweep import parse_spec, twins
+from sweep import parse_spec, same_network
 
 from conftest import run_cli
 
@@ -66,7 +66,7 @@ def test_same_network_rules_are_bit_identical():
     for c in cells:
         if c["architecture"] == "sequential":
             continue
-        nid = twins.network_id(c.config)
+        nid = same_network.network_id(c.config)
         seq = [s for s in cells if s["architecture"] == "sequential" and s.pair_key == c.pair_key][0]
         ref = _train(seq.config)
         got = _train(c.config)
@@ -86,7 +86,7 @@ def test_same_network_rules_are_bit_identical():
 
 SPEC = """
 [study]
-name = "twins"
+name = "same-network"
 [grid]
 dataset = "digits"
 architecture = ["sequential", "parallel", "highway"]
@@ -102,7 +102,7 @@ gate = ["residual", "coupled"]
 
 
 def test_run_trains_each_network_once_and_records_both_rows(tmp_path):
-    spec_path = tmp_path / "twins.toml"
+    spec_path = tmp_path / "same_network.toml"
     spec_path.write_text(SPEC)
     cells = parse_spec(SPEC).cells()
     out = tmp_path / "res"
@@ -111,13 +111,13 @@ def test_run_trains_each_network_once_and_records_both_rows(tmp_path):
     assert r.returncode == 0, r.stderr
     # 8 cells: parallel@1, highway-residual@1 and highway-residual@2 are sequential nets
     assert "cells: 8 in the grid, 5 distinct networks to train" in r.stdout
-    assert "same-network twins: 3 cells" in r.stdout
+    assert "same-network copies: 3 cells" in r.stdout
     assert "deep/shallow pairs: 2" in r.stdout and "of which 1 are same-network pairs" in r.stdout
 
     r = run_cli("run", spec_path, "--results", out, "--executor", "local")
     assert r.returncode == 0, r.stderr
     assert "ran 5 cells (5 ok, 0 failed, 0 diverged)" in r.stdout
-    assert "recorded 3 same-network twins without training; 8 of 8 cells done" in r.stdout
+    assert "recorded 3 same-network copies without training; 8 of 8 cells done" in r.stdout
     store = Store(out)
     df = store.read_trials().set_index("cell_id")
     assert sorted(df.index) == sorted(c.cell_id for c in cells)
@@ -131,7 +131,7 @@ def test_run_trains_each_network_once_and_records_both_rows(tmp_path):
         src = df.loc[row["same_network_as"]]
         c = next(c for c in cells if c.cell_id == cid)
         assert src["architecture"] == "sequential" and pd.isna(src["same_network_as"])
-        # the twin's own identity, the trained cell's numbers
+        # the copy's own identity, the trained cell's numbers
         assert (row["architecture"], row["pair_key"]) == (c["architecture"], c.pair_key)
         assert row["gate"] == c.config.get("gate") or pd.isna(row["gate"])
         assert (row[measured] == src[measured]).all()
@@ -142,24 +142,24 @@ def test_run_trains_each_network_once_and_records_both_rows(tmp_path):
     text = (out / "report.html").read_text()
     assert "1 same-network pair, all identical: the pairing works" in text
 
-    # a resume after a crash between the two writes: the twin lands, nothing trains. The
-    # crash state is made by writing every store file again without the twin's rows.
-    twin = marked.index[0]
+    # a resume after a crash between the two writes: the copy lands, nothing trains. The
+    # crash state is made by writing every store file again without the copy's rows.
+    copy_id = marked.index[0]
     for folder in (store.trials_dir, store.epochs_dir):
         for f in folder.glob("*.parquet"):
             t = pq.read_table(f)
-            pq.write_table(t.filter(pc.not_equal(t["cell_id"], twin)), f)
-    assert twin not in set(store.read_trials()["cell_id"])
+            pq.write_table(t.filter(pc.not_equal(t["cell_id"], copy_id)), f)
+    assert copy_id not in set(store.read_trials()["cell_id"])
     r = run_cli("run", spec_path, "--results", out, "--executor", "local", "--no-figures")
     assert r.returncode == 0, r.stderr
-    assert "ran 0 cells" in r.stdout and "recorded 1 same-network twins" in r.stdout
-    assert "recorded 1 same-network twin(s) from cells already in the store" in r.stderr
+    assert "ran 0 cells" in r.stdout and "recorded 1 same-network copies" in r.stdout
+    assert "recorded 1 same-network copy from cells already in the store" in r.stderr
     df2 = store.read_trials().set_index("cell_id")
     assert sorted(df2.index) == sorted(df.index)
-    assert (df2.loc[twin, measured] == df.loc[twin, measured]).all()
-    assert df2.loc[twin, "same_network_as"] == df.loc[twin, "same_network_as"]
-    assert len(store.read_epochs().query("cell_id == @twin")) == 2
-    others = [c for c in df.index if c != twin]
+    assert (df2.loc[copy_id, measured] == df.loc[copy_id, measured]).all()
+    assert df2.loc[copy_id, "same_network_as"] == df.loc[copy_id, "same_network_as"]
+    assert len(store.read_epochs().query("cell_id == @copy_id")) == 2
+    others = [c for c in df.index if c != copy_id]
     pd.testing.assert_frame_equal(df2.loc[others, measured], df.loc[others, measured])
 
     # nothing to run: the report on disk is kept, not redrawn
@@ -171,7 +171,7 @@ def test_run_trains_each_network_once_and_records_both_rows(tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_run_records_twins(ray_session, tmp_path):
+def test_ray_run_records_copies(ray_session, tmp_path):
     spec = parse_spec(SPEC.replace('gate = ["residual", "coupled"]', 'gate = "residual"')
                       .replace("layers = [1, 2]", "layers = 1"))
     summary = run_study(spec, RunOptions(TrialOptions(str(tmp_path / "res")), executor="ray",
