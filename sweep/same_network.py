@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Callable, Iterable
 
 from .params import ARCH_SPECIFIC, PARAMS
+from .spec import config_id
 from .values import plain_value
 
 # architecture -> (condition on the cell's config, why it is the sequential stack)
@@ -54,9 +55,7 @@ def canonical_config(config: dict) -> dict:
 
 
 def network_id(config: dict) -> str:
-    from .spec import _hash
-
-    return _hash(dict(sorted(canonical_config(config).items())))
+    return config_id(dict(sorted(canonical_config(config).items())))
 
 
 def is_canonical(config: dict) -> bool:

@@ -55,7 +55,8 @@ def did_you_mean(word, candidates) -> str:
     return f" (did you mean '{hit}'?)" if hit else ""
 
 
-def _hash(config: dict) -> str:
+def config_id(config: dict) -> str:
+    """The id of a config: a cell's cell_id, and (of its shared settings) its pair_key."""
     # json.dumps writes floats with repr(), the shortest round-trip spelling, so 3e-3 and
     # 0.003 hash alike; sort_keys makes the id independent of key order. Parameters added
     # later (precision) hash only when off their default: older ids stay as they were.
@@ -79,7 +80,7 @@ class Cell:
         config = dict(sorted(config.items()))
         shared = {k: v for k, v in config.items()
                   if k != "architecture" and k not in ARCH_SPECIFIC}
-        return cls(config=config, cell_id=_hash(config), pair_key=_hash(shared))
+        return cls(config=config, cell_id=config_id(config), pair_key=config_id(shared))
 
     def __getitem__(self, key):
         return self.config[key]
