@@ -65,6 +65,10 @@ def test_cli_run_plan_status_and_rerun(tiny_spec, tmp_path):
     assert r.returncode == 0 and "cells: 4 in the grid, 3 distinct networks" in r.stdout
     assert "deep/shallow pairs: 2" in r.stdout
     assert "4 done (4 ok, 0 failed, 0 diverged), 0 pending" in r.stdout
+    # `python -m study` is the same command line
+    m = subprocess.run([sys.executable, "-m", "study", "plan", tiny_spec, "--results", out],
+                       capture_output=True, text=True, timeout=120)
+    assert m.returncode == 0 and m.stdout == r.stdout
 
     r = run_cli("status", out, "--json")
     st = json.loads(r.stdout)

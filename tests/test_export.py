@@ -111,6 +111,8 @@ def test_mlflow_export_parent_children_histories_and_idempotence(study_dir, tmp_
             assert run.info.status == "FINISHED"
             for key in ("train_loss", "val_loss", "train_acc", "val_acc"):
                 assert _history(client, run.info.run_id, key) == _epochs_of(epochs, row["cell_id"], key)
+            # the epoch timings are each point's timestamp, not curves of their own
+            assert not {"train_s", "wall_s"} & set(run.data.metrics)
             assert run.data.metrics["test_acc"] == pytest.approx(row["test_acc"])
         else:
             assert run.info.status == "FAILED"
@@ -177,7 +179,7 @@ def test_tensorboard_export_scalars_hparams_and_idempotence(study_dir, tmp_path)
         acc = EventAccumulator(str(folder))
         acc.Reload()
         if row["status"] == "ok":
-            for key in ("train_loss", "val_loss", "val_acc"):
+            for key in ("train_loss", "val_loss", "val_acc", "train_s"):
                 got = [(e.step, e.value) for e in acc.Scalars(key)]
                 want = _epochs_of(epochs, row["cell_id"], key)
                 assert [s for s, _ in got] == [s for s, _ in want]

@@ -148,3 +148,24 @@ def test_the_one_atomic_writer_keeps_the_old_file_when_a_write_fails(tmp_path):
     table = tmp_path / "t.parquet"
     atomic_write_table(table, pa.table({"x": [1, 2]}))
     assert pq.read_table(table).column("x").to_pylist() == [1, 2]
+
+
+def test_compaction_meeting_a_damaged_trials_part_sets_it_aside_and_merges_the_rest(tmp_path):
+    """A torn trials part found by compaction itself (not by a read before it): the part is
+    quarantined, taking its epochs part with it, and the rest are merged."""
+    store = Store(tmp_path)
+    good, bad = make_row(), make_row(config={"layers": 3})
+    for row in (good, bad):
+        store.write_result(row, [{"cell_id": row["cell_id"], "epoch": 1, "train_loss": 1.0,
+                                  "val_loss": 1.1, "train_acc": 0.5, "val_acc": 0.4,
+                                  "wall_s": 0.1, "train_s": 0.08}])
+    part = tmp_path / "trials" / f"{bad['cell_id']}.parquet"
+    part.write_bytes(part.read_bytes()[:40])
+    store.compact()
+    assert not [p for p in (tmp_path / "trials").glob("*.parquet")
+                if not p.name.startswith("merged-")]  # no loose part left
+    assert not (tmp_path / "epochs" / f"{bad['cell_id']}.parquet").exists()
+    assert store.read_trials()["cell_id"].tolist() == [good["cell_id"]]
+    assert store.read_epochs()["cell_id"].tolist() == [good["cell_id"]]
+    assert any(bad["cell_id"] in p.name for p in (tmp_path / "quarantine").glob("*.parquet"))
+    assert any(bad["cell_id"] in n for n in store.notes)

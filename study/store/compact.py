@@ -155,6 +155,8 @@ class Compactor(Layout):
         rep = ReadReport()
         t_parts = read_parts(tparts, schema.TRIALS, schema.TRIAL_COLUMNS, None, rep)
         self.quarantine_bad(rep)
+        # A quarantined trials part took its epochs part with it: not one to read any more.
+        eparts = [p for p in eparts if p.exists()]
         e_rep = ReadReport()
         e_parts = read_parts(eparts, schema.EPOCHS, schema.EPOCH_COLUMNS, None, e_rep)
         self.quarantine_bad(e_rep)
