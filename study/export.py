@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import math
 import os
 import queue
@@ -230,6 +231,9 @@ class MlflowTarget:
         self.axes = study_axes(store)
         if self.local:
             tune_local_sqlite(self.uri)
+        # MLflow announces at INFO each time it creates or checks a database's tables: noise
+        # in a command that prints its own one-line summary.
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
         self.client = MlflowClient(tracking_uri=self.uri)
         try:
             self.experiment_id = self._experiment()
