@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensorboard", nargs="?", const="", metavar="LOGDIR",
                    help="TensorBoard log folder (default DIR/tensorboard)")
     # One more worker than cores: each waits on SQLite's one writer part of the time (the
-    # 6,912-cell paper store on 2 cores: 536 s with 2 workers, 486 s with 3).
+    # 6,912-cell paper store on 2 cores: 536 s with 2 workers, 427-486 s with 3, two quiet runs).
     p.add_argument("--workers", type=int, default=min(3, (os.cpu_count() or 1) + 1),
                    help="processes writing MLflow runs (default: one more than the cores, up to 3)")
 
