@@ -408,7 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import ClusterError, DatasetError
 
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler below, not at exit
+        return code
     except SpecError as e:
         print(f"study: {e}", file=sys.stderr)
         return EXIT_SPEC
@@ -418,6 +420,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("study: interrupted; run the same command again to continue", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`study plan ... | head`): nothing is wrong. Point stdout at
+        # nothing so the interpreter's final flush does not raise a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # what a shell reports for a command ended by SIGPIPE
     except Exception as e:
         # Only the commands that draw import analysis (matplotlib and scipy: ~1.7 s of a
         # `study run`'s start-up otherwise); an AnalysisError implies it was imported.

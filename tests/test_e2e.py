@@ -81,6 +81,18 @@ def test_cli_run_plan_status_and_rerun(tiny_spec, tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in (out / "trials").iterdir()} == before
 
 
+def test_a_reader_that_closes_the_pipe_ends_the_command_quietly(tiny_spec):
+    """`study plan ... | head -1`: the reader leaves early; no traceback, SIGPIPE's exit code."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write now fails with EPIPE (Python ignores SIGPIPE)
+    try:
+        r = subprocess.run([sys.executable, "-m", "study", "plan", tiny_spec], stdout=write_end,
+                           stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert r.returncode == 141 and r.stderr == ""
+
+
 def test_the_local_executor_never_imports_ray(tiny_spec, tmp_path):
     # `--executor local` trains in this process: it pays for no Ray import (seconds)
     code = ("import sys; from study import cli; "
