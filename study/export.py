@@ -41,14 +41,12 @@ PARAMS = list(schema.PARAM_COLUMNS)
 # Text columns of a trial row, as tags; `architecture` (a param) is a tag too, to filter by.
 TAGS = ["architecture"] + [f.name for f in schema.TRIAL_FIELDS
                            if f.name not in PARAMS and any(t(f.type) for t in _TEXT)]
-# Per-epoch curves, step = epoch: the loss and accuracy columns. An epoch's wall_s (training
-# time so far) is each point's timestamp, so the epochs' timing is in every curve already; the
-# epoch timings themselves (wall_s, train_s) are not MLflow histories: each value costs MLflow's
-# SQL store Python time, and a fifth curve per cell made the paper store's export 13% slower
-# (607 s against 536 s on 2 cores). TensorBoard's event files are cheap: it gets train_s too.
-TIMINGS = ("wall_s", "train_s")
-HISTORY = [c for c in schema.EPOCH_COLUMNS if c not in ("cell_id", "epoch", *TIMINGS)]
-TB_SCALARS = HISTORY + [c for c in TIMINGS if c in schema.EPOCH_COLUMNS and c != "wall_s"]
+# Per-epoch scalars, step = epoch; an epoch's wall_s (training time so far) is each point's
+# timestamp. TensorBoard's event files are cheap: it gets them all. MLflow gets the loss and
+# accuracy curves only: each value costs its SQL store Python time, and train_s as a fifth
+# curve made the paper store's export 13% slower (607 s against 536 s on 2 cores).
+TB_SCALARS = [c for c in schema.EPOCH_COLUMNS if c not in ("cell_id", "epoch", "wall_s")]
+HISTORY = [c for c in TB_SCALARS if c != "train_s"]
 # Numbers of the trial row; those that share an epoch column's name get a "final_" prefix (a
 # final full evaluation is not one more point of the epoch curve).
 FINALS = {f.name: (f"final_{f.name}" if f.name in schema.EPOCH_COLUMNS else f.name)
