@@ -75,3 +75,34 @@ def _wait_gone(started: dict[int, str | None], timeout: float = 30.0) -> None:
             raise AssertionError(f"processes {sorted(left)} still run {timeout:.0f} s "
                                  "after SIGKILL")
         time.sleep(0.02)
+
+
+def _state(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def freeze_when(proc, predicate, timeout: float, what: str):
+    """Poll `predicate` while `proc` (started with start_new_session=True, so its process
+    group is its PID) runs; once it holds, SIGSTOP the group and ask again: a driver that is
+    stopped cannot land a row or remove a checkpoint between that check and the kill that
+    follows. Returns the predicate's value with the group stopped (SIGKILL ends a stopped
+    process); where it no longer holds, the group runs on and polling goes on."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"driver exited ({proc.returncode}) before {what}: "
+                                 f"{proc.stderr.read() if proc.stderr else ''}")
+        if predicate():
+            os.killpg(proc.pid, signal.SIGSTOP)
+            t0 = time.monotonic()
+            while _state(proc.pid) not in ("T", "t", "Z", None) and time.monotonic() - t0 < 10:
+                time.sleep(0.005)
+            value = predicate()
+            if value:
+                return value
+            os.killpg(proc.pid, signal.SIGCONT)
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")

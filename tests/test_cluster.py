@@ -27,7 +27,7 @@ from study.store import Store
 from sweep import load_spec
 
 from conftest import run_cli
-from procs import _procs, kill_tree
+from procs import _procs, freeze_when, kill_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -208,15 +208,10 @@ def test_no_shared_disk_driver_killed_and_resumed(cluster, tmp_path):
                               start_new_session=True, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     try:
-        t0 = time.time()
-        while time.time() - t0 < 300:
+        def landed_and_checkpointed():
             flying = [c for c in store.in_flight() if _size(store.checkpoint_path(c)) > 0]
-            if store.part_ids(store.trials_dir) and flying:
-                break
-            assert driver.poll() is None, driver.stderr.read()
-            time.sleep(0.05)
-        else:
-            raise AssertionError("no landed row and checkpoint in flight within 300 s")
+            return bool(store.part_ids(store.trials_dir) and flying)
+        freeze_when(driver, landed_and_checkpointed, 300, "a landed row and a checkpoint in flight")
         kill_tree(driver.pid)  # the driver only: the cluster lives on
         driver.wait(timeout=30)
     finally:

@@ -26,7 +26,7 @@ from study.store import Store
 from sweep import load_spec
 
 from conftest import TINY_SPEC, run_cli
-from procs import kill_tree
+from procs import freeze_when, kill_tree
 
 SLOW_SPEC = """
 [study]
@@ -53,6 +53,14 @@ def _rows(out: Path) -> dict[str, str]:
     rows, not files)."""
     df = Store(out).read_trials()
     return {r["cell_id"]: repr(sorted(r.items())) for r in df.to_dict("records")}
+
+
+def _size(path: Path) -> int:
+    """0 for a file gone since it was listed (its row landed in between)."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def _wait_for(predicate, timeout: float, what: str, proc=None):
@@ -92,10 +100,9 @@ def test_driver_sigkilled_mid_study_resumes_with_nothing_lost(tmp_path):
     try:
         def landed_and_in_flight():
             rows = store.part_ids(store.trials_dir)
-            flying = [c for c in store.in_flight()
-                      if (store.checkpoints_dir / f"{c}.pt").stat().st_size > 0]
+            flying = [c for c in store.in_flight() if _size(store.checkpoint_path(c)) > 0]
             return (rows, flying) if rows and flying else None
-        _wait_for(landed_and_in_flight, 240, "a landed row and a cell in flight", driver)
+        freeze_when(driver, landed_and_in_flight, 240, "a landed row and a cell in flight")
         killed = kill_tree(driver.pid, marker=ray_tmp)  # the driver, Ray, its workers
         assert killed >= 2
         driver.wait(timeout=30)
