@@ -49,3 +49,14 @@ def run_cli(*args, cwd=None, env=None, timeout=600) -> subprocess.CompletedProce
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "study.cli", *map(str, args)], cwd=cwd,
                           env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def checkpointed_in_flight(store) -> list[str]:
+    """Cells in flight with a non-empty checkpoint (the ones a resume continues); a checkpoint
+    removed since it was listed (its row landed in between) counts as none."""
+    def size(path: Path) -> int:
+        try:
+            return path.stat().st_size
+        except FileNotFoundError:
+            return 0
+    return [c for c in store.in_flight() if size(store.checkpoint_path(c)) > 0]

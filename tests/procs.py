@@ -54,14 +54,19 @@ def kill_tree(pid: int | None = None, marker: str | None = None) -> int:
     return len(victims)
 
 
+def _stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (the state first); [] when gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
 def _start_time(pid: int) -> str | None:
     """When the process started (field 22 of /proc/PID/stat: a PID taken again meanwhile is
     another process); None where it is gone, or a zombie (dead, its parent not yet told)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] in ("Z", "X") else fields[19]
+    fields = _stat(pid)
+    return None if not fields or fields[0] in ("Z", "X") else fields[19]
 
 
 def _wait_gone(started: dict[int, str | None], timeout: float = 30.0) -> None:
@@ -75,13 +80,6 @@ def _wait_gone(started: dict[int, str | None], timeout: float = 30.0) -> None:
             raise AssertionError(f"processes {sorted(left)} still run {timeout:.0f} s "
                                  "after SIGKILL")
         time.sleep(0.02)
-
-
-def _state(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
 
 
 def freeze_when(proc, predicate, timeout: float, what: str):
@@ -98,7 +96,7 @@ def freeze_when(proc, predicate, timeout: float, what: str):
         if predicate():
             os.killpg(proc.pid, signal.SIGSTOP)
             t0 = time.monotonic()
-            while _state(proc.pid) not in ("T", "t", "Z", None) and time.monotonic() - t0 < 10:
+            while (_stat(proc.pid) or ["Z"])[0] not in "TtZ" and time.monotonic() - t0 < 10:
                 time.sleep(0.005)
             value = predicate()
             if value:

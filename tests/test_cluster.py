@@ -26,7 +26,7 @@ import pytest
 from study.store import Store
 from sweep import load_spec
 
-from conftest import run_cli
+from conftest import checkpointed_in_flight, run_cli
 from procs import _procs, freeze_when, kill_tree
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,14 +183,6 @@ def _rows(store: Store) -> dict[str, str]:
     return {r["cell_id"]: repr(sorted(r.items())) for r in store.read_trials().to_dict("records")}
 
 
-def _size(path: Path) -> int:
-    """0 for a file gone since it was listed (its row landed in between)."""
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
-
-
 def _cli(*args) -> list[str]:
     return [sys.executable, "-m", "study.cli", *map(str, args)]
 
@@ -209,8 +201,7 @@ def test_no_shared_disk_driver_killed_and_resumed(cluster, tmp_path):
                               stderr=subprocess.PIPE, text=True)
     try:
         def landed_and_checkpointed():
-            flying = [c for c in store.in_flight() if _size(store.checkpoint_path(c)) > 0]
-            return bool(store.part_ids(store.trials_dir) and flying)
+            return bool(store.part_ids(store.trials_dir) and checkpointed_in_flight(store))
         freeze_when(driver, landed_and_checkpointed, 300, "a landed row and a checkpoint in flight")
         kill_tree(driver.pid)  # the driver only: the cluster lives on
         driver.wait(timeout=30)
@@ -220,7 +211,7 @@ def test_no_shared_disk_driver_killed_and_resumed(cluster, tmp_path):
     before = _rows(store)  # compaction moves rows between files: compare rows, not files
     interrupted = set(store.in_flight())
     # a cell marks itself in flight when it starts; those with a checkpoint resume from it
-    checkpointed = {c for c in interrupted if store.checkpoint_path(c).stat().st_size > 0}
+    checkpointed = set(checkpointed_in_flight(store))
     assert checkpointed
     assert interrupted and len(before) < len(spec.cells())
     st = json.loads(run_cli("status", out, "--json").stdout)

@@ -25,7 +25,7 @@ from study.schema import STATUSES
 from study.store import Store
 from sweep import load_spec
 
-from conftest import TINY_SPEC, run_cli
+from conftest import TINY_SPEC, checkpointed_in_flight, run_cli
 from procs import freeze_when, kill_tree
 
 SLOW_SPEC = """
@@ -53,14 +53,6 @@ def _rows(out: Path) -> dict[str, str]:
     rows, not files)."""
     df = Store(out).read_trials()
     return {r["cell_id"]: repr(sorted(r.items())) for r in df.to_dict("records")}
-
-
-def _size(path: Path) -> int:
-    """0 for a file gone since it was listed (its row landed in between)."""
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
 
 
 def _wait_for(predicate, timeout: float, what: str, proc=None):
@@ -100,7 +92,7 @@ def test_driver_sigkilled_mid_study_resumes_with_nothing_lost(tmp_path):
     try:
         def landed_and_in_flight():
             rows = store.part_ids(store.trials_dir)
-            flying = [c for c in store.in_flight() if _size(store.checkpoint_path(c)) > 0]
+            flying = checkpointed_in_flight(store)
             return (rows, flying) if rows and flying else None
         freeze_when(driver, landed_and_in_flight, 240, "a landed row and a cell in flight")
         killed = kill_tree(driver.pid, marker=ray_tmp)  # the driver, Ray, its workers
@@ -111,7 +103,7 @@ def test_driver_sigkilled_mid_study_resumes_with_nothing_lost(tmp_path):
         kill_tree(driver.pid, marker=ray_tmp)
     interrupted = set(store.in_flight())
     # a cell marks itself in flight when it starts; those with a checkpoint resume from it
-    checkpointed = {c for c in interrupted if store.checkpoint_path(c).stat().st_size > 0}
+    checkpointed = set(checkpointed_in_flight(store))
     assert checkpointed
     assert interrupted and len(before) < len(spec.cells())
 
