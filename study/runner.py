@@ -18,7 +18,7 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sweep import Cell, Spec
+from sweep import Cell, Spec, fusion
 from sweep.values import plain_value
 
 from . import executor_registry as executors
@@ -26,7 +26,7 @@ from . import schema
 from .counts import STATUS_COLUMNS, StudyGrid, count_cells
 from .durations import short_duration
 from .options import TrialOptions
-from .store import DriverLock, ReadReport, Store, StoreError
+from .store import DriverLock, ReadReport, Store, StoreError, atomic_write_text
 from .trials import trained_cells
 
 
@@ -45,6 +45,12 @@ class RunOptions:
     retry_failed: bool = False
     quiet: bool = False
     export: tuple = ()  # live export targets: ("mlflow"|"tensorboard", URI/LOGDIR or None)
+    # Fused training (sweep.fusion, study.fused): "off", "auto" (fuse on CUDA, solo on a
+    # CPU) or a K: up to K cells of one group key train as one grouped model per trial.
+    fuse: int | str = "auto"
+
+
+FUSE_FILE = "fuse.txt"  # the study's --fuse mode: a resume keeps it unless told otherwise
 
 
 @dataclass
@@ -259,6 +265,7 @@ def run_study(spec: Spec, opts: RunOptions, out=sys.stderr) -> RunSummary:
             print(f"[study] took over a stale lock of a driver that is gone "
                   f"(host {stale.get('host')}, pid {stale.get('pid')})", file=out)
         _take_over_store(spec, store, view, out)
+        atomic_write_text(store.root / FUSE_FILE, f"{opts.fuse}\n")
         pending, copies_of, copies = view.pending, {}, []
         if pending:  # pending cells imply the grid was enumerated by preflight
             pending, copies_of, copies = same_network_plan(view.grid.cells(), pending)
@@ -308,10 +315,14 @@ def _train(spec: Spec, store: Store, executor: executors.Executor, opts: RunOpti
     progress = Progress(summary.total, summary.already_done + summary.copied, out=out,
                         quiet=opts.quiet, heartbeat=lock.heartbeat)
     n_copies = sum(map(len, copies_of.values()))
+    units = fusion.pack(pending, fuse_size(opts, executor))
+    n_groups = sum(1 for u in units if len(u) > 1)
     if not opts.quiet:
         print(f"[study] {spec.name}: {len(pending)} of {summary.total} cells to train"
               + (f" (+{n_copies} same-network copies recorded from them)" if n_copies else "")
-              + f" ({summary.already_done} already in {store.root}), executor {opts.executor}",
+              + f" ({summary.already_done} already in {store.root}), executor {opts.executor}"
+              + (f", {sum(len(u) for u in units if len(u) > 1)} of them in {n_groups} fused "
+                 f"groups (--fuse {opts.fuse})" if n_groups else ""),
               file=out, flush=True)
     t0 = time.time()
     live = None
@@ -320,7 +331,7 @@ def _train(spec: Spec, store: Store, executor: executors.Executor, opts: RunOpti
         live = LiveExport(store, list(opts.export), out=out)
     land = _lander(store, copies_of, live, summary, progress, opts.quiet, out)
     try:
-        executor.runner()(pending, run_opts, land, progress, store)
+        executor.runner()(units, run_opts, land, progress, store)
     finally:
         if live is not None:
             live.close(wait=sys.exc_info()[0] is None)
@@ -329,6 +340,24 @@ def _train(spec: Spec, store: Store, executor: executors.Executor, opts: RunOpti
     store.remove_empty_checkpoints_dir()  # only in-flight cells' checkpoints stay
     progress.running = 0
     progress.tick(force=True)
+
+
+def fuse_size(opts: RunOptions, executor: executors.Executor):
+    """The K of --fuse for pack: 1 (solo) for "off" and for "auto" without a CUDA GPU; a
+    given K as it is; for "auto" on GPUs, a function of the cell (sweep.fusion.auto_k)."""
+    if opts.fuse == "off":
+        return 1
+    if opts.fuse != "auto":
+        return int(opts.fuse)
+    if executor.gpus_on_request:
+        gpus = opts.gpus_per_trial
+    else:  # this process trains: it has torch, and a GPU or not
+        import torch
+
+        gpus = 1.0 if torch.cuda.is_available() else 0.0
+    if gpus <= 0:
+        return 1
+    return lambda config: fusion.auto_k(config, gpus)
 
 
 def _trial_options(spec: Spec, store: Store, executor: executors.Executor,

@@ -12,6 +12,7 @@ with retries and builds the row (study.rows).
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import io
 import math
 import platform
@@ -178,10 +179,12 @@ def restore(files: CellFiles, cell_id: str, model, opt, device: torch.device
 
 
 def checkpoint(files: CellFiles, cell_id: str, epoch: int, model, opt, epochs: list[dict],
-               wall_s: float, device: torch.device) -> None:
+               wall_s: float, device: torch.device, rng: torch.Tensor | None = None) -> None:
+    """The cell's state after `epoch`, in the one format every resume reads (solo or fused).
+    `rng`: the cell's CPU generator state (a fused group keeps one per member)."""
     files.save_checkpoint(cell_id, _to_bytes({
         "cell_id": cell_id, "epoch": epoch, "model": model.state_dict(),
-        "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
+        "optimizer": opt.state_dict(), "rng": torch.get_rng_state() if rng is None else rng,
         # mask sampling (learned_connectivity) draws from the CUDA generator on a GPU
         "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
         "epochs": epochs, "wall_s": wall_s}))
@@ -312,19 +315,21 @@ def _last_line(exc: BaseException) -> str:
 
 def run_cell(cell: dict, opts: TrialOptions, report: Callable[[dict], None] | None = None,
              node_id: str = "", files: CellFiles | None = None,
-             raw: "datasets.Raw | None" = None) -> tuple[dict, list[dict]]:
+             raw: "datasets.Raw | None" = None, attempts_before: int = 0,
+             started: "dt.datetime | None" = None) -> tuple[dict, list[dict]]:
     """The trial function: train a cell, retrying errors, and return its finished row.
 
     `cell` is `sweep.Cell.to_dict()`. Never raises for a cell's own
     errors: after `max_failures` retries the row says status = failed with the error's last
-    line, so one bad cell cannot stop a study.
+    line, so one bad cell cannot stop a study. `attempts_before`: attempts the cell already
+    had in a fused group (study.fused.train), counted on in its row.
     """
     config, cell_id = cell["config"], cell["cell_id"]
     files = files if files is not None else Store(opts.results_dir)
-    started = now()
-    attempt, last_error = 0, None
+    started = started or now()
+    attempt, last_error = attempts_before, None
     result, epochs = None, []
-    while attempt <= opts.max_failures:
+    while attempt <= opts.max_failures + attempts_before:
         attempt += 1
         try:
             result, epochs = train_cell(config, cell_id, opts, attempt, report, files, raw)
