@@ -86,10 +86,21 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
+OOM_FAULT = "oom:"  # an injected fault spec with this prefix raises CUDA's out-of-memory error
+
+
+def injected_fault(spec: str, what: str) -> Exception:
+    """The error a matching test hook raises: InjectedFault, or with "oom:" the error type
+    torch raises when the GPU's memory runs out (a fused group halves itself on it)."""
+    if spec.startswith(OOM_FAULT):
+        return torch.OutOfMemoryError(f"CUDA out of memory (injected): {what}")
+    return InjectedFault(what)
+
+
 def _fault_matches(spec: str | None, config: dict, epoch: int, attempt: int) -> bool:
     if not spec:
         return False
-    cond, _, when = spec.partition("@")
+    cond, _, when = spec.removeprefix(OOM_FAULT).partition("@")
     ep, _, times = when.partition("x")
     for kv in filter(None, cond.split(",")):
         k, _, v = kv.partition("=")
@@ -158,9 +169,20 @@ def _setup(config: dict, opts: TrialOptions, raw: "datasets.Raw | None"):
                                          tuple(data.train_x.shape[-2:]))
     if hasattr(model, "parallel_body") and config["architecture"] == "parallel":
         model.parallel_body = opts.parallel_body
+    if opts.init_ulps:
+        nudge_ulps(model, opts.init_ulps)
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     return device, data, model, filters_used, opt
+
+
+@torch.no_grad()
+def nudge_ulps(model, ulps: int) -> None:
+    """Move every parameter `ulps` ulps toward +inf (negative: toward -inf), in place: the
+    one-ulp perturbation of study.fused.drift (TrialOptions.init_ulps)."""
+    for p in model.parameters():
+        for _ in range(abs(ulps)):
+            p.copy_(torch.nextafter(p, torch.full_like(p, math.inf if ulps > 0 else -math.inf)))
 
 
 def restore(files: CellFiles, cell_id: str, model, opt, device: torch.device
@@ -268,7 +290,7 @@ def train_cell(config: dict, cell_id: str, opts: TrialOptions, attempt: int = 1,
     n, diverged, last_saved = len(data.train_x), None, time.perf_counter()
     for epoch in range(start_epoch, config["epochs"] + 1):
         if _fault_matches(opts.inject_fault, config, epoch, attempt):
-            raise InjectedFault(f"injected fault at epoch {epoch} (attempt {attempt})")
+            raise injected_fault(opts.inject_fault, f"injected fault at epoch {epoch} (attempt {attempt})")
         t0 = time.perf_counter()
         train_loss, train_acc = train_epoch(model, opt, data.train_x, data.train_y,
                                             config["batch_size"], config["seed"], epoch,

@@ -63,11 +63,15 @@ class GroupedAdamW:
                 denom = (v.sqrt() / shape(bias2_sqrt)).add_(self.eps)
                 p.sub_(shape(step_size) * m / denom)
                 continue
+            # the same operations as above, on copies, so an active member's numbers are
+            # bit for bit those of a group where nobody is frozen
             on = shape(active)
-            m.copy_(torch.where(on, torch.lerp(m, g, 1 - self.beta1), m))
-            v.copy_(torch.where(on, v * self.beta2 + (1 - self.beta2) * g * g, v))
+            new_p = p.mul(shape(decay))
+            m.copy_(torch.where(on, m.lerp(g, 1 - self.beta1), m))
+            v.copy_(torch.where(on, v.mul(self.beta2).addcmul_(g, g, value=1 - self.beta2), v))
             denom = (v.sqrt() / shape(bias2_sqrt)).add_(self.eps)
-            p.copy_(torch.where(on, p * shape(decay) - shape(step_size) * m / denom, p))
+            new_p.sub_(shape(step_size) * m / denom)
+            p.copy_(torch.where(on, new_p, p))
 
     # -- solo-format state -----------------------------------------------------------------
     @torch.no_grad()

@@ -29,9 +29,9 @@ from ..models import build_for_cell, n_params
 from ..options import TrialOptions
 from ..rows import cell_row, now
 from ..store import Store
-from ..train import (CellFiles, InjectedFault, _fault_matches, _pick_device,
-                     autocast, checkpoint, device_name, evaluate, finish, restore,
-                     run_cell, set_precision)
+from ..train import (CellFiles, _fault_matches, _pick_device, injected_fault,
+                     autocast, checkpoint, device_name, evaluate, finish, nudge_ulps,
+                     restore, run_cell, set_precision)
 from .adamw import GroupedAdamW
 from .net import GroupedNet
 
@@ -58,7 +58,8 @@ class Member:
         return self.cell["cell_id"]
 
 
-def _members(cells: list[dict], data: "datasets.Data", device: torch.device) -> list[Member]:
+def _members(cells: list[dict], data: "datasets.Data", device: torch.device,
+             init_ulps: int = 0) -> list[Member]:
     """Each cell built alone under its seed, exactly as train._setup builds it."""
     out = []
     for cell in cells:
@@ -66,6 +67,8 @@ def _members(cells: list[dict], data: "datasets.Data", device: torch.device) -> 
         torch.manual_seed(config["seed"])
         model, filters_used = build_for_cell(config, data.in_channels, data.n_classes,
                                              tuple(data.train_x.shape[-2:]))
+        if init_ulps:
+            nudge_ulps(model, init_ulps)
         model.to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=config["lr"],
                                 weight_decay=config["weight_decay"])
@@ -124,8 +127,8 @@ def epoch_steps(net: GroupedNet, opt: GroupedAdamW, x: torch.Tensor, y: torch.Te
 def _check_faults(members: list[Member], opts: TrialOptions, epoch: int, attempt: int) -> None:
     for m in members:
         if _fault_matches(opts.inject_fault, m.config, epoch, attempt):
-            raise InjectedFault(f"injected fault at epoch {epoch} (attempt {attempt}) "
-                                f"in a fused group")
+            raise injected_fault(opts.inject_fault, f"injected fault at epoch {epoch} "
+                                 f"(attempt {attempt}) in a fused group of {len(members)}")
 
 
 def _permutations(members: list[Member], n: int, epoch: int, device: torch.device
@@ -218,7 +221,7 @@ def train_group(cells: list[dict], opts: TrialOptions, attempt: int = 1,
     epoch only. Raises on errors; `run_group` turns them into retries."""
     device, data = _setup(cells, opts, raw)
     files = files if files is not None else Store(opts.results_dir)
-    members = _members(cells, data, device)
+    members = _members(cells, data, device, opts.init_ulps)
     _restore(members, files, device)
     by_epoch: dict[int, list[Member]] = {}
     for m in members:
