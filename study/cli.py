@@ -328,6 +328,9 @@ def cmd_status(args) -> int:
           + (f", mean {st['mean_cell_s']:.1f} s per cell, "
              f"ETA {short_duration(st['eta_compute_s'])} of compute for the pending cells"
              if st["mean_cell_s"] else ""))
+    if st["training"]["fused"]:
+        print(f"  trained: {st['training']['solo']} cells one per trial, "
+              f"{st['training']['fused']} in fused groups (a group's time counted once)")
     d = st["driver"]
     print(f"  driver: host {d['host']}, pid {d['pid']}, started {d['started_at']}" if d
           else "  driver: none running")

@@ -27,7 +27,7 @@ from .counts import STATUS_COLUMNS, StudyGrid, count_cells
 from .durations import short_duration
 from .options import TrialOptions
 from .store import DriverLock, ReadReport, Store, StoreError, atomic_write_text
-from .trials import trained_cells
+from .trials import compute_seconds, trained_cells, training_modes
 
 
 @dataclass
@@ -416,7 +416,8 @@ def status(store: Store) -> dict:
                          f"--results {store.root}` first")
     grid = StudyGrid.saved(store)
     cells = set(grid.cell_ids())  # from the cache where `study run` enumerated this very text
-    df = store.read_trials(report=ReadReport(), columns=["cell_id", "status", "wall_s", "same_network_as"],
+    df = store.read_trials(report=ReadReport(), columns=["cell_id", "status", "wall_s", "same_network_as",
+                                                         "fused_group", "group_size"],
                            live=True)  # a running driver compacts meanwhile
     counts = count_cells(df, cells, in_flight=store.in_flight(done=df["cell_id"]))
     df = df[pc.is_in(pa.array(df["cell_id"], pa.string()),
@@ -426,14 +427,16 @@ def status(store: Store) -> dict:
     driver_alive = bool(holder) and not lock.is_stale(holder)
     running = counts.in_flight if driver_alive else 0
     trained = trained_cells(df)  # a copy's row repeats its trained cell's time
-    ok_wall = trained.loc[trained["status"] == "ok", "wall_s"]
-    mean_s = float(ok_wall.mean()) if len(ok_wall) else None
+    ok = trained[trained["status"] == "ok"]
+    # a fused group's members share its time: counted once, a member's share is time / K
+    mean_s = compute_seconds(ok) / len(ok) if len(ok) else None
     pending = counts.pending
     return {
         "study": grid.name, "results": str(store.root), "total": counts.total,
         "done": counts.done, **counts.by_status(), "pending": pending, "running": running,
         "interrupted": counts.in_flight - running,
-        "compute_s": float(trained["wall_s"].fillna(0).sum()),
+        "compute_s": compute_seconds(trained),
+        "training": training_modes(trained),
         "mean_cell_s": mean_s,
         "eta_compute_s": None if mean_s is None else mean_s * pending,
         "driver": holder if driver_alive else None,

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -294,3 +295,132 @@ def test_parse_fuse_takes_off_auto_and_k():
     for bad in ("0", "-2", "many", "1000"):
         with pytest.raises(ValueError, match="--fuse"):
             parse_fuse(bad)
+
+
+FUSE_SPEC = """
+[study]
+name = "fz"
+
+[grid]
+dataset = "digits"
+architecture = ["sequential", "parallel"]
+layers = [2, 3]
+filters = 4
+kernel = 3
+pool = 1
+epochs = EPOCHS
+batch_size = 32
+lr = 3e-3
+seed = [0, 1]
+max_train_examples = 600
+"""
+
+
+def _spec(tmp_path, epochs: int):
+    from sweep import load_spec
+
+    p = tmp_path / "fz.toml"
+    p.write_text(FUSE_SPEC.replace("EPOCHS", str(epochs)))
+    return p, load_spec(p)
+
+
+def test_fuse_off_rows_equal_the_solo_trial_functions_and_the_mode_is_recorded(tmp_path):
+    from study.runner import RunOptions, run_study
+
+    spec_path, spec = _spec(tmp_path, 2)
+    out = tmp_path / "off"
+    run_study(spec, RunOptions(TrialOptions(str(out)), executor="local", quiet=True, fuse="off"))
+    assert (out / "fuse.txt").read_text().strip() == "off"
+    df = Store(out).read_trials().set_index("cell_id")
+    assert (df["group_size"] == 1).all() and df["fused_group"].isna().all()
+    for c in spec.cells():
+        row, _ = run_cell(c.to_dict(), TrialOptions(str(tmp_path / "solo"), study=spec.name))
+        for k in ("train_loss", "val_loss", "test_loss", "train_acc", "val_acc", "n_params"):
+            assert df.loc[c.cell_id, k] == row[k], k
+
+
+def test_fused_run_through_ray_lands_every_cell_with_its_group(ray_session, tmp_path):
+    """--fuse 2 under the Ray executor: one trial per group, every row landed with its
+    group, the same numbers as the same groups trained by the local executor, and a status
+    that counts a group's time once."""
+    from study.runner import RunOptions, run_study, status
+
+    spec_path, spec = _spec(tmp_path, 2)
+    out, local = tmp_path / "ray", tmp_path / "local"
+    summary = run_study(spec, RunOptions(TrialOptions(str(out)), executor="ray", quiet=True, fuse=2))
+    assert summary.ran == 8 and summary.ok == 8
+    run_study(spec, RunOptions(TrialOptions(str(local)), executor="local", quiet=True, fuse=2))
+    a = Store(out).read_trials().set_index("cell_id").sort_index()
+    b = Store(local).read_trials().set_index("cell_id").sort_index()
+    assert (a["group_size"] == 2).all() and a["fused_group"].nunique() == 4
+    assert (a.groupby("fused_group")["pair_key"].nunique() == 1).all()  # twins together
+    assert (a["fused_group"] == b["fused_group"]).all()
+    assert (a["val_loss"] == b["val_loss"]).all()
+    for part in (out / "trials").glob("*.parquet"):
+        assert pq.read_schema(part).equals(schema.TRIALS)
+    st = status(Store(out))
+    assert st["training"] == {"solo": 0, "fused": 8}
+    assert st["compute_s"] == pytest.approx(a.groupby("fused_group")["wall_s"].max().sum())
+
+
+def test_the_time_statistic_counts_solo_pairs_only(tmp_path):
+    """Two stores of the same cells, one trained solo and one fused: the training-time rows
+    of the analysis come from the solo cells, and a store with both modes says so."""
+    from analysis.compute import analyse
+    from study.runner import RunOptions, run_study
+
+    spec_path, spec = _spec(tmp_path, 2)
+    solo, mixed = tmp_path / "solo", tmp_path / "mixed"
+    run_study(spec, RunOptions(TrialOptions(str(solo)), executor="local", quiet=True, fuse="off"))
+    run_study(spec, RunOptions(TrialOptions(str(mixed)), executor="local", quiet=True, fuse=2))
+    t_solo = analyse(solo).stats
+    t_solo = t_solo[t_solo["metric"] == "train_s_per_epoch"]
+    assert len(t_solo) and (t_solo["n"] > 0).all()
+    t_fused = analyse(mixed).stats
+    assert not (t_fused["metric"] == "train_s_per_epoch").any()  # no solo pair: no time row
+    from analysis.report import _modes_text
+    from study.trials import trained_cells
+    both = pd.concat([Store(solo).read_trials().iloc[:3], Store(mixed).read_trials().iloc[3:]])
+    assert "mixed modes" in _modes_text(trained_cells(both))
+
+
+@pytest.mark.slow
+def test_driver_killed_mid_group_resumes_each_cell_from_its_own_checkpoint(tmp_path):
+    """SIGKILL of the driver while groups train (checkpoints every epoch), then `study
+    resume`: every cell once, each cell in flight resumed from its own (solo-format)
+    checkpoint, grouped again with the cells at its epoch."""
+    from sweep import load_spec
+    from procs import kill_tree
+    from conftest import checkpointed_in_flight, run_cli
+
+    spec_path, spec = _spec(tmp_path, 40)
+    out = tmp_path / "res"
+    env = {**os.environ, "STUDY_CHECKPOINT_EVERY_S": "0"}
+    driver = subprocess.Popen([sys.executable, "-m", "study.cli", "run", str(spec_path),
+                               "--results", str(out), "--executor", "local", "--fuse", "4",
+                               "--no-figures"], env=env, start_new_session=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    store = Store(out)
+    try:
+        def landed_and_in_flight():
+            rows, flying = store.part_ids(store.trials_dir), checkpointed_in_flight(store)
+            return (rows, flying) if rows and len(flying) >= 2 else None
+        freeze_when(driver, landed_and_in_flight, 240, "a landed group and a group in flight")
+        kill_tree(driver.pid)
+        driver.wait(timeout=30)
+    finally:
+        kill_tree(driver.pid)
+    before = set(store.read_trials()["cell_id"])
+    checkpointed = set(checkpointed_in_flight(store)) - before
+    assert len(checkpointed) >= 2 and len(before) < 8
+    r = run_cli("resume", out, "--no-figures")  # keeps --fuse 4, recorded in the folder
+    assert r.returncode == 0, r.stderr
+    assert "fused groups (--fuse 4)" in r.stderr
+    df = store.read_trials().set_index("cell_id")
+    assert sorted(df.index) == sorted(c.cell_id for c in spec.cells())
+    assert (df["status"] == "ok").all() and (df["epochs_done"] == 40).all()
+    resumed = df.loc[sorted(checkpointed)]
+    assert (resumed["resumed_from_epoch"] > 0).all() and (resumed["group_size"] > 1).all()
+    ep = store.read_epochs()
+    assert len(ep) == 40 * 8 and not ep.duplicated(["cell_id", "epoch"]).any()
+    assert not list(store.checkpoints_dir.glob("*.pt"))
