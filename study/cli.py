@@ -256,7 +256,9 @@ def _run(spec, results: Path, args) -> int:
           f"{summary.diverged} diverged) in {summary.wall_s:.1f} s"
           + (f", recorded {summary.copied} same-network copies without training"
              if summary.copied else "")
-          + f"; {summary.already_done + summary.ran + summary.copied} of {summary.total} cells done")
+          + f"; {summary.already_done + summary.ran + summary.copied} of {summary.total} cells done"
+          + (f"; at most {summary.peak_running} cells in {summary.peak_trials} trials ran at once"
+             if summary.ran else ""))
     print(f"trials: {store.trials_dir}")
     print(f"epochs: {store.epochs_dir}")
     report = Path(results) / "report.html"

@@ -64,6 +64,8 @@ class RunSummary:
     wall_s: float = 0.0
     quarantined: list[str] = field(default_factory=list)
     copied: int = 0  # same-network copies recorded from their trained cell, not trained
+    peak_running: int = 0  # the most cells that trained at once
+    peak_trials: int = 0  # ... in this many trials (a fused group is one trial)
 
 
 class Progress:
@@ -79,6 +81,9 @@ class Progress:
                  every_s: float = 5.0, heartbeat: Callable[[], None] | None = None):
         self.total, self.done0, self.done = total, done, done
         self.running = self.failed = self.diverged = 0
+        self.trials = 0  # trials (a cell, or a fused group) running, as the executor scheduled
+        # the most cells and trials that ran at once: the executor's own record of its packing
+        self.peak_running = self.peak_trials = 0
         self.t0 = time.time()
         self.out, self.quiet, self.every_s = out, quiet, every_s
         self.last = 0.0
@@ -104,6 +109,8 @@ class Progress:
                 f"elapsed {short_duration(elapsed)}, ETA {self.eta()}")
 
     def tick(self, force: bool = False) -> None:
+        self.peak_running = max(self.peak_running, self.running)
+        self.peak_trials = max(self.peak_trials, self.trials)
         now = time.time()
         if self.t_first is None and self.done > self.done0:
             self.t_first, self.done_first = now, self.done
@@ -337,6 +344,7 @@ def _train(spec: Spec, store: Store, executor: executors.Executor, opts: RunOpti
             live.close(wait=sys.exc_info()[0] is None)
     store.compact()  # readers find a handful of files, not one per cell
     summary.wall_s = time.time() - t0
+    summary.peak_running, summary.peak_trials = progress.peak_running, progress.peak_trials
     store.remove_empty_checkpoints_dir()  # only in-flight cells' checkpoints stay
     progress.running = 0
     progress.tick(force=True)

@@ -19,10 +19,10 @@ def run_local(units: list[list[Cell]], run_opts, land: Land, progress,
 
     files = Store(run_opts.trial.results_dir)
     for unit in units:
-        progress.running = len(unit)
+        progress.running, progress.trials = len(unit), 1
         progress.tick()
         results = run_group([c.to_dict() for c in unit], run_opts.trial,
                             report=lambda m: progress.tick(), files=files)
-        progress.running = 0
+        progress.running = progress.trials = 0
         for row, epochs in results:
             land(row, epochs)

@@ -91,6 +91,8 @@ def tune_trial(config: dict, shared: dict) -> None:
     dataset = unit[0]["config"]["dataset"]  # a group shares its dataset
     raw = _cached(shared["data"][dataset]) if dataset in shared["data"] else None
     node_id = ray.get_runtime_context().get_node_id()
+    if shared.get("barrier") is not None:
+        _wait_at_barrier(shared["barrier"])
     last = [time.monotonic()]
 
     def heartbeat(metrics: dict) -> None:
@@ -104,6 +106,35 @@ def tune_trial(config: dict, shared: dict) -> None:
     results = run_group(unit, opts, report=heartbeat, node_id=node_id,
                         files=trial_files(shared["files"], opts.results_dir), raw=raw)
     tune.report({"final": 1, **codec.encode_all(results)})
+
+
+@ray.remote(num_cpus=0)
+class TrialBarrier:
+    """Test hook (STUDY_TRIAL_BARRIER=N): the first N trials wait here until all N run at
+    once (or BARRIER_TIMEOUT_S passes), so a test of how Ray packs trials depends on no
+    trial's speed or start-up time."""
+
+    def __init__(self, n: int):
+        self.n, self.arrived = n, 0
+
+    def arrive(self) -> bool:
+        """True for the first n trials: they wait for the others."""
+        self.arrived += 1
+        return self.arrived <= self.n
+
+    def complete(self) -> bool:
+        return self.arrived >= self.n
+
+
+BARRIER_TIMEOUT_S = 120.0
+
+
+def _wait_at_barrier(barrier) -> None:
+    if not ray.get(barrier.arrive.remote()):
+        return
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < BARRIER_TIMEOUT_S and not ray.get(barrier.complete.remote()):
+        time.sleep(0.2)
 
 
 class StoreCallback(tune.Callback):
@@ -125,6 +156,7 @@ class StoreCallback(tune.Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         self.started.setdefault(trial.trial_id, now())  # a restart keeps the first
         self.progress.running += len(self.units[trial.config["i"]])
+        self.progress.trials += 1
         self.progress.tick()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -140,12 +172,14 @@ class StoreCallback(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.started.pop(trial.trial_id, None)
         self.progress.running = max(0, self.progress.running - len(self.units[trial.config["i"]]))
+        self.progress.trials = max(0, self.progress.trials - 1)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         # Ray gave up on the trial (its worker died more than max_failures times):
         # record it as failed so the study goes on; --retry-failed runs it again.
         unit = self.units[trial.config["i"]]
         self.progress.running = max(0, self.progress.running - len(unit))
+        self.progress.trials = max(0, self.progress.trials - 1)
         # Tune retries a RUNNING trial up to max_failures times, but errs a PENDING one at
         # once when the reused actor it was handed died with its node: such a cell goes
         # into the next pass instead of failing for a loss that was not its own.
@@ -246,8 +280,9 @@ def run_ray(units: list[list[Cell]], run_opts, land: Land, progress, store) -> N
     # directly. Joined to a cluster (--address), no node but the driver's may assume it.
     files = None if ray_connect.own_local_ray() else start_driver_files(opts.results_dir)
     # The options travel as they are: a dataclass pickles through the object store.
+    barrier = os.environ.get("STUDY_TRIAL_BARRIER")
     shared = {"units": ray.put(table), "data": _ship_datasets(table, opts), "files": files,
-              "opts": opts}
+              "opts": opts, "barrier": TrialBarrier.remote(int(barrier)) if barrier else None}
     trainable = _trainable(shared, run_opts)
     # Tune's own bookkeeping stays on the driver's machine, outside the results folder.
     tune_dir = tempfile.mkdtemp(prefix="study-tune-")
