@@ -235,14 +235,20 @@ def test_a_diverging_member_is_frozen_while_the_others_finish(tmp_path):
 
 
 def test_a_failing_group_is_retried_once_then_its_members_run_solo(tmp_path):
+    """Both group attempts fail at epoch 2 (the fault hook raises in attempts 1 and 2); each
+    member then runs solo, attempt 3, resuming from the checkpoint the group wrote for it
+    after epoch 1 (solo format), and ends near its uninterrupted solo run."""
     cells = [cell(seed=s) for s in (0, 1)] + [cell(seed=1, architecture="parallel")]
-    # every attempt up to the second raises: both group attempts fail, solo attempt 3 passes
-    opts = TrialOptions(results_dir=str(tmp_path), study="s", inject_fault="seed=1@2x2")
+    opts = TrialOptions(results_dir=str(tmp_path / "g"), study="s", inject_fault="seed=1@2x2",
+                        checkpoint_every_s=0)
     rows = _rows(run_group(cells, opts))
     for c in cells:
         row, epochs = rows[c["cell_id"]]
         assert row["status"] == "ok" and row["group_size"] == 1 and row["fused_group"] is None
-        assert row["attempts"] == 3 and len(epochs) == 3
+        assert row["attempts"] == 3 and [e["epoch"] for e in epochs] == [1, 2, 3]
+        assert row["resumed_from_epoch"] == 1
+        alone, _ = run_cell(c, TrialOptions(results_dir=str(tmp_path / "s"), study="s"))
+        assert abs(math.log(row["val_loss"] / alone["val_loss"])) < 1e-3
 
 
 def test_an_out_of_memory_group_is_halved_down_to_solo_cells(tmp_path):
