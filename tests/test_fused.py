@@ -430,3 +430,22 @@ def test_driver_killed_mid_group_resumes_each_cell_from_its_own_checkpoint(tmp_p
     ep = store.read_epochs()
     assert len(ep) == 40 * 8 and not ep.duplicated(["cell_id", "epoch"]).any()
     assert not list(store.checkpoints_dir.glob("*.pt"))
+
+
+def test_fuse_auto_is_solo_on_cpus_and_sized_by_activation_memory_on_gpus():
+    from study import executor_registry
+    from study.runner import RunOptions, fuse_size
+    from sweep.fusion import AUTO_MAX_K, activation_bytes, auto_k
+
+    ray, local = executor_registry.get("ray"), executor_registry.get("local")
+    trial = TrialOptions("x")
+    assert fuse_size(RunOptions(trial, fuse="auto"), local) == 1  # no CUDA here
+    assert fuse_size(RunOptions(trial, fuse="auto", gpus_per_trial=0), ray) == 1
+    assert fuse_size(RunOptions(trial, fuse="off", gpus_per_trial=1), ray) == 1
+    assert fuse_size(RunOptions(trial, fuse=8), local) == 8
+    size = fuse_size(RunOptions(trial, fuse="auto", gpus_per_trial=1), ray)
+    small = {**BASE, "dataset": "mnist", "filters": 8, "pool": 4, "layers": 2, "batch_size": 256}
+    big = {**small, "filters": 64, "pool": 1, "layers": 8}
+    assert size(small) == AUTO_MAX_K and 1 <= size(big) < AUTO_MAX_K
+    assert activation_bytes(big) > activation_bytes(small)
+    assert auto_k(big, 0.25) <= auto_k(big, 1.0)
