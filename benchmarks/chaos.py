@@ -168,6 +168,9 @@ def counts(results: Path, n: int, epochs: int, cell_ids: set[str]) -> list[str]:
     print(f"epoch rows: {ep.num_rows} (pyarrow), {d_ep} (DuckDB), distinct (cell, epoch): "
           f"{d_pairs}; N x epochs = {n * epochs}")
     print(f"statuses: {statuses}")
+    if "group_size" in trials.column_names:  # how the cells trained (--fuse)
+        sizes = dict(zip(*[c.to_pylist() for c in pc.value_counts(trials["group_size"]).flatten()]))
+        print(f"cells by trained group size: {dict(sorted(sizes.items(), key=lambda t: t[0] or 0))}")
     print(f"quarantined files: {len(quarantined)}" + (f" {quarantined}" if quarantined else ""))
     print(f"checkpoints left: {len(left)}")
     wrong = []

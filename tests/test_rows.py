@@ -57,6 +57,28 @@ def test_a_failed_row_is_the_same_row_on_the_worker_and_on_the_driver(tmp_path):
     assert worker_row["error"].endswith("injected fault at epoch 1 (attempt 1)")
 
 
+def test_a_lost_group_trial_lands_a_failed_row_for_every_member(tmp_path):
+    """A fused group's trial whose worker died: each member gets its failed row, with the
+    group's id and size, the same fields as a worker's row."""
+    from study.executors.ray_tune import StoreCallback
+
+    unit = [Cell.from_config({**CONFIG, "seed": s}).to_dict() for s in (0, 1)]
+    opts = TrialOptions(results_dir=str(tmp_path), study="s", device="cpu")
+    landed = []
+    progress = Progress(2, 0, quiet=True)
+    callback = StoreCallback(lambda row, epochs: landed.append(row), progress, opts,
+                             max_failures=2, units=[unit])
+    trial = Trial("tune_trial", config={"i": 0}, stub=True)
+    callback.on_trial_start(0, [trial], trial)
+    assert progress.running == 2 and progress.trials == 1
+    callback.on_trial_error(0, [trial], trial)
+    assert progress.running == 0 and progress.trials == 0
+    assert [r["cell_id"] for r in landed] == [c["cell_id"] for c in unit]
+    assert all(r["status"] == "failed" and r["group_size"] == 2 for r in landed)
+    assert len({r["fused_group"] for r in landed}) == 1 and landed[0]["fused_group"]
+    schema.conform(landed, schema.TRIALS)
+
+
 def test_executors_by_name():
     assert executor_registry.list_executors() == ["ray", "local"]  # the first is the default
     with pytest.raises(SpecError, match="unknown executor 'dask'; use ray or local"):
