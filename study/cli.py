@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", help="results folder (default results/<study name>)")
     p.add_argument("--json", action="store_true",
                    help="machine-readable output: counts and cost (FLOPs, GPU-hours)")
+    p.add_argument("--pilot", metavar="DIR",
+                   help="an earlier study (other seeds or settings) whose variance gives the "
+                        "power of this study's equivalence test")
     _add_max_cells(p)
 
     p = sub.add_parser("run", help="run the cells of a spec that are not yet in the store")
@@ -184,6 +187,9 @@ def cmd_plan(args) -> int:
 
     print("\n".join(format_coverage(q_coverage(cells))))
     print(_seed_line(spec))
+    from .power_plan import missing_pilot_line, print_power
+
+    print_power(spec, cells, args.pilot) if args.pilot else print(missing_pilot_line(spec))
     return 0
 
 
