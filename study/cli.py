@@ -160,6 +160,10 @@ def cmd_plan(args) -> int:
     grid = StudyGrid(spec, store)
     cells = grid.cells()
     trained = _trained_cells(cells)
+    from .power_plan import missing_pilot_line, power_lines
+
+    # computed first: a pilot that cannot plan is refused before a line is printed
+    power = power_lines(spec, cells, args.pilot) if args.pilot else [missing_pilot_line(spec)]
     cost = grid_cost(trained)
     n = count_cells(store.read_trials(columns=STATUS_COLUMNS, live=True), grid.cell_ids())
     if args.json:
@@ -187,9 +191,7 @@ def cmd_plan(args) -> int:
 
     print("\n".join(format_coverage(q_coverage(cells))))
     print(_seed_line(spec))
-    from .power_plan import missing_pilot_line, print_power
-
-    print_power(spec, cells, args.pilot) if args.pilot else print(missing_pilot_line(spec))
+    print("\n".join(power))
     return 0
 
 

@@ -58,7 +58,7 @@ def check_pilot_disjoint(pilot: Path, cell_ids: set[str]) -> None:
                         "or the study's own data would set its plan")
 
 
-def print_power(spec, cells, pilot: str) -> None:
+def power_lines(spec, cells, pilot: str) -> list[str]:
     from analysis.plan_pilot import (PlannedRow, format_power, pilot_components,
                                      pilot_seed_margins, planned_margin, power_table)
 
@@ -87,7 +87,7 @@ def print_power(spec, cells, pilot: str) -> None:
     text = (f"±{100 * margin:.3g} %" if margin != SEED_MARGIN else
             "seed noise of the pilot, per row")
     table = power_table(rows, comp, alpha)
-    print("\n".join(format_power(table, pilot_dir, alpha, text)))
+    return format_power(table, pilot_dir, alpha, text)
 
 
 def missing_pilot_line(spec) -> str:
