@@ -485,9 +485,9 @@ def plot_forest(stats_df: pd.DataFrame, noise: pd.DataFrame | None = None,
     ax.set_yticks(ys, labels)
     ax.grid(False, axis="y")
     ax.tick_params(axis="y", length=0)
-    holm = s["holm_only"].astype(bool) if "holm_only" in s.columns else pd.Series(False, s.index)
+    holm = s["holm_only"].eq(True) if "holm_only" in s.columns else pd.Series(False, s.index)
     _verdict_labels(ax, ys, [v + (" †" if h else "") for v, h in zip(s["verdict"], holm)])
-    ax.set_xlabel(f"ratio {b}/{a} of the loss (settings' mean log ratio; log axis)")
+    ax.set_xlabel(f"ratio {b}/{a} of the loss\n(settings' mean log ratio; log axis)")
     family = "ci_family_level" in s.columns
     handles = [Line2D([], [], color="0.2", lw=3.2, label="interval at the verdict's level"
                       if family else "90% interval"),

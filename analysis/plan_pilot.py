@@ -141,7 +141,14 @@ def format_power(table: pd.DataFrame, pilot: str | Path, alpha: float, margin_te
     lines = [f"power of the equivalence test, from pilot {pilot} (margin {margin_text}; each row at "
              f"alpha/m, alpha {alpha:g}, m = rows in its Holm family; components: one-way "
              "random-effects ANOVA with 80 % upper limits):"]
+    covered = set(table.loc[table["pilot"], "dataset"]) if len(table) else set()
+    for ds in dict.fromkeys(table["dataset"]) if len(table) else []:
+        if ds not in covered:
+            lines.append(f"  {ds}: the pilot has no {ds} settings, so no estimate (a pilot "
+                         f"measures the variance of the datasets it trains: add {ds} to it)")
     for r in table.to_dict("records"):
+        if r["dataset"] not in covered:
+            continue
         q = "all Q" if r["q_bin"] == "all" else f"Q in {r['q_bin']}"
         head = (f"  {r['dataset']} · {PRETTY.get(r['metric'], r['metric'])} · {q}: "
                 f"{r['settings']:,} settings x {r['seeds']} seeds, margin ±{100 * r['margin']:.3g} %, "

@@ -24,7 +24,7 @@ from .compute import Analysis
 from .draw import AXIS_RULE
 from .frames import controls, swept_factors, table2_wide
 from .report_plan import (FAMILIES_PARAGRAPH, HOLM_MARK, HOLM_NOTE, exploratory_label,
-                          family_interval, margin_words, plan_html, power_sentence)
+                          family_interval, holm_marked, margin_words, plan_html, power_sentence)
 from .stats import TIME_METRIC, arch_effect, noise_of
 from .write import Written, analyse_draw_write
 
@@ -142,7 +142,7 @@ def _stats_html(res: Analysis) -> str:
     s = s[s["metric"] != TIME_METRIC]
     for r in s.itertuples(index=False):
         where = [esc(dataset_label(r.dataset)), esc(r.q_bin), esc(PRETTY.get(r.metric, r.metric))]
-        mark = HOLM_MARK if r.holm_only else ""
+        mark = HOLM_MARK if holm_marked(r) else ""
         eq_rows.append(where + [f"{esc(r.family)} (m = {r.family_size})",
             f"{r.n} ({r.n_runs})", f"{_num(r.ratio, '.3f')}",
             f"[{_num(r.ratio_ci90_low, '.3f')}, {_num(r.ratio_ci90_high, '.3f')}]",
@@ -294,7 +294,7 @@ def _verdict_sentence(res: Analysis, r, noise_med: float, effect_med: float) -> 
         text += (f"; swapping the architecture moves the loss {verb} than re-seeding does "
                  f"(median |log ratio| {_num(effect_med, '.3f')} between architectures vs "
                  f"{_num(noise_med, '.3f')} between seeds)")
-    if r.holm_only:
+    if holm_marked(r):
         text += f" {HOLM_MARK}"
     return head + text + exploratory_label(res) + "." + power_sentence(res, r) + " "
 
@@ -348,7 +348,7 @@ def _headline(res: Analysis) -> str:
         if _time_clause(res, ds):
             items.append(_time_clause(res, ds))
     tail = []
-    if not s.empty and s["holm_only"].astype(bool).any():
+    if not s.empty and s["holm_only"].eq(True).any():
         tail.append(HOLM_NOTE)
     if res.noise is None or res.noise.empty:
         tail.append(_one_seed_sentence())

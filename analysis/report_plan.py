@@ -37,6 +37,13 @@ def margin_words(margin) -> str:
     return f"±{_num(100 * float(margin), '.3g')} %"
 
 
+def holm_marked(r) -> bool:
+    """Whether a stats row is decided by Holm where its Bonferroni interval is not (time rows,
+    outside the families, hold NaN there)."""
+    v = getattr(r, "holm_only", False)
+    return bool(v) if isinstance(v, (bool, np.bool_)) else False
+
+
 def family_interval(r) -> str:
     """'97.5 % interval [lo, hi]' at the level the row's verdict used, with the Holm mark."""
     level = getattr(r, "ci_family_level", np.nan)
@@ -44,9 +51,17 @@ def family_interval(r) -> str:
     m = int(getattr(r, "family_size", 0) or 0)
     fam = ("headline rows" if getattr(r, "family", PRIMARY) == PRIMARY
            else "Q bins of this dataset and loss")
-    mark = HOLM_MARK if bool(getattr(r, "holm_only", False)) else ""
+    mark = HOLM_MARK if holm_marked(r) else ""
     return (f"{_num(100 * level, '.3g')} % interval [{_num(lo, '.3f')}, {_num(hi, '.3f')}]{mark}, "
             f"the verdict's level: Bonferroni over the {m} {fam}")
+
+
+def _count(v) -> int | None:
+    """An int, or None for a count that was not reachable (None or NaN in a frame)."""
+    try:
+        return None if v is None or not np.isfinite(float(v)) else int(v)
+    except (TypeError, ValueError):
+        return None
 
 
 def power_sentence(res, r) -> str:
@@ -63,17 +78,17 @@ def power_sentence(res, r) -> str:
              f"σ²<sub>within</sub> {_num(p.sigma2_within_upper, '.3g')}"
              if np.isfinite(p.sigma2_within_upper) else
              f"80 % upper limit of the settings' variance {_num(p.var_setting_mean_upper, '.3g')}")
-    seeds, n = p.seeds_needed, p.settings_needed
+    seeds, n = _count(p.seeds_needed), _count(p.settings_needed)
     if seeds is None and n is None:
         return text + (" The measured ratio lies outside the margin: more seeds or settings "
                        "alone would not make the two equivalent.")
     parts = []
-    if seeds is not None and not (isinstance(seeds, float) and np.isnan(seeds)):
+    if seeds is not None:
         parts.append(f"{int(seeds) - p.seeds} more seeds per setting ({int(seeds)})")
-    if n is not None and not (isinstance(n, float) and np.isnan(n)):
+    if n is not None:
         parts.append(f"{int(n) - p.n:,} more settings ({int(n):,})")
     what = " (or ".join(parts) + (")" if len(parts) == 2 else "")
-    cannot = (" Seeds alone cannot get there: σ²<sub>between</sub> dominates." if p.seeds_cannot
+    cannot = (" Seeds alone cannot get there: σ²<sub>between</sub> dominates." if p.seeds_cannot is True
               else " Seed noise is unmeasured (one seed per setting), so only settings are "
               "counted." if not np.isfinite(p.sigma2_within) else "")
     return text + (f" Next step: {what} give 80 % power, if the variance is as measured "

@@ -121,3 +121,23 @@ def margin_table(entry: dict) -> dict | None:
     if not rows:
         return None
     return {(r["dataset"], r["q_bin"], r["metric"]): float(r["delta"]) for r in rows}
+
+
+def record_for_run(root: str | Path, spec, has_data: bool, out) -> None:
+    """`study run`'s hook, under the driver lock before any cell: save or update the plan."""
+    line = record_plan(root, spec.analysis, has_data)
+    if line:
+        print(f"[study] {line}", file=out)
+
+
+def check_pilot(spec) -> None:
+    """Before a run: a spec whose margin comes from a pilot must name a usable pilot that
+    shares no cell with it (refused in one line, nothing written)."""
+    pilot = spec.analysis.get("pilot")
+    if not pilot:
+        return
+    from .power_plan import check_pilot_disjoint
+
+    check_pilot_disjoint(Path(pilot), {c.cell_id for c in spec.cells()})
+    if spec.analysis.get("margin") == SEED_MARGIN:
+        resolve_pilot_margins(pilot)

@@ -251,6 +251,9 @@ def _run(spec, results: Path, args) -> int:
                       max_concurrent=args.max_concurrent, retry_failed=args.retry_failed,
                       quiet=args.quiet, export=tuple(_export_targets(args.export)))
     store = Store(results)
+    from .analysis_plan import check_pilot
+
+    check_pilot(spec)  # a pilot that cannot fix the margin is refused before anything runs
     judged_before = _saved_analysis(store, spec)
     summary = run_study(spec, opts)
     print(f"ran {summary.ran} cells ({summary.ok} ok, {summary.failed} failed, "
@@ -320,7 +323,11 @@ def cmd_status(args) -> int:
 def _outputs(results, compare, pairs, report: bool, margin=None) -> None:
     """Draw the figures and tables (and the report, which embeds them) and print the paths."""
     if margin is not None:
-        parse_margin(margin, "--margin")  # a bad margin is refused before anything is drawn
+        # a bad margin is refused before anything is drawn; a good one that differs from the
+        # saved analysis plan is recorded there (its verdicts are exploratory)
+        from .analysis_plan import record_override
+
+        record_override(results, parse_margin(margin, "--margin"))
     import analysis
 
     if report:
