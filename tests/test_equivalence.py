@@ -6,6 +6,7 @@ study.rows.cell_row (the real schema); one end-to-end run trains digits cells wi
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import shutil
 from pathlib import Path
@@ -398,6 +399,10 @@ def test_a_digits_study_with_two_seeds_gets_a_forest_and_a_verdict(tmp_path):
     html = (out / "report.html").read_text()
     assert "Equivalence margin: ±10 %, the default" in html
     assert "<h2>Seed noise: re-seeding against swapping the architecture</h2>" in html
+    # the analysis plan was saved by the run, before its first cell landed
+    plan = json.loads((out / "analysis_plan.json").read_text())
+    assert plan["before_data"] is True and plan["margin"] == 0.1 and plan["changes"] == []
+    assert "The verdicts of this report follow the plan." in html
 
     # Only [analysis] changed: no cell runs, the spec is updated, the report is drawn again.
     spec.write_text(E2E + "\n[analysis]\nmargin = 0.3\n")
@@ -410,3 +415,8 @@ def test_a_digits_study_with_two_seeds_gets_a_forest_and_a_verdict(tmp_path):
     st = pd.read_csv(out / "figures" / "stats.csv")
     loss = st["metric"].isin(["train_loss", "val_loss"])
     assert (st.loc[loss, "margin"] == 0.3).all() and st.loc[~loss, "margin"].isna().all()
+    # ... and the change is recorded in the plan, after data: its verdicts are exploratory
+    plan = json.loads((out / "analysis_plan.json").read_text())
+    assert [(c["margin"], c["after_data"]) for c in plan["changes"]] == [(0.3, True)]
+    assert (st.loc[loss, "exploratory"] == "exploratory (plan changed after data)").all()
+    assert "exploratory (plan changed after data)" in (out / "report.html").read_text()
