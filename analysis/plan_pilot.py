@@ -19,7 +19,7 @@ import pandas as pd
 
 from sweep.spec import DEFAULT_MARGIN, SEED_MARGIN
 
-from ._common import PRETTY, AnalysisError, check_store
+from ._common import PRETTY, Q_LABELS, AnalysisError, check_store
 from .power import TARGET_POWER, paired_power, seeds_for_power, setting_variance, settings_for_power
 from .variance import variance_components
 
@@ -173,3 +173,33 @@ def planned_margin(margin, pilot_margins: dict | None, dataset: str, q_bin: str,
             return pilot_margins[(dataset, q_bin, metric)]
         return DEFAULT_MARGIN
     return float(margin)
+
+
+METRICS = ("train_loss", "val_loss")
+
+
+def power_lines(settings: dict, pilot: str | Path, analysis_table: dict) -> list[str]:
+    """`study plan --pilot`'s lines. `settings`: {(dataset, q_bin): {setting: seeds}} of the
+    planned study (study.power_plan.planned_settings); `analysis_table`: its spec's [analysis]."""
+    comp = pilot_components(pilot)
+    margin = analysis_table.get("margin", DEFAULT_MARGIN)
+    alpha = analysis_table.get("alpha", 0.05)
+    margins = None
+    if margin == SEED_MARGIN:
+        margins = {(r["dataset"], r["q_bin"], r["metric"]): r["delta"]
+                   for r in pilot_seed_margins(pilot)}
+    datasets = list(dict.fromkeys(ds for ds, _ in settings))
+    primary_m = len(datasets) * len(METRICS)
+    rows = []
+    for ds in datasets:
+        bins = [q for q in Q_LABELS if (ds, q) in settings]
+        for m in METRICS:
+            for q in ("all", *bins):
+                s = settings[(ds, q)]
+                seeds = sorted(s.values())[len(s) // 2]  # the median setting's seeds
+                rows.append(PlannedRow(ds, q, m, len(s), seeds,
+                                       primary_m if q == "all" else len(bins),
+                                       planned_margin(margin, margins, ds, q, m)))
+    text = (f"±{100 * margin:.3g} %" if margin != SEED_MARGIN else
+            "seed noise of the pilot, per row")
+    return format_power(power_table(rows, comp, alpha), pilot, alpha, text)

@@ -9,8 +9,9 @@ figures`) is allowed and appended to the plan's `changes`; the report then label
 it judged under a changed plan *exploratory*. A store written before plans existed gets its
 plan at its next `study run`, marked as recorded after data.
 
-No torch, no ray: the analysis reads it too. Resolving a pilot's margins imports `analysis`
-(only then).
+No torch, no ray: the analysis reads it too. Resolving a pilot's margins needs `analysis`
+(only study/cli.py imports it, which hands them over as the [analysis] table's
+`pilot_margins`).
 """
 from __future__ import annotations
 
@@ -48,18 +49,11 @@ def judged(analysis: dict) -> dict:
             "alpha": analysis.get("alpha", DEFAULT_ALPHA), "pilot": analysis.get("pilot")}
 
 
-def resolve_pilot_margins(pilot: str | Path) -> list[dict]:
-    """margin = "seed" with a pilot: per dataset x Q bin x loss, delta = exp(median
-    seed-to-seed |log ratio|) - 1 of the pilot, pooled over its architectures."""
-    from analysis.plan_pilot import pilot_seed_margins
-
-    return pilot_seed_margins(pilot)
-
-
 def _entry(analysis: dict) -> dict:
     entry = judged(analysis)
     if entry["margin"] == SEED_MARGIN and entry["pilot"]:
-        entry["margins"] = resolve_pilot_margins(entry["pilot"])
+        # resolved by the caller from the pilot's seed noise (study/cli.py, through analysis)
+        entry["margins"] = analysis.get("pilot_margins", [])
     return entry
 
 
@@ -131,13 +125,10 @@ def record_for_run(root: str | Path, spec, has_data: bool, out) -> None:
 
 
 def check_pilot(spec) -> None:
-    """Before a run: a spec whose margin comes from a pilot must name a usable pilot that
-    shares no cell with it (refused in one line, nothing written)."""
+    """Before a run: a spec that names a pilot must name one that shares no cell with it
+    (refused in one line, nothing written)."""
     pilot = spec.analysis.get("pilot")
-    if not pilot:
-        return
-    from .power_plan import check_pilot_disjoint
+    if pilot:
+        from .power_plan import check_pilot_disjoint
 
-    check_pilot_disjoint(Path(pilot), {c.cell_id for c in spec.cells()})
-    if spec.analysis.get("margin") == SEED_MARGIN:
-        resolve_pilot_margins(pilot)
+        check_pilot_disjoint(Path(pilot), {c.cell_id for c in spec.cells()})

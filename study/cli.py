@@ -160,10 +160,10 @@ def cmd_plan(args) -> int:
     grid = StudyGrid(spec, store)
     cells = grid.cells()
     trained = _trained_cells(cells)
-    from .power_plan import missing_pilot_line, power_lines
+    from .power_plan import missing_pilot_line
 
     # computed first: a pilot that cannot plan is refused before a line is printed
-    power = power_lines(spec, cells, args.pilot) if args.pilot else [missing_pilot_line(spec)]
+    power = _power_lines(spec, cells, args.pilot) if args.pilot else [missing_pilot_line(spec)]
     cost = grid_cost(trained)
     n = count_cells(store.read_trials(columns=STATUS_COLUMNS, live=True), grid.cell_ids())
     if args.json:
@@ -193,6 +193,16 @@ def cmd_plan(args) -> int:
     print(_seed_line(spec))
     print("\n".join(power))
     return 0
+
+
+def _power_lines(spec, cells, pilot: str) -> list[str]:
+    """`plan --pilot`: the planned settings (study) through the pilot's variance (analysis)."""
+    from .power_plan import check_pilot_disjoint, planned_settings
+
+    check_pilot_disjoint(Path(pilot), {c.cell_id for c in cells})
+    from analysis.plan_pilot import power_lines
+
+    return power_lines(planned_settings(cells), pilot, spec.analysis)
 
 
 def _seed_line(spec) -> str:
@@ -254,6 +264,10 @@ def _run(spec, results: Path, args) -> int:
     from .analysis_plan import check_pilot
 
     check_pilot(spec)  # a pilot that cannot fix the margin is refused before anything runs
+    if spec.analysis.get("margin") == "seed" and spec.analysis.get("pilot"):
+        from analysis.plan_pilot import pilot_seed_margins
+
+        spec.analysis["pilot_margins"] = pilot_seed_margins(spec.analysis["pilot"])
     judged_before = _saved_analysis(store, spec)
     summary = run_study(spec, opts)
     print(f"ran {summary.ran} cells ({summary.ok} ok, {summary.failed} failed, "

@@ -2,7 +2,8 @@
 
 The spec side (this module): the planned settings per dataset x Q bin, each setting a
 deep/shallow comparison of two different networks with its seeds, and the refusal of a pilot
-that shares cells with the spec. The statistics side is analysis.plan_pilot.
+that shares cells with the spec. The statistics side is analysis.plan_pilot (study/cli.py
+joins the two: only the CLI imports analysis).
 """
 from __future__ import annotations
 
@@ -10,13 +11,11 @@ from pathlib import Path
 
 from sweep import SpecError, same_network
 from sweep.params import DATASET_SIZES, n_train_examples
-from sweep.spec import DEFAULT_MARGIN, SEED_MARGIN
 
 from .coverage import Q_LABELS, cell_n_params, q_bin
 from .store import Store
 
 A, B = "sequential", "parallel"
-METRICS = ("train_loss", "val_loss")
 
 
 def planned_settings(cells) -> dict[tuple[str, str], dict[tuple, int]]:
@@ -56,38 +55,6 @@ def check_pilot_disjoint(pilot: Path, cell_ids: set[str]) -> None:
         raise SpecError(f"pilot {pilot} shares {len(shared)} cells with the planned study (e.g. "
                         f"{sorted(shared)[0][:12]}): a pilot must be other seeds or other settings, "
                         "or the study's own data would set its plan")
-
-
-def power_lines(spec, cells, pilot: str) -> list[str]:
-    from analysis.plan_pilot import (PlannedRow, format_power, pilot_components,
-                                     pilot_seed_margins, planned_margin, power_table)
-
-    pilot_dir = Path(pilot)
-    check_pilot_disjoint(pilot_dir, {c.cell_id for c in cells})
-    comp = pilot_components(pilot_dir)
-    margin = spec.analysis.get("margin", DEFAULT_MARGIN)
-    alpha = spec.analysis.get("alpha", 0.05)
-    margins = None
-    if margin == SEED_MARGIN:
-        margins = {(r["dataset"], r["q_bin"], r["metric"]): r["delta"]
-                   for r in pilot_seed_margins(pilot_dir)}
-    settings = planned_settings(cells)
-    datasets = list(dict.fromkeys(ds for ds, _ in settings))
-    primary_m = len(datasets) * len(METRICS)
-    rows = []
-    for ds in datasets:
-        bins = [q for q in Q_LABELS if (ds, q) in settings]
-        for m in METRICS:
-            for q in ("all", *bins):
-                s = settings[(ds, q)]
-                seeds = sorted(s.values())[len(s) // 2]  # the median setting's seeds
-                rows.append(PlannedRow(ds, q, m, len(s), seeds,
-                                       primary_m if q == "all" else len(bins),
-                                       planned_margin(margin, margins, ds, q, m)))
-    text = (f"±{100 * margin:.3g} %" if margin != SEED_MARGIN else
-            "seed noise of the pilot, per row")
-    table = power_table(rows, comp, alpha)
-    return format_power(table, pilot_dir, alpha, text)
 
 
 def missing_pilot_line(spec) -> str:

@@ -10,6 +10,7 @@ import json
 import pandas as pd
 
 import analysis
+import analysis.plan_pilot
 from study import analysis_plan
 
 from conftest import run_cli
@@ -147,7 +148,8 @@ def test_seed_margin_from_a_pilot_is_fixed_in_the_plan(tmp_path):
     known_components_store(pilot, 0.0004, 0.002, seeds=(10, 11), layers=(2, 3, 4), filters=(4, 8))
     root = tmp_path / "study"
     root.mkdir()
-    spec_analysis = {"margin": "seed", "pilot": str(pilot)}
+    spec_analysis = {"margin": "seed", "pilot": str(pilot),
+                     "pilot_margins": analysis.plan_pilot.pilot_seed_margins(pilot)}
     analysis_plan.record_plan(root, spec_analysis, has_data=False)
     plan = analysis_plan.read_plan(root)
     margins = analysis_plan.margin_table(plan)
