@@ -19,7 +19,7 @@ from sweep.spec import DEFAULT_MARGIN, SEED_MARGIN, parse_margin
 from . import frames
 from ._common import AnalysisError, NothingToPlot, check_compare, check_store, guarded
 from .captions import FIGURES
-from .study_power import study_power
+from .study_power import study_power, with_power
 from .stats import seed_noise, seed_pairs, stats
 from .verdicts import ALPHA
 
@@ -131,6 +131,7 @@ def analyse(root: str | Path, compare=("sequential", "parallel"),
     res.stats = res.stats.assign(exploratory=res.exploratory)
     res.notes = _store_notes(res, report)
     res.power = guarded("power", res.notes, lambda: study_power(res))
+    res.stats = with_power(res.stats, res.power)
     res.wanted = _wanted(only)
     if "learning_curves" in res.wanted:
         notes = res.figure_notes.setdefault("learning_curves", [])

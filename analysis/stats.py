@@ -228,21 +228,12 @@ def _tests(d: np.ndarray, bound: float) -> dict:
     return out
 
 
-def settings_needed(d: np.ndarray, bound: float) -> float:
-    """A rough sqrt(n) estimate of the settings that would put the 90% interval inside the
-    margin, if the mean and spread stay as measured (NaN where the mean itself is outside)."""
-    room = bound - abs(float(np.mean(d))) if d.size else np.nan
-    if d.size < 2 or not np.isfinite(room) or room <= 0 or _no_spread(d):
-        return np.nan
-    return float(np.ceil((_sp.norm.ppf(0.95) * np.std(d, ddof=1) / room) ** 2))
-
-
 STATS_COLUMNS = [
     "a", "b", "dataset", "q_bin", "metric", "n", "n_runs", "mean_a", "mean_b",
     # the settings' mean log ratio b/a, as a ratio, with t intervals
     "ratio", "ratio_ci90_low", "ratio_ci90_high", "ratio_ci95_low", "ratio_ci95_high",
     "margin", "margin_source", "p_lower", "p_upper", "p_tost", "p_tost_holm",
-    "t_stat", "p_ttest", "p_ttest_holm", "verdict", "settings_needed",
+    "t_stat", "p_ttest", "p_ttest_holm", "verdict",
     # the Holm family of the row, its size m, and the interval at the verdict's level: the
     # Bonferroni interval of the family, 1 - 2 alpha / m, with the verdict Bonferroni gives
     # (where it differs from Holm's, `holm_only` marks the row)
@@ -273,7 +264,7 @@ def _one(g: pd.DataFrame, metric: str, delta: float) -> dict:
             "ratio": float(np.exp(d.mean())) if n else np.nan,
             "ratio_ci90_low": float(np.exp(lo90)), "ratio_ci90_high": float(np.exp(hi90)),
             "ratio_ci95_low": float(np.exp(lo95)), "ratio_ci95_high": float(np.exp(hi95)),
-            "margin": float(delta), **_tests(d, bound), "settings_needed": settings_needed(d, bound),
+            "margin": float(delta), **_tests(d, bound),
             "median_ratio": float(np.exp(np.median(d))) if n else np.nan,
             "ratio_ci_low": float(np.exp(mlo)), "ratio_ci_high": float(np.exp(mhi)),
             "b_wins": wins, "ties": ties, "win_rate_b": wins / n if n else np.nan,
@@ -303,8 +294,6 @@ def stats(pairs_df: pd.DataFrame, metrics=("train_loss", "val_loss"), margin=DEF
       verdict         Lakens' four outcomes at alpha on the adjusted p-values: equivalent (TOST
                       significant, t-test not), equivalent but different (both), different
                       (t-test only), inconclusive (neither); "too few settings" below 3;
-      settings_needed a rough sqrt(n) estimate of the settings that would put the 90% interval
-                      inside the margin, if mean and spread stay as measured;
       family, family_size  the Holm family and its number of tested rows m;
       ci_family_level, ratio_ci_family_*  the Bonferroni interval of the family, at level
                       1 - 2 alpha / m: inside the margin exactly when the TOST at alpha / m is;
@@ -389,7 +378,7 @@ def equivalence(pairs_df: pd.DataFrame, margin=DEFAULT_MARGIN, noise: pd.DataFra
     cols = ["a", "b", "dataset", "q_bin", "metric", "n", "n_runs", "ratio", "ratio_ci90_low",
             "ratio_ci90_high", "ratio_ci95_low", "ratio_ci95_high", "margin", "margin_source",
             "p_lower", "p_upper", "p_tost", "p_tost_holm", "t_stat", "p_ttest", "p_ttest_holm",
-            "verdict", "settings_needed", "family", "family_size", "ci_family_level",
+            "verdict", "family", "family_size", "ci_family_level",
             "ratio_ci_family_low", "ratio_ci_family_high", "verdict_bonferroni", "holm_only"]
     return stats(pairs_df, metrics, margin, noise)[cols]
 

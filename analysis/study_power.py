@@ -79,3 +79,26 @@ def power_of(power: pd.DataFrame | None, dataset: str, metric: str):
         return None
     hit = power[(power["dataset"] == dataset) & (power["metric"] == metric)]
     return next(hit.itertuples(index=False)) if len(hit) else None
+
+
+POWER_IN_STATS = {"power_at_1": "power_at_1", "power_at_ratio": "power_at_ratio",
+                  "seeds_needed": "seeds_for_80", "settings_needed": "settings_for_80"}
+
+
+def with_power(stats_df: pd.DataFrame, power: pd.DataFrame | None) -> pd.DataFrame:
+    """The stats table with each primary row's power and extension to 80 % (stats.csv's
+    power_at_1, power_at_ratio, seeds_for_80, settings_for_80; NaN elsewhere)."""
+    if stats_df is None or stats_df.empty:
+        return stats_df
+    out = stats_df.copy()
+    for col in POWER_IN_STATS.values():
+        out[col] = np.nan
+    if power is None or power.empty:
+        return out
+    for p in power.itertuples(index=False):
+        hit = ((out["dataset"] == p.dataset) & (out["q_bin"] == p.q_bin)
+               & (out["metric"] == p.metric))
+        for src, col in POWER_IN_STATS.items():
+            v = getattr(p, src)
+            out.loc[hit, col] = np.nan if v is None else float(v)
+    return out
