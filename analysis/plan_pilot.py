@@ -129,7 +129,8 @@ def _ext(row) -> str:
     n = row["settings_needed"]
     if n is not None and not (isinstance(n, float) and np.isnan(n)):
         n = int(n)
-        parts.append(f"{n - row['settings']:,} more settings ({n:,})")
+        parts.append(f"{n - row['settings']:,} more settings ({n:,})" if n > row["settings"]
+                     else "the planned settings")
     else:
         parts.append("no number of settings gets there")
     where = ("at the pilot's ratio" if row["aim_ratio"] == row["pilot_ratio"]

@@ -24,7 +24,8 @@ from .compute import Analysis
 from .draw import AXIS_RULE
 from .frames import controls, swept_factors, table2_wide
 from .report_plan import (FAMILIES_PARAGRAPH, HOLM_MARK, HOLM_NOTE, exploratory_label,
-                          family_interval, holm_marked, margin_words, plan_html, power_sentence)
+                          family_interval, holm_marked, levels_sentence, margin_words, plan_html,
+                          power_sentence)
 from .stats import TIME_METRIC, arch_effect, noise_of
 from .write import Written, analyse_draw_write
 
@@ -319,8 +320,7 @@ def _headline(res: Analysis) -> str:
         fallback = (" (rows without seed repeats fall back to ±10 %)"
                     if res.margin == "seed" and (s["margin_source"] != "seed noise").any() else "")
         out.append(f"Equivalence margin: {_margin_text(res)}, {src}{fallback}; a ratio {b}/{a} "
-                   "inside it counts as the same loss. Headline rows are the primary family "
-                   f"(Holm among themselves), at alpha {_num(res.alpha, 'g')}.")
+                   "inside it counts as the same loss. " + levels_sentence(s, res.alpha))
         if res.margin == "seed":
             out.append("<i>The margin comes from the same data it judges: these verdicts are "
                        "exploratory; fix it from a pilot (<code>margin = \"seed\"</code> with "

@@ -45,15 +45,23 @@ def holm_marked(r) -> bool:
 
 
 def family_interval(r) -> str:
-    """'97.5 % interval [lo, hi]' at the level the row's verdict used, with the Holm mark."""
+    """'97.5 % interval [lo, hi]' at the level the row's verdict used (the Bonferroni interval
+    of its family, 1 - 2 alpha / m), with the Holm mark."""
     level = getattr(r, "ci_family_level", np.nan)
     lo, hi = getattr(r, "ratio_ci_family_low", np.nan), getattr(r, "ratio_ci_family_high", np.nan)
-    m = int(getattr(r, "family_size", 0) or 0)
-    fam = ("headline rows" if getattr(r, "family", PRIMARY) == PRIMARY
-           else "Q bins of this dataset and loss")
     mark = HOLM_MARK if holm_marked(r) else ""
-    return (f"{_num(100 * level, '.3g')} % interval [{_num(lo, '.3f')}, {_num(hi, '.3f')}]{mark}, "
-            f"the verdict's level: Bonferroni over the {m} {fam}")
+    return f"{_num(100 * level, '.3g')} % interval [{_num(lo, '.3f')}, {_num(hi, '.3f')}]{mark}"
+
+
+def levels_sentence(stats_df, alpha: float) -> str:
+    """How the headline's intervals are set: the primary family's size and level."""
+    top = stats_df[stats_df["q_bin"] == "all"] if "family_size" in stats_df.columns else None
+    if top is None or top.empty:
+        return ""
+    m = int(top["family_size"].max())
+    return (f"Headline rows are the primary family: Holm-adjusted among themselves (m = {m}) at "
+            f"alpha {_num(alpha, 'g')}, each interval at the verdict's level, "
+            f"1 − 2α/m = {_num(100 * (1 - 2 * alpha / max(m, 1)), '.3g')} % (Bonferroni).")
 
 
 def _count(v) -> int | None:
