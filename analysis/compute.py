@@ -12,6 +12,7 @@ from typing import Iterable
 import pandas as pd
 
 from study.store import ReadReport, StoreReader
+from study.trials import fused
 from sweep import SpecError, parse_spec
 from study import analysis_plan
 from sweep.spec import DEFAULT_MARGIN, SEED_MARGIN, parse_margin
@@ -148,7 +149,8 @@ def _compute(root: Path, a: str, b: str, margin, report: ReadReport,
     df = frames.load(root, report)
     times = frames.train_time(root, report=report)
     if len(times):  # epochs that recorded their training pass: the speed half of the claim
-        df = df.assign(train_s_per_epoch=df["cell_id"].map(times))
+        # a fused cell's time is its group's: only cells trained one per trial count
+        df = df.assign(train_s_per_epoch=df["cell_id"].map(times).where(~fused(df)))
     all_pairs = frames.pairs(df, a, b)
     # Same-network pairs are controls, not evidence: out of every statistic and pair figure.
     pairs_df = frames.evidence(all_pairs)

@@ -15,7 +15,7 @@ import pandas as pd
 from study.counts import StudyGrid, count_cells
 from study.durations import long_duration
 from study.store import StoreReader, atomic_write_text
-from study.trials import trained_cells
+from study.trials import compute_seconds, trained_cells, training_modes
 from sweep import SpecError
 
 from ._common import PRETTY, AnalysisError, dataset_label
@@ -192,9 +192,16 @@ def _time_html(res: Analysis, times: pd.DataFrame) -> str:
     return ("<h3>Training time per epoch</h3>" + _table(head, rows, left=2, cls="num")
             + "<p>The training pass alone (no validation), the median over a cell's epochs; per "
             "setting the log ratio averaged over its seeds. These rows are outside the verdicts "
-            "and the Holm families. <b>They describe this hardware and this schedule</b>: "
+            "and the Holm families, and count cells trained one per trial only: a fused "
+            f"cell's time is its group's{_fused_left_out(res)}. "
+            "<b>They describe this hardware and this schedule</b>: "
             "times depend on the device, on how many cells shared it and on what else ran, so "
             "they say which layout was faster here, not in general.</p>")
+
+
+def _fused_left_out(res: Analysis) -> str:
+    n = training_modes(trained_cells(res.trials))["fused"]
+    return f" ({n:,} fused cells left out)" if n else ""
 
 
 def _time_clause(res: Analysis, ds: str) -> str:
@@ -413,7 +420,7 @@ def _environment_html(res: Analysis) -> str:
         v = trained[col].fillna("").astype(str).replace("", "(not recorded)").value_counts()
         return ", ".join(f"{esc(k)} ({n:,} cells)" for k, n in v.items()) or "unknown"
 
-    wall = float(pd.to_numeric(trained["wall_s"], errors="coerce").sum())
+    wall = compute_seconds(trained)
     start = pd.to_datetime(df["started_at"], utc=True, errors="coerce").min()
     end = pd.to_datetime(df["finished_at"], utc=True, errors="coerce").max()
     kv = [("torch", counts("torch_version")), ("project (study)", counts("project_version")),
@@ -477,10 +484,23 @@ def render(res: Analysis, written: Written) -> str:
     return "\n".join(p for p in parts if p)
 
 
+def _modes_text(trained: pd.DataFrame) -> str:
+    """How the cells trained: alone, in fused groups, or (a study resumed with another
+    --fuse) both, which the reader should know: values agree to float rounding only."""
+    m = training_modes(trained)
+    if not m["fused"]:
+        return f"{m['solo']:,} cells one per trial"
+    if not m["solo"]:
+        return f"{m['fused']:,} cells in fused groups (study.fused)"
+    return (f"<b>mixed modes</b>: {m['solo']:,} cells one per trial, {m['fused']:,} in fused "
+            "groups; a fused cell matches its solo run to float rounding, not bit for bit "
+            "(README, Fused training)")
+
+
 def _progress_html(res: Analysis, meta: dict, counts: dict) -> str:
     """The Progress list: where the study is, what it compares and how far it got."""
     trained = trained_cells(res.trials)
-    wall = float(pd.to_numeric(trained["wall_s"], errors="coerce").sum()) if len(res.trials) else 0.0
+    wall = compute_seconds(trained) if len(res.trials) else 0.0
     a, b = esc(res.a), esc(res.b)
 
     def c(k):
@@ -494,7 +514,7 @@ def _progress_html(res: Analysis, meta: dict, counts: dict) -> str:
            f"(from {len(res.pairs):,} pairs of cells, seeds counted apart)"),
           ("complete pairs", f"{len(res.pairs):,} of different networks"
            + (f" + {res.controls['n']:,} same-network controls" if res.controls.get("n") else "")),
-          ("compute time", esc(long_duration(wall)))]
+          ("compute time", esc(long_duration(wall))), ("trained", _modes_text(trained))]
     if counts.get("outside_spec"):
         kv.append(("rows outside the current spec", c("outside_spec")))
     return '<dl class="kv">' + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in kv) + "</dl>"

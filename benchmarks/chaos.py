@@ -195,13 +195,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kills", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fuse", default="auto",
+                    help="study run's --fuse: K trains K cells per trial as one fused group "
+                         "(default auto: one cell per trial on these CPU nodes)")
     args = ap.parse_args(argv)
     if why := why_not():
         print(why, file=sys.stderr)
         return 2
     n = 2 * max(1, args.cells // 2)
     at, extra, (w1_at, w2_at) = plan(random.Random(args.seed), n, args.kills)
-    print(f"chaos: {n} cells x {args.epochs} epochs; seed {args.seed}: driver SIGKILLed at "
+    print(f"chaos: {n} cells x {args.epochs} epochs, --fuse {args.fuse}; seed {args.seed}: "
+          "driver SIGKILLed at "
           f"{at} cells landed (+{extra} s); worker 1 killed and restarted at {w1_at} cells, "
           f"worker 2 killed for good at {w2_at} cells", flush=True)
     base = Path(tempfile.mkdtemp(prefix="ch", dir="/tmp"))  # short: Ray's socket paths
@@ -228,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                          (w2_at, "worker 2 killed for good", lambda: cluster.kill_worker("w2"))],
                         key=lambda e: e[0])
         common = ["--data-dir", str(data), "--address", cluster.address, "--no-figures",
-                  "--quiet", "--max-failures", "5"]
+                  "--quiet", "--max-failures", "5", "--fuse", str(args.fuse)]
         py = [sys.executable, "-m", "study.cli"]
         runs = [py + ["run", str(spec), "--results", str(results), *common]]
         runs += [py + ["resume", str(results), *common]] * len(at)

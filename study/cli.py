@@ -76,6 +76,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redraw", action="store_true",
                    help="draw the figures and report even when no cell ran")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--fuse", metavar="K|auto|off",
+                   help="train up to K same-shape cells as one grouped model per trial "
+                        "(sequential/parallel/plain cells sharing every setting but seed, lr, "
+                        "weight decay, architecture and activation); auto: on CUDA GPUs, with K "
+                        "from the activation memory, solo on CPUs; off: one cell per trial. "
+                        "Default: the mode recorded in the results folder, else auto")
     p.add_argument("--export", action="append", default=[], metavar="TRACKER[=WHERE]",
                    help="export cells to a tracker as they land: mlflow[=URI] or "
                         "tensorboard[=LOGDIR] (repeatable; a tracker down never stops the study)")
@@ -256,10 +262,11 @@ def _run(spec, results: Path, args) -> int:
     _remember_max_cells(results, args)
     trial = TrialOptions(results_dir=str(results), data_dir=args.data_dir,
                          download=args.download, max_failures=args.max_failures)
+    fuse = _fuse_mode(results, args)
     opts = RunOptions(trial, executor=args.executor, address=args.address,
                       cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
                       max_concurrent=args.max_concurrent, retry_failed=args.retry_failed,
-                      quiet=args.quiet, export=tuple(_export_targets(args.export)))
+                      quiet=args.quiet, export=tuple(_export_targets(args.export)), fuse=fuse)
     store = Store(results)
     from .analysis_plan import check_pilot
 
@@ -274,7 +281,9 @@ def _run(spec, results: Path, args) -> int:
           f"{summary.diverged} diverged) in {summary.wall_s:.1f} s"
           + (f", recorded {summary.copied} same-network copies without training"
              if summary.copied else "")
-          + f"; {summary.already_done + summary.ran + summary.copied} of {summary.total} cells done")
+          + f"; {summary.already_done + summary.ran + summary.copied} of {summary.total} cells done"
+          + (f"; at most {summary.peak_running} cells in {summary.peak_trials} trials ran at once"
+             if summary.ran else ""))
     print(f"trials: {store.trials_dir}")
     print(f"epochs: {store.epochs_dir}")
     report = Path(results) / "report.html"
@@ -287,6 +296,24 @@ def _run(spec, results: Path, args) -> int:
     else:
         _outputs(results, ("sequential", "parallel"), None, report=True)
     return 1 if summary.failed else 0
+
+
+def _fuse_mode(results: Path, args) -> int | str:
+    """--fuse as given, else the mode the study's folder recorded (a resume keeps it), else auto."""
+    from sweep.fusion import parse_fuse
+
+    from .runner import FUSE_FILE
+
+    given = getattr(args, "fuse", None)
+    if given is None:
+        try:
+            given = (results / FUSE_FILE).read_text().strip() or "auto"
+        except OSError:
+            given = "auto"
+    try:
+        return parse_fuse(given)
+    except ValueError as e:
+        raise SpecError(str(e)) from None
 
 
 def _saved_analysis(store: Store, spec) -> dict | None:
@@ -328,6 +355,9 @@ def cmd_status(args) -> int:
           + (f", mean {st['mean_cell_s']:.1f} s per cell, "
              f"ETA {short_duration(st['eta_compute_s'])} of compute for the pending cells"
              if st["mean_cell_s"] else ""))
+    if st["training"]["fused"]:
+        print(f"  trained: {st['training']['solo']} cells one per trial, "
+              f"{st['training']['fused']} in fused groups (a group's time counted once)")
     d = st["driver"]
     print(f"  driver: host {d['host']}, pid {d['pid']}, started {d['started_at']}" if d
           else "  driver: none running")

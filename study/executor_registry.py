@@ -1,10 +1,12 @@
 """Executors by name: how the pending cells run (what runs is the runner's), register / get / list.
 
-Every executor has one signature, `run(pending, run_opts, land, progress, store)`: the
-pending cells (sweep.Cell), the command's runner.RunOptions (the trial's options, as every
+Every executor has one signature, `run(units, run_opts, land, progress, store)`: the
+pending cells in units of training (lists of sweep.Cell: one cell, or a fused group that
+sweep.fusion.pack made), the command's runner.RunOptions (the trial's options, as every
 cell trains with them, in `run_opts.trial`), `land(row, epochs)` to call for each finished
-cell, the progress line and the store. An executor runs each cell through `train.run_cell`
-with `run_opts.trial` and lands every row, failed or not.
+cell, the progress line and the store. An executor runs each unit through
+`fused.train.run_group` (which runs a unit of one cell through `train.run_cell`, the solo
+path) with `run_opts.trial` and lands every row, failed or not.
 
 An entry names its functions as "module:function" and imports them on first use: `study plan`,
 the CLI's --executor choices and the local executor need the names, not Ray (whose import

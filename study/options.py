@@ -29,3 +29,7 @@ class TrialOptions:
     # Test hook: "key=value[,key=value]@EPOCH[xTIMES]" raises in matching cells at EPOCH on
     # the first TIMES attempts (default: every attempt). Set from STUDY_INJECT_FAULT.
     inject_fault: str | None = None
+    # Test hook (study.fused.drift): move every initial weight this many ulps (toward +inf;
+    # negative: toward -inf) right after the build, to measure how far one-ulp differences
+    # grow over a cell. 0 leaves the build untouched.
+    init_ulps: int = 0

@@ -39,6 +39,8 @@ def cell_row(cell: dict, result: dict, *, study: str, attempts: int, started_at:
            "node_id": node_id, "torch_version": torch_version(),
            "project_version": __version__}
     row.setdefault("device", device)
+    row.setdefault("group_size", 1)  # trained alone, unless a fused group says otherwise
+    row.setdefault("fused_group", None)
     return row
 
 

@@ -18,7 +18,7 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sweep import Cell, Spec
+from sweep import Cell, Spec, fusion
 from sweep.values import plain_value
 
 from . import executor_registry as executors
@@ -27,8 +27,8 @@ from .analysis_plan import record_for_run
 from .counts import STATUS_COLUMNS, StudyGrid, count_cells
 from .durations import short_duration
 from .options import TrialOptions
-from .store import DriverLock, ReadReport, Store, StoreError
-from .trials import trained_cells
+from .store import DriverLock, ReadReport, Store, StoreError, atomic_write_text
+from .trials import compute_seconds, trained_cells, training_modes
 
 
 @dataclass
@@ -46,6 +46,12 @@ class RunOptions:
     retry_failed: bool = False
     quiet: bool = False
     export: tuple = ()  # live export targets: ("mlflow"|"tensorboard", URI/LOGDIR or None)
+    # Fused training (sweep.fusion, study.fused): "off", "auto" (fuse on CUDA, solo on a
+    # CPU) or a K: up to K cells of one group key train as one grouped model per trial.
+    fuse: int | str = "auto"
+
+
+FUSE_FILE = "fuse.txt"  # the study's --fuse mode: a resume keeps it unless told otherwise
 
 
 @dataclass
@@ -59,6 +65,8 @@ class RunSummary:
     wall_s: float = 0.0
     quarantined: list[str] = field(default_factory=list)
     copied: int = 0  # same-network copies recorded from their trained cell, not trained
+    peak_running: int = 0  # the most cells that trained at once
+    peak_trials: int = 0  # ... in this many trials (a fused group is one trial)
 
 
 class Progress:
@@ -74,6 +82,9 @@ class Progress:
                  every_s: float = 5.0, heartbeat: Callable[[], None] | None = None):
         self.total, self.done0, self.done = total, done, done
         self.running = self.failed = self.diverged = 0
+        self.trials = 0  # trials (a cell, or a fused group) running, as the executor scheduled
+        # the most cells and trials that ran at once: the executor's own record of its packing
+        self.peak_running = self.peak_trials = 0
         self.t0 = time.time()
         self.out, self.quiet, self.every_s = out, quiet, every_s
         self.last = 0.0
@@ -99,6 +110,8 @@ class Progress:
                 f"elapsed {short_duration(elapsed)}, ETA {self.eta()}")
 
     def tick(self, force: bool = False) -> None:
+        self.peak_running = max(self.peak_running, self.running)
+        self.peak_trials = max(self.peak_trials, self.trials)
         now = time.time()
         if self.t_first is None and self.done > self.done0:
             self.t_first, self.done_first = now, self.done
@@ -260,6 +273,7 @@ def run_study(spec: Spec, opts: RunOptions, out=sys.stderr) -> RunSummary:
             print(f"[study] took over a stale lock of a driver that is gone "
                   f"(host {stale.get('host')}, pid {stale.get('pid')})", file=out)
         _take_over_store(spec, store, view, out)
+        atomic_write_text(store.root / FUSE_FILE, f"{opts.fuse}\n")
         pending, copies_of, copies = view.pending, {}, []
         if pending:  # pending cells imply the grid was enumerated by preflight
             pending, copies_of, copies = same_network_plan(view.grid.cells(), pending)
@@ -310,10 +324,14 @@ def _train(spec: Spec, store: Store, executor: executors.Executor, opts: RunOpti
     progress = Progress(summary.total, summary.already_done + summary.copied, out=out,
                         quiet=opts.quiet, heartbeat=lock.heartbeat)
     n_copies = sum(map(len, copies_of.values()))
+    units = fusion.pack(pending, fuse_size(opts, executor))
+    n_groups = sum(1 for u in units if len(u) > 1)
     if not opts.quiet:
         print(f"[study] {spec.name}: {len(pending)} of {summary.total} cells to train"
               + (f" (+{n_copies} same-network copies recorded from them)" if n_copies else "")
-              + f" ({summary.already_done} already in {store.root}), executor {opts.executor}",
+              + f" ({summary.already_done} already in {store.root}), executor {opts.executor}"
+              + (f", {sum(len(u) for u in units if len(u) > 1)} of them in {n_groups} fused "
+                 f"groups (--fuse {opts.fuse})" if n_groups else ""),
               file=out, flush=True)
     t0 = time.time()
     live = None
@@ -322,15 +340,34 @@ def _train(spec: Spec, store: Store, executor: executors.Executor, opts: RunOpti
         live = LiveExport(store, list(opts.export), out=out)
     land = _lander(store, copies_of, live, summary, progress, opts.quiet, out)
     try:
-        executor.runner()(pending, run_opts, land, progress, store)
+        executor.runner()(units, run_opts, land, progress, store)
     finally:
         if live is not None:
             live.close(wait=sys.exc_info()[0] is None)
     store.compact()  # readers find a handful of files, not one per cell
     summary.wall_s = time.time() - t0
+    summary.peak_running, summary.peak_trials = progress.peak_running, progress.peak_trials
     store.remove_empty_checkpoints_dir()  # only in-flight cells' checkpoints stay
     progress.running = 0
     progress.tick(force=True)
+
+
+def fuse_size(opts: RunOptions, executor: executors.Executor):
+    """The K of --fuse for pack: 1 (solo) for "off" and for "auto" without a CUDA GPU; a
+    given K as it is; for "auto" on GPUs, a function of the cell (sweep.fusion.auto_k)."""
+    if opts.fuse == "off":
+        return 1
+    if opts.fuse != "auto":
+        return int(opts.fuse)
+    if executor.gpus_on_request:
+        gpus = opts.gpus_per_trial
+    else:  # this process trains: it has torch, and a GPU or not
+        import torch
+
+        gpus = 1.0 if torch.cuda.is_available() else 0.0
+    if gpus <= 0:
+        return 1
+    return lambda config: fusion.auto_k(config, gpus)
 
 
 def _trial_options(spec: Spec, store: Store, executor: executors.Executor,
@@ -389,7 +426,8 @@ def status(store: Store) -> dict:
                          f"--results {store.root}` first")
     grid = StudyGrid.saved(store)
     cells = set(grid.cell_ids())  # from the cache where `study run` enumerated this very text
-    df = store.read_trials(report=ReadReport(), columns=["cell_id", "status", "wall_s", "same_network_as"],
+    df = store.read_trials(report=ReadReport(), columns=["cell_id", "status", "wall_s", "same_network_as",
+                                                         "fused_group", "group_size"],
                            live=True)  # a running driver compacts meanwhile
     counts = count_cells(df, cells, in_flight=store.in_flight(done=df["cell_id"]))
     df = df[pc.is_in(pa.array(df["cell_id"], pa.string()),
@@ -399,14 +437,16 @@ def status(store: Store) -> dict:
     driver_alive = bool(holder) and not lock.is_stale(holder)
     running = counts.in_flight if driver_alive else 0
     trained = trained_cells(df)  # a copy's row repeats its trained cell's time
-    ok_wall = trained.loc[trained["status"] == "ok", "wall_s"]
-    mean_s = float(ok_wall.mean()) if len(ok_wall) else None
+    ok = trained[trained["status"] == "ok"]
+    # a fused group's members share its time: counted once, a member's share is time / K
+    mean_s = compute_seconds(ok) / len(ok) if len(ok) else None
     pending = counts.pending
     return {
         "study": grid.name, "results": str(store.root), "total": counts.total,
         "done": counts.done, **counts.by_status(), "pending": pending, "running": running,
         "interrupted": counts.in_flight - running,
-        "compute_s": float(trained["wall_s"].fillna(0).sum()),
+        "compute_s": compute_seconds(trained),
+        "training": training_modes(trained),
         "mean_cell_s": mean_s,
         "eta_compute_s": None if mean_s is None else mean_s * pending,
         "driver": holder if driver_alive else None,

@@ -38,7 +38,7 @@ TRIAL_FIELDS = PARAM_FIELDS + [
     pa.field("test_loss", pa.float64()),
     pa.field("test_acc", pa.float64()),
     pa.field("pruned_branches", pa.int64()),  # learned_connectivity only
-    pa.field("wall_s", pa.float64()),  # this cell's training time, summed over attempts
+    pa.field("wall_s", pa.float64()),  # this cell's (or its fused group's) training time
     pa.field("started_at", pa.timestamp("us", tz="UTC")),
     pa.field("finished_at", pa.timestamp("us", tz="UTC")),
     pa.field("attempts", pa.int64()),
@@ -47,7 +47,13 @@ TRIAL_FIELDS = PARAM_FIELDS + [
     pa.field("node_id", pa.string()),  # Ray node id ("" under the local executor)
     pa.field("device", pa.string()),  # cpu or cuda
     pa.field("device_name", pa.string()),  # the GPU's model name, or the CPU's
-    pa.field("parallel_body", pa.string()),  # parallel cells: "loop" or "wide" (same network)
+    # parallel cells: "loop" or "wide" (same network), "fused" when trained in a fused group
+    pa.field("parallel_body", pa.string()),
+    # Fused training (study.fused): an id shared by the cells that trained as one group, and
+    # the group's size; null and 1 for a cell trained alone (null size: written before fusion).
+    # A fused cell's wall_s and train_s are its group's: they say nothing of its own speed.
+    pa.field("fused_group", pa.string()),
+    pa.field("group_size", pa.int64()),
     pa.field("error", pa.string()),  # last line of the error for failed/diverged cells
     pa.field("torch_version", pa.string()),
     pa.field("project_version", pa.string()),

@@ -12,6 +12,7 @@ with retries and builds the row (study.rows).
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import io
 import math
 import platform
@@ -85,10 +86,21 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
+OOM_FAULT = "oom:"  # an injected fault spec with this prefix raises CUDA's out-of-memory error
+
+
+def injected_fault(spec: str, what: str) -> Exception:
+    """The error a matching test hook raises: InjectedFault, or with "oom:" the error type
+    torch raises when the GPU's memory runs out (a fused group halves itself on it)."""
+    if spec.startswith(OOM_FAULT):
+        return torch.OutOfMemoryError(f"CUDA out of memory (injected): {what}")
+    return InjectedFault(what)
+
+
 def _fault_matches(spec: str | None, config: dict, epoch: int, attempt: int) -> bool:
     if not spec:
         return False
-    cond, _, when = spec.partition("@")
+    cond, _, when = spec.removeprefix(OOM_FAULT).partition("@")
     ep, _, times = when.partition("x")
     for kv in filter(None, cond.split(",")):
         k, _, v = kv.partition("=")
@@ -157,9 +169,20 @@ def _setup(config: dict, opts: TrialOptions, raw: "datasets.Raw | None"):
                                          tuple(data.train_x.shape[-2:]))
     if hasattr(model, "parallel_body") and config["architecture"] == "parallel":
         model.parallel_body = opts.parallel_body
+    if opts.init_ulps:
+        nudge_ulps(model, opts.init_ulps)
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     return device, data, model, filters_used, opt
+
+
+@torch.no_grad()
+def nudge_ulps(model, ulps: int) -> None:
+    """Move every parameter `ulps` ulps toward +inf (negative: toward -inf), in place: the
+    one-ulp perturbation of study.fused.drift (TrialOptions.init_ulps)."""
+    for p in model.parameters():
+        for _ in range(abs(ulps)):
+            p.copy_(torch.nextafter(p, torch.full_like(p, math.inf if ulps > 0 else -math.inf)))
 
 
 def restore(files: CellFiles, cell_id: str, model, opt, device: torch.device
@@ -178,10 +201,12 @@ def restore(files: CellFiles, cell_id: str, model, opt, device: torch.device
 
 
 def checkpoint(files: CellFiles, cell_id: str, epoch: int, model, opt, epochs: list[dict],
-               wall_s: float, device: torch.device) -> None:
+               wall_s: float, device: torch.device, rng: torch.Tensor | None = None) -> None:
+    """The cell's state after `epoch`, in the one format every resume reads (solo or fused).
+    `rng`: the cell's CPU generator state (a fused group keeps one per member)."""
     files.save_checkpoint(cell_id, _to_bytes({
         "cell_id": cell_id, "epoch": epoch, "model": model.state_dict(),
-        "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
+        "optimizer": opt.state_dict(), "rng": torch.get_rng_state() if rng is None else rng,
         # mask sampling (learned_connectivity) draws from the CUDA generator on a GPU
         "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
         "epochs": epochs, "wall_s": wall_s}))
@@ -265,7 +290,7 @@ def train_cell(config: dict, cell_id: str, opts: TrialOptions, attempt: int = 1,
     n, diverged, last_saved = len(data.train_x), None, time.perf_counter()
     for epoch in range(start_epoch, config["epochs"] + 1):
         if _fault_matches(opts.inject_fault, config, epoch, attempt):
-            raise InjectedFault(f"injected fault at epoch {epoch} (attempt {attempt})")
+            raise injected_fault(opts.inject_fault, f"injected fault at epoch {epoch} (attempt {attempt})")
         t0 = time.perf_counter()
         train_loss, train_acc = train_epoch(model, opt, data.train_x, data.train_y,
                                             config["batch_size"], config["seed"], epoch,
@@ -312,19 +337,21 @@ def _last_line(exc: BaseException) -> str:
 
 def run_cell(cell: dict, opts: TrialOptions, report: Callable[[dict], None] | None = None,
              node_id: str = "", files: CellFiles | None = None,
-             raw: "datasets.Raw | None" = None) -> tuple[dict, list[dict]]:
+             raw: "datasets.Raw | None" = None, attempts_before: int = 0,
+             started: "dt.datetime | None" = None) -> tuple[dict, list[dict]]:
     """The trial function: train a cell, retrying errors, and return its finished row.
 
     `cell` is `sweep.Cell.to_dict()`. Never raises for a cell's own
     errors: after `max_failures` retries the row says status = failed with the error's last
-    line, so one bad cell cannot stop a study.
+    line, so one bad cell cannot stop a study. `attempts_before`: attempts the cell already
+    had in a fused group (study.fused.train), counted on in its row.
     """
     config, cell_id = cell["config"], cell["cell_id"]
     files = files if files is not None else Store(opts.results_dir)
-    started = now()
-    attempt, last_error = 0, None
+    started = started or now()
+    attempt, last_error = attempts_before, None
     result, epochs = None, []
-    while attempt <= opts.max_failures:
+    while attempt <= opts.max_failures + attempts_before:
         attempt += 1
         try:
             result, epochs = train_cell(config, cell_id, opts, attempt, report, files, raw)

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 
 from .params import DATASET_SIZES, PARAMS, split_sizes
 
-# The reference GPU: NVIDIA H100 SXM, dense (no sparsity) tensor-core peaks from NVIDIA's
-# H100 datasheet: 989 TFLOPS BF16, 495 TFLOPS TF32.
+# The reference GPU: NVIDIA H100 SXM, dense (no sparsity) peaks from NVIDIA's H100
+# datasheet: 989 TFLOPS BF16 and 495 TFLOPS TF32 (tensor cores), 67 TFLOPS FP32 (without).
 REFERENCE_GPU = "H100 SXM"
-PEAK_FLOPS = {"bf16": 989e12, "tf32": 495e12}
+PEAK_FLOPS = {"bf16": 989e12, "tf32": 495e12, "fp32": 67e12}
 
 # Families whose width match_params leaves at `filters` (built from the sequential modules).
 _SAME_WIDTH = ("sequential", "parallel", "plain")

@@ -38,7 +38,7 @@ def test_a_failed_row_is_the_same_row_on_the_worker_and_on_the_driver(tmp_path):
 
     landed = []
     callback = StoreCallback(lambda row, epochs: landed.append(row), Progress(1, 0, quiet=True),
-                             opts, max_failures=2, cells=[cell])
+                             opts, max_failures=2, units=[[cell]])
     trial = Trial("tune_trial", config={"i": 0}, stub=True)  # a real (unscheduled) Tune trial
     callback.on_trial_start(0, [trial], trial)
     callback.on_trial_error(0, [trial], trial)

@@ -1,4 +1,4 @@
-"""The local executor: the same trial function, in this process, in order (debugging, tests).
+"""The local executor: the same trial functions, in this process, in order (debugging, tests).
 
 No Ray here: `study run --executor local` never imports it.
 """
@@ -10,17 +10,19 @@ from ..executor_registry import Land
 from ..store import Store
 
 
-def run_local(pending: list[Cell], run_opts, land: Land, progress, store: Store | None = None
-              ) -> None:
-    """Each cell through train.run_cell with `run_opts.trial`; the checkpoints and weights go
-    straight into the results folder (this is the driver)."""
-    from ..train import run_cell
+def run_local(units: list[list[Cell]], run_opts, land: Land, progress,
+              store: Store | None = None) -> None:
+    """Each unit (one cell, or a fused group) through its trial function with
+    `run_opts.trial`; the checkpoints and weights go straight into the results folder (this
+    is the driver)."""
+    from ..fused.train import run_group
 
     files = Store(run_opts.trial.results_dir)
-    for c in pending:
-        progress.running = 1
+    for unit in units:
+        progress.running, progress.trials = len(unit), 1
         progress.tick()
-        row, epochs = run_cell(c.to_dict(), run_opts.trial, report=lambda m: progress.tick(),
-                               files=files)
-        progress.running = 0
-        land(row, epochs)
+        results = run_group([c.to_dict() for c in unit], run_opts.trial,
+                            report=lambda m: progress.tick(), files=files)
+        progress.running = progress.trials = 0
+        for row, epochs in results:
+            land(row, epochs)

@@ -1,7 +1,8 @@
 """The Ray executor: the pending cells as Ray Tune trials.
 
-The driver ships the cell table and the datasets through Ray's object store once; each trial
-(tune_trial) trains one cell with train.run_cell and reports its row back, which
+The driver ships the table of units (one cell, or a fused group of cells) and the datasets
+through Ray's object store once; each trial (tune_trial) trains one unit with
+fused.train.run_group (train.run_cell for a unit of one) and reports its rows back, which
 StoreCallback lands in the store from the driver as it finishes. Cells Tune gave up on too
 early run again in further passes (_fit_in_passes). Workers need this package and torch,
 nothing else. No torch is imported here (the driver never trains); the trial function
@@ -22,6 +23,7 @@ from ray import tune  # noqa: E402
 from ray.tune.search import Searcher  # noqa: E402
 
 from sweep import Cell  # noqa: E402
+from sweep.fusion import group_id  # noqa: E402
 
 from ..executor_registry import Land  # noqa: E402
 from ..options import TrialOptions  # noqa: E402
@@ -32,7 +34,7 @@ from .ray_files import start_driver_files, trial_files  # noqa: E402
 
 
 class CellSearcher(Searcher):
-    """Hands Tune one index into the cell table at a time: constant work per trial, where a
+    """Hands Tune one index into the unit table at a time: constant work per trial, where a
     `tune.grid_search` over the cell dicts is deep-copied for every variant (quadratic)."""
 
     def __init__(self, indices: list[int]):
@@ -80,15 +82,17 @@ def _unnice() -> None:
 
 
 def tune_trial(config: dict, shared: dict) -> None:
-    """The Ray Tune function trainable: cell number config["i"] of the shipped table."""
-    from ..train import run_cell
+    """The Ray Tune function trainable: unit number config["i"] of the shipped table."""
+    from ..fused.train import run_group
 
     _unnice()
-    cell = _cached(shared["cells"])[config["i"]]
+    unit = _cached(shared["units"])[config["i"]]
     opts = shared["opts"]  # the run's TrialOptions, as the driver resolved them
-    raw = _cached(shared["data"][cell["config"]["dataset"]]) \
-        if cell["config"]["dataset"] in shared["data"] else None
+    dataset = unit[0]["config"]["dataset"]  # a group shares its dataset
+    raw = _cached(shared["data"][dataset]) if dataset in shared["data"] else None
     node_id = ray.get_runtime_context().get_node_id()
+    if shared.get("barrier") is not None:
+        _wait_at_barrier(shared["barrier"])
     last = [time.monotonic()]
 
     def heartbeat(metrics: dict) -> None:
@@ -99,18 +103,47 @@ def tune_trial(config: dict, shared: dict) -> None:
             last[0] = time.monotonic()
             tune.report(metrics)
 
-    row, epochs = run_cell(cell, opts, report=heartbeat, node_id=node_id,
-                           files=trial_files(shared["files"], opts.results_dir), raw=raw)
-    tune.report({"final": 1, **codec.encode(row, epochs)})
+    results = run_group(unit, opts, report=heartbeat, node_id=node_id,
+                        files=trial_files(shared["files"], opts.results_dir), raw=raw)
+    tune.report({"final": 1, **codec.encode_all(results)})
+
+
+@ray.remote(num_cpus=0)
+class TrialBarrier:
+    """Test hook (STUDY_TRIAL_BARRIER=N): the first N trials wait here until all N run at
+    once (or BARRIER_TIMEOUT_S passes), so a test of how Ray packs trials depends on no
+    trial's speed or start-up time."""
+
+    def __init__(self, n: int):
+        self.n, self.arrived = n, 0
+
+    def arrive(self) -> bool:
+        """True for the first n trials: they wait for the others."""
+        self.arrived += 1
+        return self.arrived <= self.n
+
+    def complete(self) -> bool:
+        return self.arrived >= self.n
+
+
+BARRIER_TIMEOUT_S = 120.0
+
+
+def _wait_at_barrier(barrier) -> None:
+    if not ray.get(barrier.arrive.remote()):
+        return
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < BARRIER_TIMEOUT_S and not ray.get(barrier.complete.remote()):
+        time.sleep(0.2)
 
 
 class StoreCallback(tune.Callback):
-    """Lands each finished cell in the store from the driver, as it finishes."""
+    """Lands each finished cell in the store from the driver, as its unit finishes."""
 
     def __init__(self, land: Land, progress, opts: TrialOptions, max_failures: int,
-                 cells: list[dict]):
+                 units: list[list[dict]]):
         self.land, self.progress, self.opts, self.max_failures = land, progress, opts, max_failures
-        self.cells = cells
+        self.units = units
         self.started: dict[str, object] = {}  # trial_id -> when it started (a failed row's)
         self.requeue: list[int] = []  # cells Tune gave up on before max_failures (see below)
         self.may_requeue = False
@@ -122,12 +155,14 @@ class StoreCallback(tune.Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.started.setdefault(trial.trial_id, now())  # a restart keeps the first
-        self.progress.running += 1
+        self.progress.running += len(self.units[trial.config["i"]])
+        self.progress.trials += 1
         self.progress.tick()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if "row_json" in result:
-            self.land(*codec.decode(result))
+        if codec.ROW_KEYS[0] in result:
+            for row, epochs in codec.decode_all(result):
+                self.land(row, epochs)
             # Tune keeps each trial's last result for the whole run (and in its snapshots):
             # once landed, the row must not stay there (Tune lets callbacks edit it).
             for k in codec.ROW_KEYS:
@@ -136,12 +171,15 @@ class StoreCallback(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.started.pop(trial.trial_id, None)
-        self.progress.running = max(0, self.progress.running - 1)
+        self.progress.running = max(0, self.progress.running - len(self.units[trial.config["i"]]))
+        self.progress.trials = max(0, self.progress.trials - 1)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         # Ray gave up on the trial (its worker died more than max_failures times):
         # record it as failed so the study goes on; --retry-failed runs it again.
-        self.progress.running = max(0, self.progress.running - 1)
+        unit = self.units[trial.config["i"]]
+        self.progress.running = max(0, self.progress.running - len(unit))
+        self.progress.trials = max(0, self.progress.trials - 1)
         # Tune retries a RUNNING trial up to max_failures times, but errs a PENDING one at
         # once when the reused actor it was handed died with its node: such a cell goes
         # into the next pass instead of failing for a loss that was not its own.
@@ -149,14 +187,18 @@ class StoreCallback(tune.Callback):
             self.requeue.append(trial.config["i"])
             self.started.pop(trial.trial_id, None)
             return
-        cell = self.cells[trial.config["i"]]
         err = getattr(trial, "error_message", None) or "Ray trial failed (worker lost)"
         lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
-        row = cell_row(cell, failed_result(lines[-1] if lines else "Ray trial failed"),
-                       study=self.opts.study, attempts=self.max_failures + 1,
-                       started_at=self.started.pop(trial.trial_id, None),
-                       host=_hostname(getattr(trial, "node_ip", None)), node_id=None)
-        self.land(row, [])
+        started = self.started.pop(trial.trial_id, None)
+        host = _hostname(getattr(trial, "node_ip", None))
+        group = {"group_size": len(unit),
+                 "fused_group": group_id(c["cell_id"] for c in unit) if len(unit) > 1 else None}
+        for cell in unit:
+            row = cell_row(cell, {**failed_result(lines[-1] if lines else "Ray trial failed"),
+                                  **group},
+                           study=self.opts.study, attempts=self.max_failures + 1,
+                           started_at=started, host=host, node_id=None)
+            self.land(row, [])
 
 
 def _hostname(ip: str | None) -> str | None:
@@ -167,12 +209,12 @@ def _hostname(ip: str | None) -> str | None:
     return next((h for h in names if h), ip)
 
 
-def _ship_datasets(cells: list[dict], opts: TrialOptions) -> dict:
+def _ship_datasets(units: list[list[dict]], opts: TrialOptions) -> dict:
     """Each dataset the cells need, read once here (uint8) and put in the object store."""
     from .. import data as datasets
 
     refs = {}
-    for name in sorted({c["config"]["dataset"] for c in cells}):
+    for name in sorted({c["config"]["dataset"] for unit in units for c in unit}):
         refs[name] = ray.put(datasets.load_raw(name, opts.data_dir))
     return refs
 
@@ -187,11 +229,11 @@ def _trainable(shared: dict, run_opts):
     return tune.with_resources(tune.with_parameters(tune_trial, shared=shared), resources)
 
 
-def _fit_in_passes(trainable, callback: StoreCallback, n_cells: int, run_opts,
+def _fit_in_passes(trainable, callback: StoreCallback, n_units: int, run_opts,
                    tune_dir: str) -> None:
-    """All cells through Tune; then, in further passes (at most max_failures), the cells
+    """All units through Tune; then, in further passes (at most max_failures), the units
     the callback requeued because Tune gave up on them before max_failures."""
-    todo = list(range(n_cells))
+    todo = list(range(n_units))
     max_failures = run_opts.trial.max_failures
     for n_pass in range(max_failures + 1):
         callback.may_requeue = n_pass < max_failures
@@ -214,8 +256,9 @@ def _fit_in_passes(trainable, callback: StoreCallback, n_cells: int, run_opts,
             return
 
 
-def run_ray(pending: list[Cell], run_opts, land: Land, progress, store) -> None:
-    """Every pending cell as a Tune trial of `run_opts`' size, trained with `run_opts.trial`."""
+def run_ray(units: list[list[Cell]], run_opts, land: Land, progress, store) -> None:
+    """Every unit (a cell, or a fused group) as a Tune trial of `run_opts`' size, trained
+    with `run_opts.trial`."""
     ray_connect.start_or_join(run_opts.address)
     opts = run_opts.trial
     # Tune's end-of-run summary looks for the per-trial files ray_connect.WORKER_ENV switched off.
@@ -231,19 +274,20 @@ def run_ray(pending: list[Cell], run_opts, land: Land, progress, store) -> None:
             store_errors.append(e)
             raise
 
-    cells = [c.to_dict() for c in pending]
-    callback = StoreCallback(land_or_stop, progress, opts, opts.max_failures, cells)
+    table = [[c.to_dict() for c in unit] for unit in units]
+    callback = StoreCallback(land_or_stop, progress, opts, opts.max_failures, table)
     # A Ray started here has one node, this machine: trials reach the results folder
     # directly. Joined to a cluster (--address), no node but the driver's may assume it.
     files = None if ray_connect.own_local_ray() else start_driver_files(opts.results_dir)
     # The options travel as they are: a dataclass pickles through the object store.
-    shared = {"cells": ray.put(cells), "data": _ship_datasets(cells, opts), "files": files,
-              "opts": opts}
+    barrier = os.environ.get("STUDY_TRIAL_BARRIER")
+    shared = {"units": ray.put(table), "data": _ship_datasets(table, opts), "files": files,
+              "opts": opts, "barrier": TrialBarrier.remote(int(barrier)) if barrier else None}
     trainable = _trainable(shared, run_opts)
     # Tune's own bookkeeping stays on the driver's machine, outside the results folder.
     tune_dir = tempfile.mkdtemp(prefix="study-tune-")
     try:
-        _fit_in_passes(trainable, callback, len(cells), run_opts, tune_dir)
+        _fit_in_passes(trainable, callback, len(table), run_opts, tune_dir)
     except Exception:
         if store_errors:
             raise store_errors[0] from None

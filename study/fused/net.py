@@ -1,0 +1,158 @@
+"""K same-shape networks as one grouped network (horizontal fusion, HFTA-style).
+
+Every parameter and buffer of the members is stacked into one tensor of shape (K, *solo
+shape); the forward views them as grouped convolutions (groups = K), one BatchNorm over the
+K*F channels (per channel, so per member: each member keeps its own running statistics),
+and a batched matmul for the K heads. Member k's tensors are `stacked[name][k]`, so a
+member goes back into its solo module with `write_back` and comes from one with `stack`.
+
+Members may differ in architecture among sequential, parallel and plain, which differ only
+in which tensor each unit reads, and in activation:
+    sequential  cur <- cur + f(cur)          parallel  cur <- cur + f(x0)       plain  cur <- f(cur)
+(cur starts at the body's input x0; the parallel sum is accumulated in the same order as its
+solo loop). Where the group mixes them, a per-channel `torch.where` picks each member's
+tensor: exact values, no arithmetic. Activations apply per contiguous run of members.
+`torch.func.vmap` is not used: it loses BatchNorm's running statistics.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..models.common import ACTIVATIONS
+
+
+def _act_runs(activations: list[str], width: int) -> list[tuple[nn.Module, int, int]]:
+    """(activation module, first channel, end channel) per run of equal activations."""
+    runs: list[tuple[nn.Module, int, int]] = []
+    for k, name in enumerate(activations):
+        if runs and runs[-1][0].__class__ is ACTIVATIONS[name]:
+            runs[-1] = (runs[-1][0], runs[-1][1], (k + 1) * width)
+        else:
+            runs.append((ACTIVATIONS[name](), k * width, (k + 1) * width))
+    return runs
+
+
+class GroupedNet:
+    """The K members' tensors, stacked, and the grouped forward of a training step.
+
+    `members`: solo models (study.models ResidualNet or PlainNet) of one group key;
+    `architectures`, `activations`: theirs, in the same order.
+    """
+
+    def __init__(self, members: list[nn.Module], architectures: list[str],
+                 activations: list[str]):
+        m0 = members[0]
+        self.k = len(members)
+        self.layers = len(m0.blocks)
+        self.filters = m0.stem[0].out_channels
+        self.batch_norm = any(isinstance(u, nn.BatchNorm2d) for u in m0.blocks[0]) \
+            if self.layers else False
+        self.pool = m0.pool
+        self.head_kind = m0.head_kind
+        self.kernel = m0.stem[0].kernel_size
+        bn = m0.blocks[0][1] if self.batch_norm else None
+        self.bn_momentum, self.bn_eps = (bn.momentum, bn.eps) if bn is not None else (0.1, 1e-5)
+        self.param_names = [n for n, _ in m0.named_parameters()]
+        self.buffer_names = [n for n, _ in m0.named_buffers()]
+        self.params: dict[str, torch.Tensor] = {}
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.stack(members)
+        self.acts = _act_runs(activations, self.filters)
+        device = self.params[self.param_names[0]].device
+        per_channel = lambda names: torch.tensor(  # noqa: E731
+            [a in names for a in architectures for _ in range(self.filters)],
+            device=device).view(1, -1, 1, 1)
+        self.reads_x0 = per_channel(("parallel",))  # units read the body's input
+        self.replaces = per_channel(("plain",))  # the unit's output replaces cur (no skip)
+        self.all_x0, self.any_x0 = bool(self.reads_x0.all()), bool(self.reads_x0.any())
+        self.all_plain, self.any_plain = bool(self.replaces.all()), bool(self.replaces.any())
+
+    # -- the members' tensors -------------------------------------------------------------
+    @torch.no_grad()
+    def stack(self, members: list[nn.Module]) -> None:
+        """(Re)take every tensor from the solo members: parameters become leaves that
+        require grad, buffers plain tensors."""
+        named = [dict(m.named_parameters()) for m in members]
+        bufs = [dict(m.named_buffers()) for m in members]
+        for n in self.param_names:
+            self.params[n] = torch.stack([d[n].detach() for d in named]).requires_grad_(True)
+        for n in self.buffer_names:
+            self.buffers[n] = torch.stack([d[n].detach() for d in bufs]).clone()
+
+    @torch.no_grad()
+    def write_back(self, members: list[nn.Module], which: list[int] | None = None) -> None:
+        """Copy member k's slice of every tensor into its solo module (for evaluation,
+        checkpoints and weights, all in the solo format)."""
+        for k in range(self.k) if which is None else which:
+            m = members[k]
+            for n, p in m.named_parameters():
+                p.copy_(self.params[n][k])
+            for n, b in m.named_buffers():
+                b.copy_(self.buffers[n][k])
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [self.params[n] for n in self.param_names]
+
+    # -- the grouped forward --------------------------------------------------------------
+    def _conv(self, x: torch.Tensor, prefix: str) -> torch.Tensor:
+        w = self.params[prefix + ".weight"]
+        b = self.params.get(prefix + ".bias")
+        return F.conv2d(x, w.flatten(0, 1), None if b is None else b.flatten(),
+                        padding="same", groups=self.k)
+
+    def _act(self, h: torch.Tensor) -> torch.Tensor:
+        if len(self.acts) == 1:
+            return self.acts[0][0](h)
+        return torch.cat([act(h[:, a:b]) for act, a, b in self.acts], dim=1)
+
+    def _batch_norm(self, h: torch.Tensor, prefix: str, training: bool,
+                    active: torch.Tensor | None) -> torch.Tensor:
+        mean, var = (self.buffers[prefix + s] for s in (".running_mean", ".running_var"))
+        if training and active is not None:  # frozen members keep their statistics
+            new_mean, new_var = mean.clone(), var.clone()
+        else:
+            new_mean, new_var = mean, var
+        # F.batch_norm updates the running statistics in place through these flat views
+        out = F.batch_norm(h, new_mean.view(-1), new_var.view(-1),
+                           self.params[prefix + ".weight"].flatten(),
+                           self.params[prefix + ".bias"].flatten(),
+                           training, self.bn_momentum, self.bn_eps)
+        if training:
+            tracked = self.buffers[prefix + ".num_batches_tracked"]
+            if active is None:
+                tracked += 1
+            else:
+                on = active.view(-1, 1)
+                mean.copy_(torch.where(on, new_mean, mean))
+                var.copy_(torch.where(on, new_var, var))
+                tracked += active.to(tracked.dtype)
+        return out
+
+    def forward(self, x: torch.Tensor, training: bool = True,
+                active: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (K, B, C, H, W), member k's batch in x[k] -> logits (K, B, classes).
+        `active` (bool, (K,)): in training, only those members' BatchNorm statistics move."""
+        k, b = x.shape[:2]
+        h = x.transpose(0, 1).reshape(b, k * x.shape[2], *x.shape[3:])
+        h = h.contiguous(memory_format=torch.channels_last)  # the solo nets' layout
+        h = self._act(self._conv(h, "stem.0"))
+        if self.pool > 1:
+            h = F.max_pool2d(h, self.pool)
+        x0 = cur = h
+        for i in range(self.layers):
+            unit_in = x0 if self.all_x0 else (
+                torch.where(self.reads_x0, x0, cur) if self.any_x0 else cur)
+            u = self._conv(unit_in, f"blocks.{i}.0")
+            if self.batch_norm:
+                u = self._batch_norm(u, f"blocks.{i}.1", training, active)
+            u = self._act(u)
+            cur = u if self.all_plain else (
+                torch.where(self.replaces, u, cur + u) if self.any_plain else cur + u)
+        if self.head_kind == "flatten":
+            feats = cur.reshape(b, k, -1)
+        else:
+            feats = cur.mean(dim=(2, 3)).view(b, k, -1)
+        w, bias = self.params["head.weight"], self.params["head.bias"]
+        return torch.baddbmm(bias.unsqueeze(1), feats.transpose(0, 1), w.transpose(1, 2))
