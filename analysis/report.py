@@ -349,7 +349,8 @@ def _headline(res: Analysis) -> str:
                 item += "No Q bin has the 3 settings a verdict needs."
             elif len(bins):
                 item += "By Q bin: " + "; ".join(
-                    f"Q∈{esc(r.q_bin)} {esc(r.verdict)} (n = {r.n})"
+                    f"Q∈{esc(r.q_bin)} {esc(r.verdict)}{' ' + HOLM_MARK if holm_marked(r) else ''} "
+                    f"(n = {r.n})"
                     for r in bins.itertuples(index=False)) + "."
             items.append(item)
         if _time_clause(res, ds):
