@@ -486,7 +486,8 @@ def plot_forest(stats_df: pd.DataFrame, noise: pd.DataFrame | None = None,
     ax.grid(False, axis="y")
     ax.tick_params(axis="y", length=0)
     holm = s["holm_only"].eq(True) if "holm_only" in s.columns else pd.Series(False, s.index)
-    _verdict_labels(ax, ys, [v + (" †" if h else "") for v, h in zip(s["verdict"], holm)])
+    _verdict_labels(ax, ys, list(s["verdict"]), [v + (" †" if h else "")
+                                                  for v, h in zip(s["verdict"], holm)])
     ax.set_xlabel(f"ratio {b}/{a} of the loss\n(settings' mean log ratio; log axis)")
     family = "ci_family_level" in s.columns
     handles = [Line2D([], [], color="0.2", lw=3.2, label="interval at the verdict's level"
@@ -498,8 +499,8 @@ def plot_forest(stats_df: pd.DataFrame, noise: pd.DataFrame | None = None,
                Patch(facecolor="none", edgecolor="0.45", hatch="////",
                      label="seed noise (median)")]
     if holm.any():
-        handles.append(Line2D([], [], lw=0, label="† decided by Holm; this interval crosses"))
-    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 3))
+        handles.append(Line2D([], [], lw=0, label="† Holm decides, Bonferroni does not"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=2)
     return fig
 
 
@@ -548,11 +549,12 @@ def _forest_row(ax, y: float, r, noise: pd.DataFrame | None) -> list[float]:
     return values
 
 
-def _verdict_labels(ax, ys, verdicts: list[str]) -> None:
-    """The verdicts as right-hand tick labels in their colours: the layout makes room."""
+def _verdict_labels(ax, ys, verdicts: list[str], labels: list[str] | None = None) -> None:
+    """The verdicts as right-hand tick labels (`labels`, default the verdicts) in their
+    verdicts' colours: the layout makes room."""
     right = ax.twinx()
     right.set_ylim(ax.get_ylim())
-    right.set_yticks(ys, verdicts)
+    right.set_yticks(ys, labels or verdicts)
     right.tick_params(axis="y", length=0)
     for t, vd in zip(right.get_yticklabels(), verdicts):
         t.set_color(VERDICT_COLORS.get(vd, "0.2"))
