@@ -10,7 +10,6 @@ import numpy as np
 from sweep.spec import SEED_MARGIN
 
 from .study_power import power_of
-from .verdicts import PRIMARY
 
 HOLM_MARK = "†"
 HOLM_NOTE = (f"{HOLM_MARK} Holm's step-down adjustment decides this row where the Bonferroni "

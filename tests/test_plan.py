@@ -6,6 +6,7 @@ known_components_store); the plan is read and written by the real `study` comman
 from __future__ import annotations
 
 import json
+import math
 
 import pandas as pd
 
@@ -156,7 +157,7 @@ def test_seed_margin_from_a_pilot_is_fixed_in_the_plan(tmp_path):
     noise = analysis.seed_noise(analysis.load(pilot))
     want = noise[(noise["q_bin"] == "all") & (noise["architecture"] == "all")
                  & (noise["metric"] == "val_loss")]["median_abs_log_ratio"].iloc[0]
-    assert margins[("digits", "all", "val_loss")] == __import__("math").expm1(want)
+    assert margins[("digits", "all", "val_loss")] == math.expm1(want)
     text = f'[analysis]\nmargin = "seed"\npilot = "{pilot}"\n'
     store = known_components_store(root, 0.0001, 0.001, seeds=(0, 1), layers=(2, 3, 4),
                                    filters=(4, 8))
