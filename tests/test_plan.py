@@ -109,6 +109,8 @@ def test_a_margin_given_after_the_data_makes_the_verdicts_exploratory(tmp_path):
     assert (st.loc[loss, "exploratory"] == "exploratory (plan changed after data)").all()
     html = (root / "report.html").read_text()
     assert "exploratory (plan changed after data)" in html and "<h2>The analysis plan</h2>" in html
+    # the two families and their adjustment are named beside the statistics table
+    assert "<b>Two families.</b> The headline rows" in html and "family (rows)" in html
     plan = json.loads((root / "analysis_plan.json").read_text())
     assert [(c["source"], c["margin"]) for c in plan["changes"]] == [("--margin", 0.2)]
     # without --margin the plan's own margin judges again, as planned
