@@ -41,7 +41,13 @@ Three layers (as in rliable):
                                       rank-based counterparts (median ratio with bootstrap CI,
                                       win rate with Wilson CI, Wilcoxon); ``equivalence(...)``
                                       its equivalence columns; ``margin="seed"`` takes the
-                                      margin from ``noise`` (a seed_noise table).
+                                      margin from ``noise`` (a seed_noise table);
+                                      ``family``: Holm runs within the primary family
+                                      (headline rows) and per dataset x loss over the bins;
+   ``variance_components(pairs_df)`` sigma2_between / sigma2_within of the log ratio per
+                                      dataset x Q bin x loss, with 80 % upper limits;
+   ``power(n, sigma2_between, sigma2_within, seeds, margin, ratio=1, alpha=0.05)`` the
+                                      power of the paired TOST (exact, Owen's Q integral).
 2. Figures, one function per figure, each returning a matplotlib Figure (``fig=None``):
    ``plot_equivalence``, ``plot_table2``, ``plot_ratio_distribution``,
    ``plot_factor_effects``, ``plot_learning_curves``, ``plot_zoo``, ``plot_forest``,
@@ -69,6 +75,8 @@ from .frames import (control_summary, controls, evidence, live_files, load, load
                      table2_wide, train_time)
 from .lesion_figure import plot_lesions
 from .report import write_report
+from .power import power
+from .variance import variance_components
 from .stats import (arch_effect, bootstrap_median_ci, equivalence, seed_noise, seed_pairs, stats,
                     wilson_interval)
 from .write import FigureResult, write_figures, write_lesion_figure
@@ -81,4 +89,5 @@ __all__ = ["AnalysisError", "NothingToPlot", "Q_LABELS", "add_q", "load", "load_
            "wilson_interval", "bootstrap_median_ci", "plot_equivalence", "plot_table2",
            "plot_ratio_distribution", "plot_factor_effects", "plot_learning_curves", "plot_zoo",
            "plot_forest", "plot_seed_noise", "plot_time_ratio", "train_time",
-           "plot_lesions", "write_figures", "write_lesion_figure", "FigureResult", "write_report"]
+           "plot_lesions", "write_figures", "write_lesion_figure", "FigureResult", "write_report",
+           "power", "variance_components"]

@@ -5,11 +5,14 @@ caption the report gives it: the one list of figure stems (`only=` is checked ag
 # {n}: complete pairs that compare two different networks, {cells}: finished cells).
 FIGURES = {
     "forest": "Equivalence of {b} and {a}: per dataset, loss and Q bin, the ratio {b}/{a} of the "
-              "loss (exp of the settings' mean log ratio; n = settings), its 90% (thick) and "
-              "95% (thin) t intervals, the margin {margin} (green band), the seed noise "
-              "(hatched: median ratio between two seeds of one network, where the study has "
-              "repeats) and the verdict (two one-sided t-tests and a two-sided t-test, "
-              "Holm-adjusted, at 0.05). Log-ratio axis.",
+              "loss (exp of the settings' mean log ratio; n = settings), its t interval at the "
+              "level the verdict used (thick: the Bonferroni interval of the row's Holm family, "
+              "1 − 2α/m, its level beside n; headline rows are one family, each dataset and "
+              "loss's Q bins another) with the unadjusted 90% interval's ends (ticks), the "
+              "margin {margin} (green band), the seed noise (hatched: median ratio between two "
+              "seeds of one network, where the study has repeats) and the verdict (two one-sided "
+              "t-tests and a two-sided t-test, Holm-adjusted within the family; † where Holm "
+              "decides and the drawn interval does not). Log-ratio axis.",
     "seed_noise": "Seed noise against the architecture effect, on one log-ratio axis: the loss "
                   "ratio (larger/smaller) between two seeds of one network of {a} and of {b}, "
                   "and between {a} and {b} at one setting and seed; boxes: quartiles and median, "

@@ -14,12 +14,15 @@ import pandas as pd
 from study.store import ReadReport, StoreReader
 from study.trials import fused
 from sweep import SpecError, parse_spec
-from sweep.spec import DEFAULT_MARGIN, parse_margin
+from study import analysis_plan
+from sweep.spec import DEFAULT_MARGIN, SEED_MARGIN, parse_margin
 
 from . import frames
 from ._common import AnalysisError, NothingToPlot, check_compare, check_store, guarded
 from .captions import FIGURES
+from .study_power import study_power, with_power
 from .stats import seed_noise, seed_pairs, stats
+from .verdicts import ALPHA
 
 LESIONS_TABLE = Path("lesions") / "lesions.parquet"  # under DIR, written by study.lesion
 
@@ -51,7 +54,11 @@ class Analysis:
     noise: pd.DataFrame | None = None  # stats.seed_noise
     seed_pairs: pd.DataFrame | None = None  # stats.seed_pairs of the two architectures
     margin: float | str = DEFAULT_MARGIN  # a delta, or "seed"
-    margin_from: str = "default"  # "--margin", "spec [analysis]" or "default"
+    margin_from: str = "default"  # "--margin", "spec [analysis]", "plan (...)" or "default"
+    alpha: float = ALPHA
+    plan: dict | None = None  # the saved analysis plan (study.analysis_plan), None if none
+    exploratory: str = ""  # why the verdicts are exploratory ("" when they follow the plan)
+    power: pd.DataFrame | None = None  # analysis.study_power: each primary row's power
     wanted: set[str] = field(default_factory=lambda: set(FIGURES))  # figures to draw
     curves: CurveInput | None = None  # None: the learning curves are skipped (see notes)
     lesions: pd.DataFrame | None = None  # DIR/lesions/lesions.parquet, when there is one
@@ -59,18 +66,50 @@ class Analysis:
     figure_notes: dict[str, list[str]] = field(default_factory=dict)
 
 
+def _saved_analysis(root: Path) -> dict:
+    try:
+        return parse_spec(StoreReader(root).spec_path.read_text()).analysis
+    except (OSError, UnicodeDecodeError, SpecError):
+        return {}  # no readable spec: the report says so under Progress
+
+
 def study_margin(root: Path, margin=None) -> tuple[float | str, str]:
     """The margin to judge with, and where it came from: `margin` if given (--margin), else the
     saved spec's [analysis] margin, else DEFAULT_MARGIN."""
     if margin is not None:
         return parse_margin(margin, "--margin"), "--margin"
-    try:
-        saved = parse_spec(StoreReader(root).spec_path.read_text()).analysis.get("margin")
-    except (OSError, UnicodeDecodeError, SpecError):
-        saved = None  # no readable spec: the report says so under Progress
+    saved = _saved_analysis(root).get("margin")
     if saved is not None:
         return saved, "spec [analysis]"
     return DEFAULT_MARGIN, "default"
+
+
+def judgement(root: Path, margin=None) -> dict:
+    """How this analysis judges, against the saved analysis plan: the margin (a number, "seed",
+    or the plan's pilot margins as a {(dataset, q_bin, loss): delta} table), where it came
+    from, alpha, the plan, and why the verdicts are exploratory ("" when they are not)."""
+    spec = _saved_analysis(root)
+    used, source = study_margin(root, margin)
+    alpha = spec.get("alpha", ALPHA)
+    plan = analysis_plan.read_plan(root)
+    force = analysis_plan.in_force(plan) if plan else None
+    why = ""
+    if used == SEED_MARGIN and source != "--margin" and spec.get("pilot") and force \
+            and force.get("pilot") == spec.get("pilot") and analysis_plan.margin_table(force):
+        used, source = analysis_plan.margin_table(force), "plan (pilot seed noise)"
+    if used == SEED_MARGIN:
+        why = "exploratory (margin from the same data)"
+    if plan is not None:
+        if not plan.get("before_data", True):
+            why = why or "exploratory (plan recorded after data)"
+        changed_after = [c for c in plan.get("changes", []) if c.get("after_data")
+                         and c.get("source") == "spec [analysis]"]
+        planned_margin = force.get("margin")
+        if changed_after or (source == "--margin" and used != planned_margin) \
+                or alpha != force.get("alpha", ALPHA):
+            why = "exploratory (plan changed after data)"
+    return {"margin": used, "margin_from": source, "alpha": alpha, "plan": plan,
+            "exploratory": why}
 
 
 def analyse(root: str | Path, compare=("sequential", "parallel"),
@@ -85,11 +124,15 @@ def analyse(root: str | Path, compare=("sequential", "parallel"),
         raise AnalysisError(f"compare takes two architectures (a, b), got {compare!r}")
     a, b = compare
     check_compare(a, b)
-    margin, margin_from = study_margin(root, margin)
+    judged = judgement(root, margin)
     report = ReadReport()
-    res = _compute(root, a, b, margin, report)
-    res.margin_from = margin_from
+    res = _compute(root, a, b, judged["margin"], report, judged["alpha"])
+    res.margin_from, res.plan, res.exploratory = (judged["margin_from"], judged["plan"],
+                                                  judged["exploratory"])
+    res.stats = res.stats.assign(exploratory=res.exploratory)
     res.notes = _store_notes(res, report)
+    res.power = guarded("power", res.notes, lambda: study_power(res))
+    res.stats = with_power(res.stats, res.power)
     res.wanted = _wanted(only)
     if "learning_curves" in res.wanted:
         notes = res.figure_notes.setdefault("learning_curves", [])
@@ -101,7 +144,8 @@ def analyse(root: str | Path, compare=("sequential", "parallel"),
     return res
 
 
-def _compute(root: Path, a: str, b: str, margin, report: ReadReport) -> Analysis:
+def _compute(root: Path, a: str, b: str, margin, report: ReadReport,
+             alpha: float = ALPHA) -> Analysis:
     df = frames.load(root, report)
     times = frames.train_time(root, report=report)
     if len(times):  # epochs that recorded their training pass: the speed half of the claim
@@ -114,12 +158,12 @@ def _compute(root: Path, a: str, b: str, margin, report: ReadReport) -> Analysis
     both = df[df["architecture"].isin([a, b])]
     noise = seed_noise(both)
     return Analysis(root=root, a=a, b=b, trials=df, pairs=pairs_df, table2=frames.table2(df),
-                    stats=stats(settings_df, margin=margin, noise=noise),
+                    stats=stats(settings_df, margin=margin, noise=noise, alpha=alpha),
                     bad_parts=list(report.bad_parts), all_pairs=all_pairs,
                     controls=frames.control_summary(all_pairs),
                     table2_acc=frames.table2(df, ("train_acc", "val_acc")),
                     settings=settings_df, noise=noise, seed_pairs=seed_pairs(both),
-                    margin=margin)
+                    margin=margin, alpha=alpha)
 
 
 def _store_notes(res: Analysis, report: ReadReport) -> list[str]:

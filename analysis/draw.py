@@ -451,7 +451,9 @@ VERDICT_COLORS = {"equivalent": "#1b7837", "equivalent but different": "#5aae61"
 def plot_forest(stats_df: pd.DataFrame, noise: pd.DataFrame | None = None,
                 metrics=("train_loss", "val_loss"), fig=None) -> Figure:
     """One row per dataset x loss x Q bin ('all' first): the settings' mean ratio b/a with its
-    90% (thick) and 95% (thin) t intervals, the margin band [1/(1+delta), 1+delta] (green), the
+    t interval at the level its verdict used (thick: the Bonferroni interval of its Holm family,
+    1 - 2 alpha / m; a dagger on the verdict where Holm decides and that interval does not) and
+    the unadjusted 90% interval's ends (ticks), the margin band [1/(1+delta), 1+delta] (green), the
     seed-noise band exp(+-median seed-to-seed |log ratio|) of that row (hatched grey, where the
     study has repeats), and the verdict at the row's end. Log-ratio axis, ratio tick labels."""
     s = _forest_rows(stats_df, metrics)
@@ -469,8 +471,9 @@ def plot_forest(stats_df: pd.DataFrame, noise: pd.DataFrame | None = None,
         last_group = (r.dataset, r.metric)
         values += _forest_row(ax, y, r, noise)
         q = "all Q" if r.q_bin == "all" else f"Q∈{r.q_bin}"
+        level = getattr(r, "ci_family_level", np.nan)
         labels.append(f"{dataset_label(r.dataset)} · {PRETTY.get(r.metric, r.metric)} · {q} "
-                      f"(n = {r.n})")
+                      f"(n = {r.n}" + (f", {100 * level:.3g} %)" if np.isfinite(level) else ")"))
     ax.axvline(1.0, color="0.2", lw=0.8, ls="--", zorder=0)
     v = np.asarray(values, float)
     v = v[np.isfinite(v) & (v > 0)]
@@ -482,14 +485,22 @@ def plot_forest(stats_df: pd.DataFrame, noise: pd.DataFrame | None = None,
     ax.set_yticks(ys, labels)
     ax.grid(False, axis="y")
     ax.tick_params(axis="y", length=0)
-    _verdict_labels(ax, ys, list(s["verdict"]))
-    ax.set_xlabel(f"ratio {b}/{a} of the loss (settings' mean log ratio; log axis)")
-    handles = [Line2D([], [], color="0.2", lw=3.2, label="90% interval"),
+    holm = s["holm_only"].eq(True) if "holm_only" in s.columns else pd.Series(False, s.index)
+    _verdict_labels(ax, ys, list(s["verdict"]), [v + (" †" if h else "")
+                                                  for v, h in zip(s["verdict"], holm)])
+    ax.set_xlabel(f"ratio {b}/{a} of the loss\n(settings' mean log ratio; log axis)")
+    family = "ci_family_level" in s.columns
+    handles = [Line2D([], [], color="0.2", lw=3.2, label="interval at the verdict's level"
+                      if family else "90% interval"),
+               Line2D([], [], color="0.2", lw=0, marker="|", ms=9, mew=1.2,
+                      label="90% interval (unadjusted)") if family else
                Line2D([], [], color="0.2", lw=1.0, label="95% interval"),
                Patch(color="#1b7837", alpha=0.25, label="margin"),
                Patch(facecolor="none", edgecolor="0.45", hatch="////",
                      label="seed noise (median)")]
-    fig.legend(handles=handles, loc="outside lower center", ncols=4)
+    if holm.any():
+        handles.append(Line2D([], [], lw=0, label="† Holm decides, Bonferroni does not"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=2)
     return fig
 
 
@@ -521,7 +532,14 @@ def _forest_row(ax, y: float, r, noise: pd.DataFrame | None) -> list[float]:
         values += [np.exp(-med), np.exp(med)]
     if np.isfinite(r.ratio):
         color = VERDICT_COLORS.get(r.verdict, "0.2")
-        if np.isfinite(r.ratio_ci95_low):
+        lo, hi = (getattr(r, "ratio_ci_family_low", np.nan),
+                  getattr(r, "ratio_ci_family_high", np.nan))
+        if np.isfinite(lo) and np.isfinite(r.ratio_ci90_low):
+            ax.plot([lo, hi], [y, y], color=color, lw=3.2, solid_capstyle="butt")
+            ax.plot([r.ratio_ci90_low, r.ratio_ci90_high], [y, y], "|", color="0.15", ms=9,
+                    mew=1.2, zorder=3)
+            values += [lo, hi]
+        elif np.isfinite(r.ratio_ci95_low):  # a stats table from before the families
             ax.plot([r.ratio_ci95_low, r.ratio_ci95_high], [y, y], color=color, lw=1.0)
             ax.plot([r.ratio_ci90_low, r.ratio_ci90_high], [y, y], color=color, lw=3.2,
                     solid_capstyle="butt")
@@ -531,11 +549,12 @@ def _forest_row(ax, y: float, r, noise: pd.DataFrame | None) -> list[float]:
     return values
 
 
-def _verdict_labels(ax, ys, verdicts: list[str]) -> None:
-    """The verdicts as right-hand tick labels in their colours: the layout makes room."""
+def _verdict_labels(ax, ys, verdicts: list[str], labels: list[str] | None = None) -> None:
+    """The verdicts as right-hand tick labels (`labels`, default the verdicts) in their
+    verdicts' colours: the layout makes room."""
     right = ax.twinx()
     right.set_ylim(ax.get_ylim())
-    right.set_yticks(ys, verdicts)
+    right.set_yticks(ys, labels or verdicts)
     right.tick_params(axis="y", length=0)
     for t, vd in zip(right.get_yticklabels(), verdicts):
         t.set_color(VERDICT_COLORS.get(vd, "0.2"))

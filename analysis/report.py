@@ -23,6 +23,9 @@ from .captions import FIGURES
 from .compute import Analysis
 from .draw import AXIS_RULE
 from .frames import controls, swept_factors, table2_wide
+from .report_plan import (FAMILIES_PARAGRAPH, HOLM_MARK, HOLM_NOTE, exploratory_label,
+                          family_interval, holm_marked, levels_sentence, margin_words, plan_html,
+                          power_sentence)
 from .stats import TIME_METRIC, arch_effect, noise_of
 from .write import Written, analyse_draw_write
 
@@ -101,8 +104,8 @@ averaged over its seeds first: <i>n</i> counts settings, <i>runs</i> the seeds b
 <i>ratio</i> is exp of the mean log ratio, with t intervals at 90 % and 95 %. The equivalence
 test is two one-sided t-tests (TOST) against the margin ±log(1+δ): both one-sided p-values are
 shown, and the TOST p is the larger. Beside it, the ordinary two-sided paired t-test. Each p
-family (TOST, t-test) is Holm-adjusted over the rows of this table, and the verdict follows
-Lakens' four outcomes on the adjusted p-values at 0.05: <i>equivalent</i> (TOST significant,
+(TOST, t-test) is Holm-adjusted within its family (below), and the verdict follows
+Lakens' four outcomes on the adjusted p-values at alpha: <i>equivalent</i> (TOST significant,
 t-test not), <i>equivalent but different</i> (both: a real effect smaller than the margin),
 <i>different</i> (t-test only), <i>inconclusive</i> (neither). A row with fewer than 3 settings
 gets no verdict.</p>
@@ -122,6 +125,8 @@ def _p(v) -> str:
 
 
 def _margin_text(res: Analysis, delta: float | None = None) -> str:
+    if isinstance(res.margin, dict):
+        return margin_words(res.margin)
     if res.margin == "seed":
         return "the seed noise of each row (δ = exp(median seed-to-seed |log ratio|) − 1)"
     d = res.margin if delta is None else delta
@@ -138,22 +143,28 @@ def _stats_html(res: Analysis) -> str:
     s = s[s["metric"] != TIME_METRIC]
     for r in s.itertuples(index=False):
         where = [esc(dataset_label(r.dataset)), esc(r.q_bin), esc(PRETTY.get(r.metric, r.metric))]
-        eq_rows.append(where + [
+        mark = HOLM_MARK if holm_marked(r) else ""
+        eq_rows.append(where + [f"{esc(r.family)} (m = {r.family_size})",
             f"{r.n} ({r.n_runs})", f"{_num(r.ratio, '.3f')}",
             f"[{_num(r.ratio_ci90_low, '.3f')}, {_num(r.ratio_ci90_high, '.3f')}]",
             f"[{_num(r.ratio_ci95_low, '.3f')}, {_num(r.ratio_ci95_high, '.3f')}]",
+            f"[{_num(r.ratio_ci_family_low, '.3f')}, {_num(r.ratio_ci_family_high, '.3f')}]{mark} "
+            f"({_num(100 * r.ci_family_level, '.3g')} %)",
             f"±{_num(100 * r.margin, '.3g')} %" + (" (seed)" if r.margin_source == "seed noise"
-                                                   else ""),
+                                                   else " (pilot)" if r.margin_source ==
+                                                   "pilot seed noise" else ""),
             f"{_p(r.p_lower)} / {_p(r.p_upper)}", f"{_p(r.p_tost)} ({_p(r.p_tost_holm)})",
-            f"{_p(r.p_ttest)} ({_p(r.p_ttest_holm)})", f"<b>{esc(r.verdict)}</b>"])
+            f"{_p(r.p_ttest)} ({_p(r.p_ttest_holm)})",
+            f"<b>{esc(r.verdict)}</b>{mark}" + (f" <i>{esc(r.exploratory)}</i>"
+                                                if r.exploratory else "")])
         rank_rows.append(where + [
             str(r.n), f"{_num(r.median_ratio, '.3f')} [{_num(r.ratio_ci_low, '.3f')}, "
                       f"{_num(r.ratio_ci_high, '.3f')}]",
             f"{r.b_wins}/{r.n} = {_num(r.win_rate_b, '.2f')} "
             f"[{_num(r.win_ci_low, '.2f')}, {_num(r.win_ci_high, '.2f')}]",
             _p(r.wilcoxon_p), _p(r.wilcoxon_p_holm)])
-    eq_head = ["dataset", "Q bin", "loss", "settings (runs)", f"ratio {b}/{a}", "90% CI",
-               "95% CI", "margin", "one-sided p: lower / upper", "TOST p (Holm)",
+    eq_head = ["dataset", "Q bin", "loss", "family (rows)", "settings (runs)", f"ratio {b}/{a}",
+               "90% CI", "95% CI", "CI at the verdict's level", "margin", "one-sided p: lower / upper", "TOST p (Holm)",
                "t-test p (Holm)", "verdict"]
     rank_head = ["dataset", "Q bin", "loss", "settings", f"median {b}/{a} [95% bootstrap CI]",
                  f"{b} wins [95% Wilson CI]", "Wilcoxon p", "Holm p"]
@@ -164,7 +175,7 @@ def _stats_html(res: Analysis) -> str:
     return ("<h3>Equivalence</h3>" + '<div class="wide">' + _table(eq_head, eq_rows, left=3)
             + "</div><h3>Rank-based counterparts</h3>" + '<div class="wide">'
             + _table(rank_head, rank_rows, left=3, cls="num") + "</div>" + _time_html(res, times)
-            + STATS_PARAGRAPH.format(a=a, b=b, seeds=seeds))
+            + FAMILIES_PARAGRAPH + STATS_PARAGRAPH.format(a=a, b=b, seeds=seeds))
 
 
 def _time_html(res: Analysis, times: pd.DataFrame) -> str:
@@ -263,35 +274,27 @@ def _verdict_sentence(res: Analysis, r, noise_med: float, effect_med: float) -> 
     """One dataset x loss: the verdict with its numbers, then the seed-noise comparison."""
     a, b = esc(res.a), esc(res.b)
     margin = f"±{_num(100 * r.margin, '.3g')} %"
-    ci = f"[{_num(r.ratio_ci90_low, '.3f')}, {_num(r.ratio_ci90_high, '.3f')}]"
+    ci = family_interval(r)
     n = f"n = {r.n} settings" + (f", {r.n_runs} runs" if r.n_runs != r.n else "")
     head = f"<b>{esc(dataset_label(r.dataset))}, {esc(PRETTY.get(r.metric, r.metric))}</b>: "
     shift = (f"{b}'s loss is about {_num(100 * abs(1 - r.ratio), '.2g')} % "
              f"{'lower' if r.ratio < 1 else 'higher'} than {a}'s")
     if r.verdict == "equivalent":
         text = (f"{b} and {a} are <b>equivalent</b> within {margin} (TOST p = "
-                f"{_p(r.p_tost_holm)}, {n}, 90 % interval of the ratio {b}/{a} {ci})")
+                f"{_p(r.p_tost_holm)}, {n}, ratio {b}/{a} {_num(r.ratio, '.3f')}, {ci})")
     elif r.verdict == "equivalent but different":
         text = (f"{b} and {a} are <b>equivalent but different</b>: {shift}, a real difference "
                 f"inside the {margin} margin (ratio "
-                f"{_num(r.ratio, '.3f')}, 90 % interval {ci}; TOST p = {_p(r.p_tost_holm)}, "
+                f"{_num(r.ratio, '.3f')}, {ci}; TOST p = {_p(r.p_tost_holm)}, "
                 f"t-test p = {_p(r.p_ttest_holm)}; {n})")
     elif r.verdict == "different":
         text = (f"{b} and {a} are <b>different</b>: {shift} "
-                f"(ratio {_num(r.ratio, '.3f')}, 90 % interval {ci} not inside the {margin} "
+                f"(ratio {_num(r.ratio, '.3f')}, {ci} not inside the {margin} "
                 f"margin; t-test p = {_p(r.p_ttest_holm)}; {n})")
     elif r.verdict == "inconclusive":
-        need = r.settings_needed
-        more = ("; more than 100 times as many settings would be needed to narrow it "
-                "enough, if the spread stays as measured (a rough √n estimate): the effect sits "
-                "at the margin's edge" if np.isfinite(need) and need > 100 * r.n else
-                f"; about {int(need):,} settings would narrow it enough, if the spread stays as "
-                "measured (a rough √n estimate)" if np.isfinite(need) and need > r.n else
-                "; the mean ratio itself lies outside the margin, so more settings alone would "
-                "not make the two equivalent" if not np.isfinite(need) else "")
-        text = (f"<b>inconclusive</b>: the 90 % interval {ci} of the ratio {b}/{a} crosses the "
-                f"{margin} margin and the t-test finds no difference (TOST p = "
-                f"{_p(r.p_tost_holm)}, t-test p = {_p(r.p_ttest_holm)}; {n}){more}")
+        text = (f"<b>inconclusive</b>: the ratio {b}/{a} {_num(r.ratio, '.3f')}, {ci}, crosses "
+                f"the {margin} margin and the t-test finds no difference (TOST p = "
+                f"{_p(r.p_tost_holm)}, t-test p = {_p(r.p_ttest_holm)}; {n})")
     else:
         text = f"no verdict: fewer than 3 settings ({n})"
     if np.isfinite(noise_med) and np.isfinite(effect_med):
@@ -299,7 +302,9 @@ def _verdict_sentence(res: Analysis, r, noise_med: float, effect_med: float) -> 
         text += (f"; swapping the architecture moves the loss {verb} than re-seeding does "
                  f"(median |log ratio| {_num(effect_med, '.3f')} between architectures vs "
                  f"{_num(noise_med, '.3f')} between seeds)")
-    return head + text + ". "
+    if holm_marked(r):
+        text += f" {HOLM_MARK}"
+    return head + text + exploratory_label(res) + "." + power_sentence(res, r) + " "
 
 
 def _headline(res: Analysis) -> str:
@@ -316,11 +321,17 @@ def _headline(res: Analysis) -> str:
     else:
         src = {"--margin": "given by --margin", "spec [analysis]": "from the spec's [analysis] "
                "table", "default": "the default; set <code>[analysis] margin</code> in the spec "
-               "or <code>--margin</code>"}[res.margin_from]
+               "or <code>--margin</code>",
+               "plan (pilot seed noise)": "resolved from the pilot when the plan was saved"
+               }[res.margin_from]
         fallback = (" (rows without seed repeats fall back to ±10 %)"
                     if res.margin == "seed" and (s["margin_source"] != "seed noise").any() else "")
         out.append(f"Equivalence margin: {_margin_text(res)}, {src}{fallback}; a ratio {b}/{a} "
-                   "inside it counts as the same loss.")
+                   "inside it counts as the same loss. " + levels_sentence(s, res.alpha))
+        if res.margin == "seed":
+            out.append("<i>The margin comes from the same data it judges: these verdicts are "
+                       "exploratory; fix it from a pilot (<code>margin = \"seed\"</code> with "
+                       "<code>pilot = DIR</code> in <code>[analysis]</code>).</i>")
     eff = arch_effect(res.pairs)
     items = []
     for ds in dict.fromkeys(s["dataset"]) if not s.empty else []:
@@ -338,12 +349,15 @@ def _headline(res: Analysis) -> str:
                 item += "No Q bin has the 3 settings a verdict needs."
             elif len(bins):
                 item += "By Q bin: " + "; ".join(
-                    f"Q∈{esc(r.q_bin)} {esc(r.verdict)} (n = {r.n})"
+                    f"Q∈{esc(r.q_bin)} {esc(r.verdict)}{' ' + HOLM_MARK if holm_marked(r) else ''} "
+                    f"(n = {r.n})"
                     for r in bins.itertuples(index=False)) + "."
             items.append(item)
         if _time_clause(res, ds):
             items.append(_time_clause(res, ds))
     tail = []
+    if not s.empty and s["holm_only"].eq(True).any():
+        tail.append(HOLM_NOTE)
     if res.noise is None or res.noise.empty:
         tail.append(_one_seed_sentence())
     tail.append("These verdicts describe this grid of settings; they do not carry over to other "
@@ -461,6 +475,7 @@ def render(res: Analysis, written: Written) -> str:
         f"<p>{esc(meta.get('description', ''))}</p>" if meta.get("description") else "",
         f"<p>Generated {stamp}.</p>",
         "<h2>Headline</h2>", _headline(res),
+        "<h2>The analysis plan</h2>", plan_html(res),
         "<h2>Progress</h2>" + _progress_html(res, meta, counts),
     ]
     if notes:

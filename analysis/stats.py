@@ -11,7 +11,6 @@ import warnings
 import numpy as np
 import pandas as pd
 from scipy import stats as _sp
-from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.proportion import proportion_confint
 from statsmodels.stats.weightstats import ttost_paired
 
@@ -20,6 +19,8 @@ from study.trials import trained_cells
 from sweep.spec import DEFAULT_MARGIN, SEED_MARGIN
 
 from ._common import Q_LABELS, dataset_order
+from .verdicts import (ALPHA, MIN_SETTINGS, NO_VERDICT, PRIMARY, SECONDARY, VERDICTS,  # noqa: F401
+                       _no_spread, _t_interval, adjust_families, family_keys, holm, verdict)
 from .frames import evidence
 from .frames import settings as _settings
 
@@ -27,12 +28,6 @@ Z95 = 1.959963984540054
 BOOT_SEED = 20230101  # fixed: the same store always gives the same intervals
 BOOT_N = 2000
 EXACT_FROM = 400  # above this many values the median's bootstrap is computed, not sampled
-ALPHA = 0.05  # the verdicts' level, on Holm-adjusted p-values
-MIN_SETTINGS = 3  # fewer settings get no verdict
-VERDICTS = ("equivalent", "equivalent but different", "different", "inconclusive")
-NO_VERDICT = "too few settings"
-
-
 def wilson_interval(k, n, z: float = Z95):
     """Wilson score interval of a binomial proportion k/n (NaN where n == 0); vectorised."""
     k = np.atleast_1d(np.asarray(k, dtype=float))
@@ -97,16 +92,6 @@ def bootstrap_median_ci(x, n_boot: int = BOOT_N, seed: int = BOOT_SEED, level: f
         meds[s:s + idx.shape[0]] = np.median(x[idx], axis=1)
     lo, hi = np.percentile(meds, [100 * qs[0], 100 * qs[1]])
     return float(lo), float(hi)
-
-
-def holm(p) -> np.ndarray:
-    """Holm–Bonferroni adjusted p-values (NaNs stay NaN and do not count as tests)."""
-    p = np.asarray(p, dtype=float)
-    out = np.full_like(p, np.nan)
-    ok = np.isfinite(p)
-    if ok.any():
-        out[ok] = multipletests(p[ok], method="holm")[1]
-    return out
 
 
 def _wilcoxon(d: np.ndarray):
@@ -204,7 +189,12 @@ def resolve_margin(margin, noise, dataset: str, q_bin: str, metric: str) -> tupl
     A number is used as given. "seed" takes delta = exp(median seed-to-seed |log ratio|) - 1 of
     that dataset, bin and metric, pooled over the architectures: the change in loss that
     re-training one network with another seed exceeds half the time. Without repeats there it
-    falls back to DEFAULT_MARGIN."""
+    falls back to DEFAULT_MARGIN. A dict {(dataset, q_bin, metric): delta} holds the margins
+    an analysis plan resolved from a pilot's seed noise (rows it lacks fall back likewise)."""
+    if isinstance(margin, dict):
+        if (dataset, q_bin, metric) in margin:
+            return float(margin[(dataset, q_bin, metric)]), "pilot seed noise"
+        return DEFAULT_MARGIN, "default (not in the plan's pilot)"
     if margin != SEED_MARGIN:
         return float(margin), "given"
     med = noise_of(noise, dataset, q_bin, metric)
@@ -214,20 +204,6 @@ def resolve_margin(margin, noise, dataset: str, q_bin: str, metric: str) -> tupl
 
 
 # -- the equivalence test --------------------------------------------------------------------
-def _no_spread(d: np.ndarray) -> bool:
-    """All values equal up to rounding (log(0.9 x) - log(x) differs in the last bits)."""
-    return bool(np.ptp(d) <= 1e-12 * max(1.0, float(np.max(np.abs(d)))))
-
-
-def _t_interval(d: np.ndarray, level: float) -> tuple[float, float]:
-    if d.size < 2:
-        return np.nan, np.nan
-    if _no_spread(d):
-        return float(d[0]), float(d[0])
-    ci = _sp.ttest_1samp(d, 0.0).confidence_interval(level)
-    return float(ci.low), float(ci.high)
-
-
 def _tests(d: np.ndarray, bound: float) -> dict:
     """TOST against +-bound and the two-sided paired t-test on settings' mean log ratios d
     (= log b - log a averaged over seeds). With zero spread the t statistics are infinite:
@@ -252,29 +228,17 @@ def _tests(d: np.ndarray, bound: float) -> dict:
     return out
 
 
-def verdict(p_tost_holm: float, p_ttest_holm: float, n: int) -> str:
-    """Lakens' four outcomes on the adjusted p-values at ALPHA (NO_VERDICT below MIN_SETTINGS)."""
-    if n < MIN_SETTINGS or not (np.isfinite(p_tost_holm) and np.isfinite(p_ttest_holm)):
-        return NO_VERDICT
-    eq, diff = p_tost_holm < ALPHA, p_ttest_holm < ALPHA
-    return VERDICTS[0 if eq and not diff else 1 if eq else 2 if diff else 3]
-
-
-def settings_needed(d: np.ndarray, bound: float) -> float:
-    """A rough sqrt(n) estimate of the settings that would put the 90% interval inside the
-    margin, if the mean and spread stay as measured (NaN where the mean itself is outside)."""
-    room = bound - abs(float(np.mean(d))) if d.size else np.nan
-    if d.size < 2 or not np.isfinite(room) or room <= 0 or _no_spread(d):
-        return np.nan
-    return float(np.ceil((_sp.norm.ppf(0.95) * np.std(d, ddof=1) / room) ** 2))
-
-
 STATS_COLUMNS = [
     "a", "b", "dataset", "q_bin", "metric", "n", "n_runs", "mean_a", "mean_b",
     # the settings' mean log ratio b/a, as a ratio, with t intervals
     "ratio", "ratio_ci90_low", "ratio_ci90_high", "ratio_ci95_low", "ratio_ci95_high",
     "margin", "margin_source", "p_lower", "p_upper", "p_tost", "p_tost_holm",
-    "t_stat", "p_ttest", "p_ttest_holm", "verdict", "settings_needed",
+    "t_stat", "p_ttest", "p_ttest_holm", "verdict",
+    # the Holm family of the row, its size m, and the interval at the verdict's level: the
+    # Bonferroni interval of the family, 1 - 2 alpha / m, with the verdict Bonferroni gives
+    # (where it differs from Holm's, `holm_only` marks the row)
+    "family", "family_size", "ci_family_level", "ratio_ci_family_low", "ratio_ci_family_high",
+    "verdict_bonferroni", "holm_only",
     # rank-based counterparts (they do not decide the verdict)
     "median_ratio", "ratio_ci_low", "ratio_ci_high", "b_wins", "ties", "win_rate_b",
     "win_ci_low", "win_ci_high", "wilcoxon_stat", "wilcoxon_p", "wilcoxon_p_holm"]
@@ -300,7 +264,7 @@ def _one(g: pd.DataFrame, metric: str, delta: float) -> dict:
             "ratio": float(np.exp(d.mean())) if n else np.nan,
             "ratio_ci90_low": float(np.exp(lo90)), "ratio_ci90_high": float(np.exp(hi90)),
             "ratio_ci95_low": float(np.exp(lo95)), "ratio_ci95_high": float(np.exp(hi95)),
-            "margin": float(delta), **_tests(d, bound), "settings_needed": settings_needed(d, bound),
+            "margin": float(delta), **_tests(d, bound),
             "median_ratio": float(np.exp(np.median(d))) if n else np.nan,
             "ratio_ci_low": float(np.exp(mlo)), "ratio_ci_high": float(np.exp(mhi)),
             "b_wins": wins, "ties": ties, "win_rate_b": wins / n if n else np.nan,
@@ -309,7 +273,7 @@ def _one(g: pd.DataFrame, metric: str, delta: float) -> dict:
 
 
 def stats(pairs_df: pd.DataFrame, metrics=("train_loss", "val_loss"), margin=DEFAULT_MARGIN,
-          noise: pd.DataFrame | None = None) -> pd.DataFrame:
+          noise: pd.DataFrame | None = None, alpha: float = ALPHA) -> pd.DataFrame:
     """Paired comparison of b against a, per dataset (q_bin 'all') and per dataset x Q bin, over
     the settings of two different networks (same-network pairs are left out; the seeds of a
     setting are averaged first, so n counts settings and n_runs the seeds behind them).
@@ -323,13 +287,18 @@ def stats(pairs_df: pd.DataFrame, metrics=("train_loss", "val_loss"), margin=DEF
       margin, margin_source  delta used and where it came from;
       p_lower, p_upper, p_tost  two one-sided t-tests (statsmodels ttost_paired) against
                       -log(1+delta) and +log(1+delta), and their max; p_tost_holm Holm-adjusted
-                      over the rows of the table;
+                      within the row's family: "primary" (the rows over all Q bins, one per
+                      dataset x loss, among themselves) or "secondary" (the by-bin rows of
+                      one dataset x loss);
       t_stat, p_ttest the ordinary two-sided paired t-test (scipy ttest_rel); p_ttest_holm;
-      verdict         Lakens' four outcomes at 0.05 on the adjusted p-values: equivalent (TOST
+      verdict         Lakens' four outcomes at alpha on the adjusted p-values: equivalent (TOST
                       significant, t-test not), equivalent but different (both), different
                       (t-test only), inconclusive (neither); "too few settings" below 3;
-      settings_needed a rough sqrt(n) estimate of the settings that would put the 90% interval
-                      inside the margin, if mean and spread stay as measured;
+      family, family_size  the Holm family and its number of tested rows m;
+      ci_family_level, ratio_ci_family_*  the Bonferroni interval of the family, at level
+                      1 - 2 alpha / m: inside the margin exactly when the TOST at alpha / m is;
+      verdict_bonferroni, holm_only  the verdict with Bonferroni instead of Holm, and whether
+                      the two differ (Holm, step-down, can decide where the interval does not);
       median_ratio    exp(median d) with a percentile-bootstrap 95% interval (ratio_ci_*);
       b_wins, ties, win_rate_b  settings where b's loss is lower / equal, Wilson 95% interval;
       wilcoxon_stat, wilcoxon_p, wilcoxon_p_holm  scipy.stats.wilcoxon on d (rank-based
@@ -342,7 +311,7 @@ def stats(pairs_df: pd.DataFrame, metrics=("train_loss", "val_loss"), margin=DEF
         return pd.DataFrame(columns=STATS_COLUMNS)
     a, b = str(sdf["architecture_a"].iloc[0]), str(sdf["architecture_b"].iloc[0])
     qb = sdf["q_bin"].astype(object).where(sdf["q_bin"].notna(), None)
-    rows = []
+    rows, logs = [], []
     for ds in dataset_order(sdf["dataset"]):
         in_ds = sdf["dataset"] == ds
         groups = [("all", sdf[in_ds])] + [(q, sdf[in_ds & (qb == q)]) for q in Q_LABELS]
@@ -353,12 +322,8 @@ def stats(pairs_df: pd.DataFrame, metrics=("train_loss", "val_loss"), margin=DEF
                 delta, source = resolve_margin(margin, noise, ds, label, m)
                 rows.append({"a": a, "b": b, "dataset": ds, "q_bin": label,
                              **_one(g, m, delta), "margin_source": source})
-    out = pd.DataFrame(rows)
-    out["p_tost_holm"] = holm(out["p_tost"].to_numpy())
-    out["p_ttest_holm"] = holm(out["p_ttest"].to_numpy())
-    out["wilcoxon_p_holm"] = holm(out["wilcoxon_p"].to_numpy())
-    out["verdict"] = [verdict(pt, pd_, n) for pt, pd_, n in
-                      zip(out["p_tost_holm"], out["p_ttest_holm"], out["n"])]
+                logs.append(pd.to_numeric(g[m + "_log_ratio"], errors="coerce").to_numpy(float))
+    out = adjust_families(pd.DataFrame(rows), logs, alpha)
     # Training time: rows of their own, outside the verdicts and the Holm families.
     times = time_rows(sdf, a, b)
     if len(times):
@@ -413,7 +378,8 @@ def equivalence(pairs_df: pd.DataFrame, margin=DEFAULT_MARGIN, noise: pd.DataFra
     cols = ["a", "b", "dataset", "q_bin", "metric", "n", "n_runs", "ratio", "ratio_ci90_low",
             "ratio_ci90_high", "ratio_ci95_low", "ratio_ci95_high", "margin", "margin_source",
             "p_lower", "p_upper", "p_tost", "p_tost_holm", "t_stat", "p_ttest", "p_ttest_holm",
-            "verdict", "settings_needed"]
+            "verdict", "family", "family_size", "ci_family_level",
+            "ratio_ci_family_low", "ratio_ci_family_high", "verdict_bonferroni", "holm_only"]
     return stats(pairs_df, metrics, margin, noise)[cols]
 
 

@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", help="results folder (default results/<study name>)")
     p.add_argument("--json", action="store_true",
                    help="machine-readable output: counts and cost (FLOPs, GPU-hours)")
+    p.add_argument("--pilot", metavar="DIR",
+                   help="an earlier study (other seeds or settings) whose variance gives the "
+                        "power of this study's equivalence test")
     _add_max_cells(p)
 
     p = sub.add_parser("run", help="run the cells of a spec that are not yet in the store")
@@ -163,6 +166,10 @@ def cmd_plan(args) -> int:
     grid = StudyGrid(spec, store)
     cells = grid.cells()
     trained = _trained_cells(cells)
+    from .power_plan import missing_pilot_line
+
+    # computed first: a pilot that cannot plan is refused before a line is printed
+    power = _power_lines(spec, cells, args.pilot) if args.pilot else [missing_pilot_line(spec)]
     cost = grid_cost(trained)
     n = count_cells(store.read_trials(columns=STATUS_COLUMNS, live=True), grid.cell_ids())
     if args.json:
@@ -190,7 +197,18 @@ def cmd_plan(args) -> int:
 
     print("\n".join(format_coverage(q_coverage(cells))))
     print(_seed_line(spec))
+    print("\n".join(power))
     return 0
+
+
+def _power_lines(spec, cells, pilot: str) -> list[str]:
+    """`plan --pilot`: the planned settings (study) through the pilot's variance (analysis)."""
+    from .power_plan import check_pilot_disjoint, planned_settings
+
+    check_pilot_disjoint(Path(pilot), {c.cell_id for c in cells})
+    from analysis.plan_pilot import power_lines
+
+    return power_lines(planned_settings(cells), pilot, spec.analysis)
 
 
 def _seed_line(spec) -> str:
@@ -250,6 +268,13 @@ def _run(spec, results: Path, args) -> int:
                       max_concurrent=args.max_concurrent, retry_failed=args.retry_failed,
                       quiet=args.quiet, export=tuple(_export_targets(args.export)), fuse=fuse)
     store = Store(results)
+    from .analysis_plan import check_pilot
+
+    check_pilot(spec)  # a pilot that cannot fix the margin is refused before anything runs
+    if spec.analysis.get("margin") == "seed" and spec.analysis.get("pilot"):
+        from analysis.plan_pilot import pilot_seed_margins
+
+        spec.analysis["pilot_margins"] = pilot_seed_margins(spec.analysis["pilot"])
     judged_before = _saved_analysis(store, spec)
     summary = run_study(spec, opts)
     print(f"ran {summary.ran} cells ({summary.ok} ok, {summary.failed} failed, "
@@ -342,7 +367,11 @@ def cmd_status(args) -> int:
 def _outputs(results, compare, pairs, report: bool, margin=None) -> None:
     """Draw the figures and tables (and the report, which embeds them) and print the paths."""
     if margin is not None:
-        parse_margin(margin, "--margin")  # a bad margin is refused before anything is drawn
+        # a bad margin is refused before anything is drawn; a good one that differs from the
+        # saved analysis plan is recorded there (its verdicts are exploratory)
+        from .analysis_plan import record_override
+
+        record_override(results, parse_margin(margin, "--margin"))
     import analysis
 
     if report:

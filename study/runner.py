@@ -23,6 +23,7 @@ from sweep.values import plain_value
 
 from . import executor_registry as executors
 from . import schema
+from .analysis_plan import record_for_run
 from .counts import STATUS_COLUMNS, StudyGrid, count_cells
 from .durations import short_duration
 from .options import TrialOptions
@@ -308,6 +309,7 @@ def _take_over_store(spec: Spec, store: Store, view: StoreView, out) -> None:
         print(f"[study] unreadable part moved to {store.quarantine_dir}: {bad}; "
               "its cell will run again", file=out)
     store.save_spec(spec.source, spec.name, spec.origin)
+    record_for_run(store.root, spec, has_data=len(view.trials) > 0, out=out)  # before any cell
     store.compact()  # what a crashed run left; publishes the live files for readers
     if view.grid.enumerated:
         store.save_cell_ids(spec.source, view.grid.cell_ids())

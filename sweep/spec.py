@@ -21,7 +21,7 @@ from typing import Any
 from .params import ARCH_SPECIFIC, ARCHITECTURES, PARAMS, REQUIRED, UNHASHED_DEFAULTS, Param
 
 STUDY_KEYS = {"name": str, "description": str, "save_weights": bool}
-ANALYSIS_KEYS = ("margin",)
+ANALYSIS_KEYS = ("margin", "alpha", "pilot")
 # The equivalence margin delta: the ratio b/a counts as "the same" inside [1/(1+delta), 1+delta].
 # 10 %: a loss ratio of 1.1 is small next to the gaps between Q bins in the paper's Table 2
 # (factors of 2 to 100) and of the order of what re-seeding small nets moves the loss; "seed"
@@ -306,7 +306,25 @@ def _parse_analysis(raw) -> dict:
     for key in raw:
         if key not in ANALYSIS_KEYS:
             raise _unknown(key, "analysis.", ANALYSIS_KEYS)
-    return {"margin": parse_margin(raw["margin"])} if "margin" in raw else {}
+    out = {"margin": parse_margin(raw["margin"])} if "margin" in raw else {}
+    if "alpha" in raw:
+        out["alpha"] = parse_alpha(raw["alpha"])
+    if "pilot" in raw:
+        # an earlier study's results folder: `margin = "seed"` is then resolved from its seed
+        # noise when the plan is saved, so the margin is fixed before this study's data
+        if not isinstance(raw["pilot"], str) or not raw["pilot"].strip():
+            raise SpecError("spec error: 'analysis.pilot' must be the path of a pilot study's "
+                            f"results folder, got {raw['pilot']!r}")
+        out["pilot"] = raw["pilot"].strip()
+    return out
+
+
+def parse_alpha(value, where: str = "analysis.alpha") -> float:
+    """The verdicts' level: a number strictly between 0 and 0.5."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 0.5:
+        raise SpecError(f"spec error: '{where}' must be a level between 0 and 0.5 such as "
+                        f"0.05, got {value!r}")
+    return float(value)
 
 
 def _parse_grid(grid_raw) -> tuple[dict[str, list], dict[str, dict[str, list]]]:

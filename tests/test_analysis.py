@@ -510,9 +510,11 @@ def test_report_leads_with_its_headline(full, tmp_path):
     for ds in ("DIGITS", "MNIST"):
         for loss in ("train loss", "validation loss"):
             assert (f"<b>{ds}, {loss}</b>: parallel and sequential are <b>different</b>: "
-                    "parallel's loss is about 10 % lower than sequential's (ratio 0.900, 90 % "
+                    "parallel's loss is about 10 % lower than sequential's (ratio 0.900, 97.5 % "
                     "interval [0.900, 0.900] not inside the ±10 % margin; t-test p = 0; n = 4 "
                     "settings)") in head
+    assert ("Headline rows are the primary family: Holm-adjusted among themselves (m = 4) at "
+            "alpha 0.05, each interval at the verdict's level, 1 − 2α/m = 97.5 % (Bonferroni).") in head
     assert "equivalent" not in head and "reliably" not in head
     assert "No Q bin has the 3 settings a verdict needs" in head
     assert "Each setting was trained with one seed" in head and "seed = [0, 1]" in head

@@ -6,6 +6,7 @@ study.rows.cell_row (the real schema); one end-to-end run trains digits cells wi
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import shutil
 from pathlib import Path
@@ -17,6 +18,7 @@ from scipy import stats as sp
 
 import analysis
 from analysis.stats import VERDICTS, bootstrap_median_ci, holm, wilson_interval
+from analysis.verdicts import family_keys
 from study.rows import cell_row, now
 from study.store import Store
 from sweep import parse_spec
@@ -146,9 +148,10 @@ def test_tost_and_t_test_numbers_match_scipy_t(stores):
     assert r["ratio"] == pytest.approx(math.exp(mean), rel=1e-12)
     assert r["ratio_ci90_low"] == pytest.approx(math.exp(mean - half90), rel=1e-9)
     assert r["ratio_ci95_high"] == pytest.approx(math.exp(mean + half95), rel=1e-9)
-    # Holm within each family, over the rows of the table
-    assert list(s["p_tost_holm"]) == pytest.approx(list(holm(s["p_tost"])), nan_ok=True)
-    assert list(s["p_ttest_holm"]) == pytest.approx(list(holm(s["p_ttest"])), nan_ok=True)
+    # Holm within each family: the headline rows among themselves, the bins per dataset x loss
+    for _, fam in s.groupby(family_keys(s)):
+        assert list(fam["p_tost_holm"]) == pytest.approx(list(holm(fam["p_tost"])), nan_ok=True)
+        assert list(fam["p_ttest_holm"]) == pytest.approx(list(holm(fam["p_ttest"])), nan_ok=True)
     tested = s["p_tost"].notna()  # a bin with one setting has no test
     assert tested.sum() >= 4 and (s.loc[tested, "p_tost_holm"] >= s.loc[tested, "p_tost"]).all()
 
@@ -253,7 +256,7 @@ def test_a_one_seed_study_says_so_and_seed_margin_falls_back(tmp_path):
                                  "difference inside the ±10 % margin"),
     ("different", "parallel and sequential are <b>different</b>: parallel's loss is about 30 % "
                   "higher than sequential's (ratio 1.3"),
-    ("inconclusive", "<b>inconclusive</b>: the 90 % interval ["),
+    ("inconclusive", "<b>inconclusive</b>: the ratio parallel/sequential "),
 ])
 def test_the_headline_words_each_verdict(stores, tmp_path, name, words):
     work = tmp_path / "copy"
@@ -306,7 +309,8 @@ def test_training_time_ratio_rows_figure_and_headline(tmp_path):
     assert (t["verdict"] == "").all() and t["p_tost"].isna().all() and t["p_ttest"].isna().all()
     # the loss rows' Holm families are those of a table without the time rows
     loss = res.stats[res.stats["metric"] != "train_s_per_epoch"]
-    assert list(loss["p_tost_holm"]) == pytest.approx(list(holm(loss["p_tost"])), nan_ok=True)
+    for _, fam in loss.groupby(family_keys(loss)):
+        assert list(fam["p_tost_holm"]) == pytest.approx(list(holm(fam["p_tost"])), nan_ok=True)
     assert "train_time" in out.pngs
     head = analysis.report._headline(res)
     assert ("<b>DIGITS, training time per epoch</b>: parallel takes 0.80× sequential's (median "
@@ -395,6 +399,10 @@ def test_a_digits_study_with_two_seeds_gets_a_forest_and_a_verdict(tmp_path):
     html = (out / "report.html").read_text()
     assert "Equivalence margin: ±10 %, the default" in html
     assert "<h2>Seed noise: re-seeding against swapping the architecture</h2>" in html
+    # the analysis plan was saved by the run, before its first cell landed
+    plan = json.loads((out / "analysis_plan.json").read_text())
+    assert plan["before_data"] is True and plan["margin"] == 0.1 and plan["changes"] == []
+    assert "The verdicts of this report follow the plan." in html
 
     # Only [analysis] changed: no cell runs, the spec is updated, the report is drawn again.
     spec.write_text(E2E + "\n[analysis]\nmargin = 0.3\n")
@@ -407,3 +415,8 @@ def test_a_digits_study_with_two_seeds_gets_a_forest_and_a_verdict(tmp_path):
     st = pd.read_csv(out / "figures" / "stats.csv")
     loss = st["metric"].isin(["train_loss", "val_loss"])
     assert (st.loc[loss, "margin"] == 0.3).all() and st.loc[~loss, "margin"].isna().all()
+    # ... and the change is recorded in the plan, after data: its verdicts are exploratory
+    plan = json.loads((out / "analysis_plan.json").read_text())
+    assert [(c["margin"], c["after_data"]) for c in plan["changes"]] == [(0.3, True)]
+    assert (st.loc[loss, "exploratory"] == "exploratory (plan changed after data)").all()
+    assert "exploratory (plan changed after data)" in (out / "report.html").read_text()
