@@ -20,8 +20,10 @@ class GroupedAdamW:
         self.params = params
         device = params[0].device
         k = len(lr)
-        self.lr = torch.tensor(lr, dtype=torch.float32, device=device)
-        self.weight_decay = torch.tensor(weight_decay, dtype=torch.float32, device=device)
+        # float64, as the Python floats torch's AdamW computes its scalars in: each member's
+        # scalars then round to the very float32 values its solo AdamW uses
+        self.lr = torch.tensor(lr, dtype=torch.float64, device=device)
+        self.weight_decay = torch.tensor(weight_decay, dtype=torch.float64, device=device)
         self.beta1, self.beta2 = betas
         self.eps = eps
         self.step_count = torch.zeros(k, dtype=torch.float32, device=device)
@@ -46,11 +48,12 @@ class GroupedAdamW:
             self.step_count += 1
         else:
             self.step_count += active.to(self.step_count.dtype)
-        step = self.step_count.clamp(min=1)  # a member frozen before its first step
-        bias1 = 1 - torch.pow(self.beta1, step)
-        bias2_sqrt = (1 - torch.pow(self.beta2, step)).sqrt()
-        step_size = self.lr / bias1
-        decay = 1 - self.lr * self.weight_decay
+        step = self.step_count.clamp(min=1).double()  # clamp: frozen before its first step
+        # torch's single-tensor AdamW: lr / (1 - beta1**step), (1 - beta2**step) ** 0.5 and
+        # 1 - lr * weight_decay in double, used as float32
+        step_size = (self.lr / (1 - torch.pow(self.beta1, step))).float()
+        bias2_sqrt = torch.pow(1 - torch.pow(self.beta2, step), 0.5).float()
+        decay = (1 - self.lr * self.weight_decay).float()
         for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
             g = p.grad
             if g is None:

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..data import channels_last
 from ..models.common import ACTIVATIONS
 
 
@@ -135,8 +136,9 @@ class GroupedNet:
         """x: (K, B, C, H, W), member k's batch in x[k] -> logits (K, B, classes).
         `active` (bool, (K,)): in training, only those members' BatchNorm statistics move."""
         k, b = x.shape[:2]
-        h = x.transpose(0, 1).reshape(b, k * x.shape[2], *x.shape[3:])
-        h = h.contiguous(memory_format=torch.channels_last)  # the solo nets' layout
+        # the solo nets' layout, strides stated (with one channel per member .contiguous()
+        # may keep NCHW strides, and the convolutions then pick other kernels: other rounding)
+        h = channels_last(x.transpose(0, 1).reshape(b, k * x.shape[2], *x.shape[3:]))
         h = self._act(self._conv(h, "stem.0"))
         if self.pool > 1:
             h = F.max_pool2d(h, self.pool)
@@ -155,4 +157,6 @@ class GroupedNet:
         else:
             feats = cur.mean(dim=(2, 3)).view(b, k, -1)
         w, bias = self.params["head.weight"], self.params["head.bias"]
-        return torch.baddbmm(bias.unsqueeze(1), feats.transpose(0, 1), w.transpose(1, 2))
+        # (W x^T)^T: autograd then forms the weight's gradient as grad^T x, the product
+        # F.linear's backward takes (a member of one matches its solo net bit for bit)
+        return torch.baddbmm(bias.unsqueeze(2), w, feats.permute(1, 2, 0)).transpose(1, 2)
