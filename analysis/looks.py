@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from study.sequential_run import EQUIVALENT, UNDECIDED, row_key
+
 from .compute import judgement
 from .frames import load, pairs
 from .sequential import boundaries, information_fraction, round_fractions
@@ -28,11 +30,7 @@ from .stats import seed_noise, stats
 from .variance import variance_components
 from .verdicts import MIN_SETTINGS, NO_VERDICT, VERDICTS
 
-EQUIVALENT, UNDECIDED = VERDICTS[0], "undecided"
-
-
-def row_key(dataset: str, metric: str) -> str:
-    return f"{dataset}|{metric}"
+assert EQUIVALENT == VERDICTS[0]
 
 
 def _fraction(n: int, sb: float, sw: float, seeds: int, seeds_last: int, last: bool) -> float:

@@ -270,9 +270,11 @@ def _run_or_grow(spec, results: Path, args) -> int:
     sequential_run.check_flags(spec, args)
     if not args.until_decided:
         return _run(spec, results, args)
+    from analysis.looks import primary_look
+
     return sequential_run.run_until_decided(
         spec, results, args, run_once=lambda s: _run(s, results, args, draw=False),
-        draw=lambda: None if args.no_figures else _outputs(
+        primary_look=primary_look, draw=lambda: None if args.no_figures else _outputs(
             results, ("sequential", "parallel"), None, report=True))
 
 

@@ -22,6 +22,9 @@ from sweep.design import with_extension
 from .atomic import atomic_write_text
 
 DESIGN_FILE = "design.json"
+# a primary row's decision before the last look: stopping for difference is not allowed, so a
+# row is either equivalent (it stops) or undecided
+EQUIVALENT, UNDECIDED = "equivalent", "undecided"
 SPENDING = "Lan-DeMets O'Brien-Fleming, alpha / m per primary row (Bonferroni)"
 
 
@@ -66,12 +69,15 @@ def check_flags(spec, args) -> None:
                         "(looks = 2 to 5, extend = \"seeds\")")
 
 
-def run_until_decided(spec, results: Path, args, run_once: Callable, draw: Callable,
-                      out=sys.stdout) -> int:
-    """Run look after look (run_once(spec) -> exit code) until decided, the last look, or the
-    budget; record each look in design.json; then draw once (draw())."""
-    from analysis.looks import UNDECIDED, primary_look, row_key
+def row_key(dataset: str, metric: str) -> str:
+    return f"{dataset}|{metric}"
 
+
+def run_until_decided(spec, results: Path, args, run_once: Callable, primary_look: Callable,
+                      draw: Callable, out=sys.stdout) -> int:
+    """Run look after look (run_once(spec) -> exit code) until decided, the last look, or the
+    budget; record each look in design.json; then draw once (draw()). `primary_look`:
+    analysis.looks.primary_look (passed in: only the CLI imports analysis)."""
     design = spec.design
     base_seeds = list(design["base_seeds"])
     looks_planned = int(design["looks"])
@@ -90,7 +96,7 @@ def run_until_decided(spec, results: Path, args, run_once: Callable, draw: Calla
                 key = row_key(r["dataset"], r["metric"])
                 if r.get("information_fraction") is not None and not r.get("stopped_earlier"):
                     history.setdefault(key, []).append(r["information_fraction"])
-                if r["decision"] == "equivalent":
+                if r["decision"] == EQUIVALENT:
                     decided.setdefault(key, {**r, "decided_at_look": look["look"]})
         rows = primary_look(results, seeds, seeds_last, k == looks_planned, history, decided)
         cells = len(spec.cells())
