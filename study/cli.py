@@ -168,7 +168,10 @@ def _trained_cells(cells) -> list:
 def cmd_plan(args) -> int:
     from sweep.cost import format_cost, grid_cost
 
+    from .sequential_run import with_recorded
+
     spec = load_spec(args.spec)
+    spec = with_recorded(spec, _results_dir(args, spec))  # a grown study's seeds count as planned
     _check_size(spec, _results_dir(args, spec), args)
     store = Store(_results_dir(args, spec))
     grid = StudyGrid(spec, store)
