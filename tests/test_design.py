@@ -132,3 +132,29 @@ def test_a_budget_stops_after_look_1_with_the_verdicts_as_they_stand(tmp_path):
     assert "ran 0 cells" in r.stdout and "stopped after look 1: budget: --max-looks 1" in r.stdout
     assert "seed 2" not in r.stdout and "seed = [0, 1]" in (res / "spec.toml").read_text()
     assert "[design.extension]" not in (res / "spec.toml").read_text()
+
+
+def test_a_look_on_known_components_stops_equivalent_rows_early(tmp_path):
+    """Statistics only (a store written through the store's writer, tests/test_power.py):
+    40 settings with small spread decide *equivalent* at look 1 of 3; the fraction is the
+    estimated I_1 / I_3 and the boundary Lan-DeMets O'Brien-Fleming's at alpha / m."""
+    from analysis.looks import primary_look
+    from analysis.sequential import boundaries, information_fraction
+    from test_power import known_components_store
+
+    known_components_store(tmp_path, 0.0001, 0.0004, seeds=(0, 1), layers=range(2, 6),
+                           filters=range(4, 44, 4))
+    rows = primary_look(tmp_path, seeds=2, seeds_last=4, last=False, history={}, decided={})
+    assert {r["metric"] for r in rows} == {"train_loss", "val_loss"}
+    for r in rows:
+        assert r["n"] == 40 and r["alpha_row"] == 0.025
+        t = information_fraction(40, r["sigma2_between"], r["sigma2_within"], 2, 4)
+        assert r["information_fraction"] == pytest.approx(round(t, 2))
+        assert t > 0.5  # seeds shrink only the within part
+        assert r["boundary_z"] == pytest.approx(boundaries([t], 0.025)[0])
+        assert r["decision"] == "equivalent" and r["p_tost"] < r["nominal_p"]
+    # a row stopped at an earlier look is carried as it was, not tested again
+    kept = {"dataset": "digits", "metric": "val_loss", "decision": "equivalent", "n": 40,
+            "decided_at_look": 1}
+    again = primary_look(tmp_path, 2, 4, False, {}, {"digits|val_loss": kept})
+    assert [r for r in again if r["metric"] == "val_loss"] == [{**kept, "stopped_earlier": True}]
