@@ -23,6 +23,7 @@ from .captions import FIGURES
 from .compute import Analysis
 from .draw import AXIS_RULE
 from .frames import controls, swept_factors, table2_wide
+from .report_looks import looks_section
 from .report_plan import (FAMILIES_PARAGRAPH, HOLM_MARK, HOLM_NOTE, exploratory_label,
                           family_interval, holm_marked, levels_sentence, margin_words, plan_html,
                           power_sentence)
@@ -476,6 +477,7 @@ def render(res: Analysis, written: Written) -> str:
         f"<p>Generated {stamp}.</p>",
         "<h2>Headline</h2>", _headline(res),
         "<h2>The analysis plan</h2>", plan_html(res),
+        looks_section(res.root),
         "<h2>Progress</h2>" + _progress_html(res, meta, counts),
     ]
     if notes:

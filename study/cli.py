@@ -85,6 +85,14 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--export", action="append", default=[], metavar="TRACKER[=WHERE]",
                    help="export cells to a tracker as they land: mlflow[=URI] or "
                         "tensorboard[=LOGDIR] (repeatable; a tracker down never stops the study)")
+    p.add_argument("--until-decided", action="store_true",
+                   help="run the spec's [design] looks: after each, add the next seed to every "
+                        "setting until every primary verdict is decided (see README, Analysis)")
+    p.add_argument("--max-looks", type=int, metavar="N",
+                   help="with --until-decided: stop after look N with the verdicts as they stand")
+    p.add_argument("--max-extra-cells", type=int, metavar="N",
+                   help="with --until-decided: add no look whose cells would take the cells "
+                        "beyond the spec's grid past N")
     _add_max_cells(p)
 
 
@@ -160,7 +168,10 @@ def _trained_cells(cells) -> list:
 def cmd_plan(args) -> int:
     from sweep.cost import format_cost, grid_cost
 
+    from .sequential_run import with_recorded
+
     spec = load_spec(args.spec)
+    spec = with_recorded(spec, _results_dir(args, spec))  # a grown study's seeds count as planned
     _check_size(spec, _results_dir(args, spec), args)
     store = Store(_results_dir(args, spec))
     grid = StudyGrid(spec, store)
@@ -254,7 +265,23 @@ def _print_counts(cells) -> None:
           "group counts once however many architectures it holds)")
 
 
-def _run(spec, results: Path, args) -> int:
+def _run_or_grow(spec, results: Path, args) -> int:
+    """One run of the spec's grid, or with --until-decided its [design] looks
+    (study.sequential_run), each look a run of its grown grid, drawn once at the end."""
+    from . import sequential_run
+
+    sequential_run.check_flags(spec, args)
+    if not args.until_decided:
+        return _run(spec, results, args)
+    from analysis.looks import primary_look
+
+    return sequential_run.run_until_decided(
+        spec, results, args, run_once=lambda s: _run(s, results, args, draw=False),
+        primary_look=primary_look, draw=lambda: None if args.no_figures else _outputs(
+            results, ("sequential", "parallel"), None, report=True))
+
+
+def _run(spec, results: Path, args, draw: bool = True) -> int:
     from .options import TrialOptions
     from .runner import RunOptions, run_study
 
@@ -287,7 +314,7 @@ def _run(spec, results: Path, args) -> int:
     print(f"trials: {store.trials_dir}")
     print(f"epochs: {store.epochs_dir}")
     report = Path(results) / "report.html"
-    if args.no_figures:
+    if args.no_figures or not draw:
         pass
     elif (summary.ran == summary.copied == 0 and report.is_file() and not args.redraw
           and judged_before == spec.analysis):
@@ -327,8 +354,12 @@ def _saved_analysis(store: Store, spec) -> dict | None:
 
 
 def cmd_run(args) -> int:
+    from .sequential_run import with_recorded
+
     spec = load_spec(args.spec)
-    return _run(spec, _results_dir(args, spec), args)
+    results = _results_dir(args, spec)
+    # a study grown by --until-decided: its recorded seeds join the user's spec
+    return _run_or_grow(with_recorded(spec, results), results, args)
 
 
 def cmd_resume(args) -> int:
@@ -336,7 +367,9 @@ def cmd_resume(args) -> int:
     if not store.exists():
         raise StoreError(f"{store.root} holds no study (no spec.toml); start one with "
                          f"`study run SPEC --results {store.root}`")
-    return _run(StudyGrid.saved(store).spec, store.root, args)
+    from .sequential_run import with_recorded
+
+    return _run_or_grow(with_recorded(StudyGrid.saved(store).spec, store.root), store.root, args)
 
 
 def cmd_status(args) -> int:

@@ -18,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .design import DesignError, parse_design
 from .params import ARCH_SPECIFIC, ARCHITECTURES, PARAMS, REQUIRED, UNHASHED_DEFAULTS, Param
 
 STUDY_KEYS = {"name": str, "description": str, "save_weights": bool}
@@ -105,6 +106,9 @@ class Spec:
     source: str = ""  # the TOML text, saved with the results
     # [analysis]: how the results are judged (never part of a cell_id), e.g. {"margin": 0.1}
     analysis: dict = field(default_factory=dict)
+    # [design] (sweep.design): planned looks for `study run --until-decided`, and the seeds
+    # its later looks added (already in the grid)
+    design: dict = field(default_factory=dict)
     origin: str = ""  # file path or "preset:<name>"
 
     # -- the grid ---------------------------------------------------------------------------
@@ -394,15 +398,24 @@ def parse_spec(text: str, origin: str = "<string>") -> Spec:
     except tomllib.TOMLDecodeError as e:
         raise SpecError(f"spec error: {origin} is not valid TOML: {e}") from None
     for key in raw:
-        if key not in ("study", "grid", "exclude", "analysis"):
-            raise _unknown(key, "", ["study", "grid", "exclude", "analysis"])
+        if key not in ("study", "grid", "exclude", "analysis", "design"):
+            raise _unknown(key, "", ["study", "grid", "exclude", "analysis", "design"])
     study, name = _parse_study(raw, origin)
     grid, arch_grids = _parse_grid(raw.get("grid"))
     exclude = _parse_exclude(raw.get("exclude", []))
+    try:
+        design = parse_design(raw.get("design"))
+    except DesignError as e:
+        raise SpecError(str(e)) from None
+    if design:  # the looks' seeds join the grid: their cells are the study's
+        base = grid.get("seed", [PARAMS["seed"].default])
+        design["base_seeds"] = list(base)
+        if design["added_seeds"]:
+            grid["seed"] = base + [s for s in design["added_seeds"] if s not in base]
     spec = Spec(name=name, grid=grid, arch_grids=arch_grids, exclude=exclude,
                 description=study.get("description", ""),
                 save_weights=study.get("save_weights", False), source=text, origin=origin,
-                analysis=_parse_analysis(raw.get("analysis", {})))
+                analysis=_parse_analysis(raw.get("analysis", {})), design=design)
     spec._check()  # on the axes: a 50,000-cell grid is not enumerated to be parsed
     return spec
 
