@@ -11,7 +11,8 @@ Prints whole-command wall times and their ratio, the time from launch to the fir
 start (the tool's fixed start-up beyond Ray's is the difference), the driver's work per
 cell over the run (first cell start to last cell end, per cell, and per cell in the first
 and last tenth of the run: constant when the driver's work per cell does not grow with N),
-and the peak memory of each driver process.
+and the peak memory and CPU time of each driver process (per trial: the driver's share of
+the machine, taken from the trials).
 
 With --for-s S only the tool runs, and is stopped after S seconds (for sizes too large to
 run through here, e.g. 50,000): it prints the time to the first cell and the time between
@@ -55,18 +56,29 @@ tune.Tuner(tune.with_resources(trial, {"cpu": 1}),
            tune_config=tune.TuneConfig(reuse_actors=True),
            run_config=tune.RunConfig(storage_path=storage, verbose=0, callbacks=[Span()])).fit()
 fit = time.perf_counter() - t0
-print(fit, Span.first, Span.last, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print(fit, Span.first, Span.last, ru.ru_maxrss / 1024, ru.ru_utime + ru.ru_stime)
 """
 
-# The study CLI in-process, reporting its own peak memory (not Ray's daemons').
+# The study CLI in-process, reporting its own peak memory and CPU time (not Ray's daemons').
 TOOL = """
 import resource, runpy, sys
 sys.argv = ["study"] + sys.argv[1:]
 try:
     runpy.run_module("study.cli", run_name="__main__")
 finally:
-    print("PEAK_MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, file=sys.stderr)
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    print("PEAK_MB", ru.ru_maxrss / 1024, "CPU_S", ru.ru_utime + ru.ru_stime, file=sys.stderr)
 """
+
+
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a live process so far (/proc/PID/stat), nan where gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
 
 
 def spec_text(cells: int, epochs: int) -> str:
@@ -110,12 +122,12 @@ def main() -> None:
             t_bare_cmd = time.perf_counter() - t0
             if out.returncode != 0:
                 sys.exit(f"bare Tune failed: {out.stderr[-2000:]}")
-            fit, first, last, bare_mb = map(float, out.stdout.strip().splitlines()[-1].split())
+            fit, first, last, bare_mb, bare_cpu = map(float, out.stdout.strip().splitlines()[-1].split())
             print(f"bare Ray Tune (trivial trials)  whole command {t_bare_cmd:7.1f} s   "
                   f"launch to first trial {first - launched:5.1f} s   "
                   f"first start to last end {last - first:7.1f} s = "
-                  f"{(last - first) / n * 1000:5.1f} ms/trial   driver peak {bare_mb:5.0f} MB",
-                  flush=True)
+                  f"{(last - first) / n * 1000:5.1f} ms/trial   driver peak {bare_mb:5.0f} MB   "
+                  f"driver CPU {bare_cpu / n * 1000:5.1f} ms/trial", flush=True)
         spec = tmp / "scale.toml"
         spec.write_text(spec_text(n, args.epochs))
         launched = time.time()
@@ -124,15 +136,19 @@ def main() -> None:
                                  str(tmp / "res"), "--no-figures", "--quiet"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)
+        cpu_s = float("nan")
         try:
             _, err = proc.communicate(timeout=args.for_s)
         except subprocess.TimeoutExpired:
+            cpu_s = proc_cpu_s(proc.pid)  # the driver's own, before it is stopped
             os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
             _, err = proc.communicate()
         t_tool = time.perf_counter() - t0
         if proc.returncode != 0 and not args.for_s:
             sys.exit(f"study run failed: {err[-2000:]}")
         peak_mb = float(err.rsplit("PEAK_MB", 1)[1].split()[0]) if "PEAK_MB" in err else float("nan")
+        if "CPU_S" in err:
+            cpu_s = float(err.rsplit("CPU_S", 1)[1].split()[0])
         from study.store import Store
 
         store = Store(tmp / "res")
@@ -150,9 +166,11 @@ def main() -> None:
               f"first start to last end {span:7.1f} s = {span / len(df) * 1000:5.1f} ms/cell    "
               f"driver peak {peak_mb:5.0f} MB")
         print(f"  {len(df)} rows and {n_epochs} epoch rows landed; ms between cell starts: "
-              f"first tenth {early:.1f}, last tenth {late:.1f}")
+              f"first tenth {early:.1f}, last tenth {late:.1f}, late / early {late / early:.2f}")
+        print(f"  driver CPU {cpu_s:.1f} s = {cpu_s / len(df) * 1000:.1f} ms per landed cell "
+              f"(the study run process: start-up, Tune's driver loop, landing, compaction)")
         if not args.skip_bare:
-            print(f"ratio, whole commands (tool / bare): {t_tool / t_bare_cmd:.2f}")
+            print(f"ratio, whole commands (tool / bare): {t_tool / t_bare_cmd:.2f} (goal <= 0.5)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

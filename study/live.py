@@ -141,7 +141,7 @@ class LiveManifest:
                     if key is None:
                         continue
                     e = known.get((src.name, tuple(key)))
-                    if e is None or not (self.root / e["file"]).is_file():
+                    if e is None or not (self.root / e["file"]).is_file():  # a new file
                         try:
                             e = self._entry(table, src)
                         except FileNotFoundError:
@@ -161,9 +161,13 @@ class LiveManifest:
             self.due = True
 
     def _entry(self, table: str, src: Path) -> dict:
+        """A new second name for `src`, and the entry that lists it (its stat tells a later
+        listing whether `src` is still the file it names)."""
+        key = _stat_key(src)
+        if key is None:
+            raise FileNotFoundError(src)
         dest = _second_name(src, self.root / LIVE_DIR / table)
-        # the link's own stat: the very file listed, whatever replaced `src` since
-        return {"name": src.name, "file": f"{LIVE_DIR}/{table}/{dest.name}", "stat": _stat_key(dest)}
+        return {"name": src.name, "file": f"{LIVE_DIR}/{table}/{dest.name}", "stat": key}
 
     # -- a landed cell: its own files only ----------------------------------------------------
     def land(self, files: dict[str, Path]) -> None:
