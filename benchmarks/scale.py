@@ -60,9 +60,21 @@ ru = resource.getrusage(resource.RUSAGE_SELF)
 print(fit, Span.first, Span.last, ru.ru_maxrss / 1024, ru.ru_utime + ru.ru_stime)
 """
 
-# The study CLI in-process, reporting its own peak memory and CPU time (not Ray's daemons').
+# The study CLI in-process, reporting its own peak memory and CPU time (not Ray's daemons'),
+# and, every 100 landed cells, the wall clock and the process's CPU time (all its threads:
+# Tune's loop, landing, compaction) to MARKS, so that the driver's work per cell early and
+# late in the run can be compared even on a machine others load.
 TOOL = """
-import resource, runpy, sys
+import os, resource, runpy, sys, time
+import study.store.write as write
+marks, every, landed = open(os.environ["SCALE_MARKS"], "w"), 100, [0]
+land = write.Writer.write_result
+def write_result(self, row, epochs):
+    land(self, row, epochs)
+    landed[0] += 1
+    if landed[0] % every == 0:
+        print(landed[0], time.time(), time.process_time(), file=marks, flush=True)
+write.Writer.write_result = write_result
 sys.argv = ["study"] + sys.argv[1:]
 try:
     runpy.run_module("study.cli", run_name="__main__")
@@ -70,6 +82,25 @@ finally:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     print("PEAK_MB", ru.ru_maxrss / 1024, "CPU_S", ru.ru_utime + ru.ru_stime, file=sys.stderr)
 """
+
+
+def per_cell_early_late(marks_path: Path) -> str:
+    """The driver's CPU and wall time per landed cell over the first and the last tenth of
+    the landings (from TOOL's marks)."""
+    rows = [tuple(map(float, line.split())) for line in marks_path.read_text().splitlines()
+            if len(line.split()) == 3]
+    if len(rows) < 4:
+        return "  too few landings for early/late driver figures"
+    k = max(2, len(rows) // 10)
+
+    def per_cell(a, b, col):
+        return (b[col] - a[col]) / (b[0] - a[0]) * 1000
+    early, late = (rows[0], rows[k - 1]), (rows[-k], rows[-1])
+    ce, cl = per_cell(*early, 2), per_cell(*late, 2)
+    we, wl = per_cell(*early, 1), per_cell(*late, 1)
+    return (f"  driver per landed cell, cells {int(early[0][0])}-{int(early[1][0])} vs "
+            f"{int(late[0][0])}-{int(late[1][0])}: CPU {ce:.1f} vs {cl:.1f} ms (late / early "
+            f"{cl / ce:.2f}), wall {we:.1f} vs {wl:.1f} ms (late / early {wl / we:.2f})")
 
 
 def proc_cpu_s(pid: int) -> float:
@@ -132,10 +163,11 @@ def main() -> None:
         spec.write_text(spec_text(n, args.epochs))
         launched = time.time()
         t0 = time.perf_counter()
+        marks = tmp / "marks.txt"
         proc = subprocess.Popen([sys.executable, "-c", TOOL, "run", str(spec), "--results",
                                  str(tmp / "res"), "--no-figures", "--quiet"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+                                start_new_session=True, env={**os.environ, "SCALE_MARKS": str(marks)})
         cpu_s = float("nan")
         try:
             _, err = proc.communicate(timeout=args.for_s)
@@ -169,6 +201,7 @@ def main() -> None:
               f"first tenth {early:.1f}, last tenth {late:.1f}, late / early {late / early:.2f}")
         print(f"  driver CPU {cpu_s:.1f} s = {cpu_s / len(df) * 1000:.1f} ms per landed cell "
               f"(the study run process: start-up, Tune's driver loop, landing, compaction)")
+        print(per_cell_early_late(marks))
         if not args.skip_bare:
             print(f"ratio, whole commands (tool / bare): {t_tool / t_bare_cmd:.2f} (goal <= 0.5)")
     finally:

@@ -1,8 +1,9 @@
 """Reading a study while it runs (study/live.py): every documented reader (pyarrow, DuckDB,
 Polars, pandas on analysis.live_files; analysis.load; `study status`) races a real `study run`
 that compacts after every second cell, and never fails nor sees a cell twice; a driver
-SIGKILLed between the compactor's steps leaves a store every reader sees each cell once in,
-which the next run tidies; replaced files are gone once the retention window has passed."""
+SIGKILLed between the compactor's steps, or while landed cells wait for the manifest's next
+write, leaves a store every reader sees each cell once in, which the next run tidies;
+replaced files are gone once the retention window has passed."""
 from __future__ import annotations
 
 import collections

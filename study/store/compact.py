@@ -145,6 +145,7 @@ class Compactor(Layout):
         index.update(outputs)
         self._in_merged = None
         self._loose, self._loose_since = 0, None
+        self._live_stale = True  # until listed again: a failed publish retries at the next landing
         self.publish(compaction=True)
 
     def _read_new(self, tparts: list[Path], eparts: list[Path],
