@@ -11,7 +11,8 @@ Prints whole-command wall times and their ratio, the time from launch to the fir
 start (the tool's fixed start-up beyond Ray's is the difference), the driver's work per
 cell over the run (first cell start to last cell end, per cell, and per cell in the first
 and last tenth of the run: constant when the driver's work per cell does not grow with N),
-and the peak memory of each driver process.
+and the peak memory and CPU time of each driver process (per trial: the driver's share of
+the machine, taken from the trials).
 
 With --for-s S only the tool runs, and is stopped after S seconds (for sizes too large to
 run through here, e.g. 50,000): it prints the time to the first cell and the time between
@@ -55,18 +56,60 @@ tune.Tuner(tune.with_resources(trial, {"cpu": 1}),
            tune_config=tune.TuneConfig(reuse_actors=True),
            run_config=tune.RunConfig(storage_path=storage, verbose=0, callbacks=[Span()])).fit()
 fit = time.perf_counter() - t0
-print(fit, Span.first, Span.last, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print(fit, Span.first, Span.last, ru.ru_maxrss / 1024, ru.ru_utime + ru.ru_stime)
 """
 
-# The study CLI in-process, reporting its own peak memory (not Ray's daemons').
+# The study CLI in-process, reporting its own peak memory and CPU time (not Ray's daemons'),
+# and, every 100 landed cells, the wall clock and the process's CPU time (all its threads:
+# Tune's loop, landing, compaction) to MARKS, so that the driver's work per cell early and
+# late in the run can be compared even on a machine others load.
 TOOL = """
-import resource, runpy, sys
+import os, resource, runpy, sys, time
+import study.store.write as write
+marks, every, landed = open(os.environ["SCALE_MARKS"], "w"), 100, [0]
+land = write.Writer.write_result
+def write_result(self, row, epochs):
+    land(self, row, epochs)
+    landed[0] += 1
+    if landed[0] % every == 0:
+        print(landed[0], time.time(), time.process_time(), file=marks, flush=True)
+write.Writer.write_result = write_result
 sys.argv = ["study"] + sys.argv[1:]
 try:
     runpy.run_module("study.cli", run_name="__main__")
 finally:
-    print("PEAK_MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, file=sys.stderr)
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    print("PEAK_MB", ru.ru_maxrss / 1024, "CPU_S", ru.ru_utime + ru.ru_stime, file=sys.stderr)
 """
+
+
+def per_cell_early_late(marks_path: Path) -> str:
+    """The driver's CPU and wall time per landed cell over the first and the last tenth of
+    the landings (from TOOL's marks)."""
+    rows = [tuple(map(float, line.split())) for line in marks_path.read_text().splitlines()
+            if len(line.split()) == 3]
+    if len(rows) < 4:
+        return "  too few landings for early/late driver figures"
+    k = max(2, len(rows) // 10)
+
+    def per_cell(a, b, col):
+        return (b[col] - a[col]) / (b[0] - a[0]) * 1000
+    early, late = (rows[0], rows[k - 1]), (rows[-k], rows[-1])
+    ce, cl = per_cell(*early, 2), per_cell(*late, 2)
+    we, wl = per_cell(*early, 1), per_cell(*late, 1)
+    return (f"  driver per landed cell, cells {int(early[0][0])}-{int(early[1][0])} vs "
+            f"{int(late[0][0])}-{int(late[1][0])}: CPU {ce:.1f} vs {cl:.1f} ms (late / early "
+            f"{cl / ce:.2f}), wall {we:.1f} vs {wl:.1f} ms (late / early {wl / we:.2f})")
+
+
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a live process so far (/proc/PID/stat), nan where gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
 
 
 def spec_text(cells: int, epochs: int) -> str:
@@ -110,29 +153,34 @@ def main() -> None:
             t_bare_cmd = time.perf_counter() - t0
             if out.returncode != 0:
                 sys.exit(f"bare Tune failed: {out.stderr[-2000:]}")
-            fit, first, last, bare_mb = map(float, out.stdout.strip().splitlines()[-1].split())
+            fit, first, last, bare_mb, bare_cpu = map(float, out.stdout.strip().splitlines()[-1].split())
             print(f"bare Ray Tune (trivial trials)  whole command {t_bare_cmd:7.1f} s   "
                   f"launch to first trial {first - launched:5.1f} s   "
                   f"first start to last end {last - first:7.1f} s = "
-                  f"{(last - first) / n * 1000:5.1f} ms/trial   driver peak {bare_mb:5.0f} MB",
-                  flush=True)
+                  f"{(last - first) / n * 1000:5.1f} ms/trial   driver peak {bare_mb:5.0f} MB   "
+                  f"driver CPU {bare_cpu / n * 1000:5.1f} ms/trial", flush=True)
         spec = tmp / "scale.toml"
         spec.write_text(spec_text(n, args.epochs))
         launched = time.time()
         t0 = time.perf_counter()
+        marks = tmp / "marks.txt"
         proc = subprocess.Popen([sys.executable, "-c", TOOL, "run", str(spec), "--results",
                                  str(tmp / "res"), "--no-figures", "--quiet"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+                                start_new_session=True, env={**os.environ, "SCALE_MARKS": str(marks)})
+        cpu_s = float("nan")
         try:
             _, err = proc.communicate(timeout=args.for_s)
         except subprocess.TimeoutExpired:
+            cpu_s = proc_cpu_s(proc.pid)  # the driver's own, before it is stopped
             os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
             _, err = proc.communicate()
         t_tool = time.perf_counter() - t0
         if proc.returncode != 0 and not args.for_s:
             sys.exit(f"study run failed: {err[-2000:]}")
         peak_mb = float(err.rsplit("PEAK_MB", 1)[1].split()[0]) if "PEAK_MB" in err else float("nan")
+        if "CPU_S" in err:
+            cpu_s = float(err.rsplit("CPU_S", 1)[1].split()[0])
         from study.store import Store
 
         store = Store(tmp / "res")
@@ -150,9 +198,12 @@ def main() -> None:
               f"first start to last end {span:7.1f} s = {span / len(df) * 1000:5.1f} ms/cell    "
               f"driver peak {peak_mb:5.0f} MB")
         print(f"  {len(df)} rows and {n_epochs} epoch rows landed; ms between cell starts: "
-              f"first tenth {early:.1f}, last tenth {late:.1f}")
+              f"first tenth {early:.1f}, last tenth {late:.1f}, late / early {late / early:.2f}")
+        print(f"  driver CPU {cpu_s:.1f} s = {cpu_s / len(df) * 1000:.1f} ms per landed cell "
+              f"(the study run process: start-up, Tune's driver loop, landing, compaction)")
+        print(per_cell_early_late(marks))
         if not args.skip_bare:
-            print(f"ratio, whole commands (tool / bare): {t_tool / t_bare_cmd:.2f}")
+            print(f"ratio, whole commands (tool / bare): {t_tool / t_bare_cmd:.2f} (goal <= 0.5)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

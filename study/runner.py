@@ -296,6 +296,7 @@ def run_study(spec: Spec, opts: RunOptions, out=sys.stderr) -> RunSummary:
         _train(spec, store, executor, opts, pending, copies_of, summary, lock, out)
         return summary
     finally:
+        store.close_live()  # cells landed in the last interval, listed while the lock is ours
         lock.release()
 
 

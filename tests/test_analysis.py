@@ -311,6 +311,7 @@ def test_copies_found_by_rule_in_a_store_without_the_marker(tmp_path):
             if c["architecture"] == "parallel" and c["layers"] == 1:
                 row["val_loss"] *= 1.5  # one network, different numbers: must be flagged
             store.write_result(row, curve(row))
+    store.close_live()  # as a run's end does: every landed cell in the live manifest
     every = analysis.pairs(analysis.load(tmp_path / "broken"))
     ctl = analysis.control_summary(every)
     assert (ctl["n"], ctl["identical"], len(ctl["differing"])) == (2, 0, 2)

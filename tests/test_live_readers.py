@@ -1,8 +1,9 @@
 """Reading a study while it runs (study/live.py): every documented reader (pyarrow, DuckDB,
 Polars, pandas on analysis.live_files; analysis.load; `study status`) races a real `study run`
 that compacts after every second cell, and never fails nor sees a cell twice; a driver
-SIGKILLed between the compactor's steps leaves a store every reader sees each cell once in,
-which the next run tidies; replaced files are gone once the retention window has passed."""
+SIGKILLed between the compactor's steps, or while landed cells wait for the manifest's next
+write, leaves a store every reader sees each cell once in, which the next run tidies;
+replaced files are gone once the retention window has passed."""
 from __future__ import annotations
 
 import collections
@@ -205,10 +206,11 @@ def _read_all(out) -> dict[str, list[str]]:
     return {name: sorted(f(out, analysis.live_files(out, t))) for name, (t, f) in READERS.items()}
 
 
-def _kill_at(spec: Path, out: Path, step: str, flag: Path) -> None:
-    """A run SIGKILLed when its second compaction reaches `step`."""
-    driver = _driver(spec, out, every=2, retain_s=0.0,
-                     env={"STUDY_TEST_PAUSE": f"{step}:2:{flag}"})
+def _kill_at(spec: Path, out: Path, step: str, flag: Path, nth: int = 2, every: int = 2) -> None:
+    """A run SIGKILLed when it reaches `step` the `nth` time (a compaction's step: its second
+    compaction), compacting after every `every` cells."""
+    driver = _driver(spec, out, every=every, retain_s=0.0,
+                     env={"STUDY_TEST_PAUSE": f"{step}:{nth}:{flag}"})
     try:
         deadline = time.monotonic() + 120
         while not flag.exists():
@@ -260,8 +262,35 @@ def test_sigkill_between_the_compactors_steps_then_every_reader_sees_each_cell_o
     assert {p.name for p in (out / ".live").glob("*/*.parquet")} == listed
 
 
+@pytest.mark.slow
+def test_sigkill_while_landed_cells_wait_for_the_manifest_then_the_next_run_tidies(tmp_path):
+    """A run SIGKILLed at its third landing, once the cell's second names are made and before
+    any manifest lists them (the landings before it may wait for the interval's write too):
+    every reader sees the same cells, each once, with their epochs; the next run lands the
+    rest and leaves in .live/ only what its manifest lists."""
+    spec, out = _spec(tmp_path, 6), tmp_path / "res"
+    _kill_at(spec, out, "landed_before_manifest", tmp_path / "paused", nth=3, every=100)
+    made = {p.name for p in (out / ".live").glob("*/*.parquet")}
+    listed = {Path(f).name for t in live.TABLES for f in analysis.live_files(out, t)}
+    assert made - listed  # the killed landing's second names, which no manifest lists
+    seen = _read_all(out)
+    epoch_keys = seen.pop("duckdb-epochs")
+    assert len(set(map(tuple, seen.values()))) == 1, seen
+    ids = seen["duckdb"]
+    assert len(ids) == len(set(ids)) and len(epoch_keys) == len(set(epoch_keys))
+    assert set(ids) <= Store(out).cell_ids()
+    r = subprocess.run([sys.executable, "-c", DRIVER, "100", "0", str(spec), "--results", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    seen = _read_all(out)
+    assert all(len(v) == len(set(v)) == 12 for v in seen.values()), seen
+    listed = {Path(f).name for t in live.TABLES for f in analysis.live_files(out, t)}
+    assert {p.name for p in (out / ".live").glob("*/*.parquet")} == listed
+
+
 def test_replaced_files_stay_for_the_window_then_go(tmp_path, monkeypatch):
     monkeypatch.setattr(live, "RETAIN_S", 1.0)
+    monkeypatch.setattr(live, "PUBLISH_EVERY_S", 0.0)  # every landing written at once
     store = Store(tmp_path)
     store.ensure_writable()
     assert analysis.live_files(tmp_path) == []  # no manifest yet: the (empty) glob

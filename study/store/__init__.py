@@ -75,7 +75,10 @@ class Store(Writer, Compactor, Quarantine, CheckpointsAndWeights, StoreReader):
         # up to date by this object's own compactions; only the lock holder compacts).
         self._merged: dict[int, set[str]] | None = None
         self._in_merged: set[str] | None = None  # their union; None: stale, or a cell repeats
-        self._published = False  # by this object: its first publish also sweeps crash leftovers
+        # The live manifest in memory (study.live): made and listed by the first publish (its
+        # listing also sweeps crash leftovers), listed again after compactions and quarantines.
+        self._live = None
+        self._live_stale = True
         self._loose: int | None = None  # parts landed since the last compaction
         self._loose_since: float | None = None
         self.notes: list[str] = []  # files a compaction had to quarantine

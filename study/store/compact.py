@@ -145,6 +145,7 @@ class Compactor(Layout):
         index.update(outputs)
         self._in_merged = None
         self._loose, self._loose_since = 0, None
+        self._live_stale = True  # until listed again: a failed publish retries at the next landing
         self.publish(compaction=True)
 
     def _read_new(self, tparts: list[Path], eparts: list[Path],
@@ -223,24 +224,59 @@ class Compactor(Layout):
                 if path is not None:
                     path.unlink(missing_ok=True)
 
-    def publish(self, compaction: bool = False) -> bool:
-        """Publish the files on disk to live readers (study.live), unless a cell is in two of
-        them right now (a re-landed cell before its compaction, a crashed compaction's
-        leftovers): then readers keep the previous list until the compaction that follows.
-        The driver's, under the lock. `compaction`: called as a compaction's last step."""
-        in_merged = self._in_merged
-        if in_merged is None:
+    def _cells_in_merged(self) -> set[str] | None:
+        """Every cell of the merged files (cached until the next compaction or quarantine),
+        None where a cell is in two of them (what a crashed compaction leaves)."""
+        if self._in_merged is None:
             index = self._merged_index()
             in_merged = set().union(*index.values())
             if len(in_merged) != sum(map(len, index.values())):
-                return False  # not cached: the compaction that must follow fixes it
+                return None  # not cached: the compaction that must follow fixes it
             self._in_merged = in_merged
+        return self._in_merged
+
+    def publish(self, compaction: bool = False) -> bool:
+        """List the files on disk again and publish them to live readers at once (study.live),
+        unless a cell is in two of them right now (a re-landed cell before its compaction, a
+        crashed compaction's leftovers): then readers keep the previous list until the
+        compaction that follows. The driver's, under the lock, at start-up, after a
+        compaction or a quarantine. `compaction`: called as a compaction's last step."""
+        in_merged = self._cells_in_merged()
+        if in_merged is None:
+            return False
         for d in (self.trials_dir, self.epochs_dir):
             if any(name_stem(p) in in_merged for p in listing(d)[0]):
                 return False
         with store_errors(live.manifest_path(self.root)):
-            live.publish(self.root, TABLE_SCHEMAS,
-                         pause=live.pause_for_test if compaction else None,
-                         sweep=not self._published)
-        self._published = True
+            first = self._live is None
+            if first:
+                self._live = live.LiveManifest(self.root, TABLE_SCHEMAS)
+            with self._live.lock:  # no timer's write between the listing and this write
+                self._live.relist(sweep=first)  # the first also retires a crash's leftovers
+                self._live.write(pause=live.pause_for_test if compaction else None)
+        self._live_stale = False
         return True
+
+    def publish_landed(self, cell_id: str) -> bool:
+        """Publish a landed cell's two parts to live readers, listing and stat-ing no other
+        file; the manifest is written within live.PUBLISH_EVERY_S. A cell that replaced a row
+        of a merged file waits for the compaction that follows (readers keep its old row)."""
+        if self._live is None or self._live_stale:
+            return self.publish()
+        in_merged = self._cells_in_merged()
+        if in_merged is None or cell_id in in_merged:
+            return False
+        with store_errors(live.manifest_path(self.root)):
+            self._live.land({"trials": self.trials_dir / f"{cell_id}.parquet",
+                             "epochs": self.epochs_dir / f"{cell_id}.parquet"})
+        return True
+
+    def close_live(self) -> None:
+        """The end of a driver's run, however it ends: whatever landed is in the manifest, no
+        timer is left. Never raises: a manifest it cannot write stays the previous one, which
+        lists each cell once, and the next `study run` lists the folders again."""
+        if self._live is not None:
+            try:
+                self._live.close()
+            except OSError:
+                pass

@@ -75,6 +75,7 @@ class Quarantine(Layout):
         stamp = _stamp()
         if not self._move_aside(part, f"{part.parent.name}-{part.stem}-{stamp}.parquet", reason):
             return
+        self._live_stale = True  # the live manifest may list it: list the folders again
         if part.parent == self.trials_dir:
             # Its epochs belong to rows we no longer trust: those cells re-run and rewrite them.
             epochs_part = self.epochs_dir / part.name

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import time
 import uuid
+from pathlib import Path
 from typing import Iterable
 
 import pyarrow as pa
@@ -17,6 +19,17 @@ from .. import schema
 from ..rows import now
 from .errors import StoreError, atomic_write_table, atomic_write_text, os_message
 from .layout import Layout, listing, spec_key
+
+
+def _ensure_dir(d: Path) -> None:
+    """mkdir -p without Path.mkdir's stat of a folder that exists: a landing touches no file
+    but its cell's."""
+    try:
+        os.mkdir(d)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        d.mkdir(parents=True, exist_ok=True)
 
 
 class Writer(Layout):
@@ -70,7 +83,7 @@ class Writer(Layout):
         """Land one finished cell: epochs first, so a trial row always has its curve."""
         cell_id = row["cell_id"]
         for d in (self.trials_dir, self.epochs_dir):
-            d.mkdir(parents=True, exist_ok=True)
+            _ensure_dir(d)
         epochs_part = self.epochs_dir / f"{cell_id}.parquet"
         had_epochs = epochs_part.exists()
         atomic_write_table(epochs_part, schema.conform(epochs, schema.EPOCHS))
@@ -87,7 +100,7 @@ class Writer(Layout):
             self._loose_since = time.monotonic()
         # The row is safely in place: the cell's checkpoint has done its job.
         self.checkpoint_path(cell_id).unlink(missing_ok=True)
-        self.publish()
+        self.publish_landed(cell_id)
 
     def write_results(self, results: Iterable[tuple[dict, list[dict]]]) -> None:
         """Land many finished cells at once (rows and their epochs as dicts): see write_tables."""
