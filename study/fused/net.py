@@ -158,5 +158,5 @@ class GroupedNet:
             feats = cur.mean(dim=(2, 3)).view(b, k, -1)
         w, bias = self.params["head.weight"], self.params["head.bias"]
         # (W x^T)^T: autograd then forms the weight's gradient as grad^T x, the product
-        # F.linear's backward takes (a member of one matches its solo net bit for bit)
+        # F.linear's backward takes (x W^T gave the same logits but a gradient rounded apart)
         return torch.baddbmm(bias.unsqueeze(2), w, feats.permute(1, 2, 0)).transpose(1, 2)
