@@ -160,7 +160,7 @@ def format_power(table: pd.DataFrame, pilot: str | Path, alpha: float, margin_te
             continue
         lines.append(f"    sigma2_between {r['sigma2_between']:.3g} (80 % upper {r['sigma2_between_upper']:.3g}), "
                      f"sigma2_within {r['sigma2_within']:.3g} (80 % upper {r['sigma2_within_upper']:.3g}); "
-                     f"pilot: {r['pilot_settings']} settings")
+                     f"pilot: {int(r['pilot_settings'])} settings")
         lines.append(f"    power at ratio 1: {r['power_1']:.2f} ({r['power_1_upper']:.2f} at the upper "
                      f"limits); at the pilot's ratio {r['pilot_ratio']:.3f}: {r['power_pilot']:.2f} "
                      f"({r['power_pilot_upper']:.2f})")
