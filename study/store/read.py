@@ -190,6 +190,17 @@ class StoreReader(Layout):
     """A results folder opened for reading: rows, epochs, which cells landed and which are in
     flight. It never moves, writes or removes a file (Store, the driver's, does)."""
 
+    def driver_running(self) -> bool:
+        """A live driver holds the store's lock. Only then may a file vanish under a read
+        (its compactions) and is the live manifest the list to read; without one the
+        folders hold every landed cell (those after the manifest's last coalesced write, a
+        crashed driver's included) and nothing removes a file."""
+        from .lock import DriverLock
+
+        lock = DriverLock(self)
+        holder = lock.holder()
+        return holder is not None and not lock.is_stale(holder)
+
     @staticmethod
     def part_ids(folder: Path, live: bool = False) -> set[str]:
         """The cells with rows in `folder` (trials/ or epochs/), merged or not (`live`: as
@@ -280,7 +291,8 @@ class StoreReader(Layout):
 
     def _read_once(self, folder: Path, sch: pa.Schema, cols: list[str], ids: list[str] | None,
                    report: ReadReport, live_read: bool = False) -> pa.Table:
-        listed = live_listing(self.root, folder.name) if live_read else None
+        listed = live_listing(self.root, folder.name) if live_read and self.driver_running() \
+            else None
         parts, merged = listing(folder) if listed is None else listed
         ptable = read_parts(parts, sch, cols, None if ids is None else set(ids), report)
         sources = [(PART_RANK, schema.conform(ptable, sch, cols)),
