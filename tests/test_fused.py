@@ -11,10 +11,8 @@ import copy
 import itertools
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -25,7 +23,6 @@ import torch.nn.functional as F
 from study import schema
 from study.models import build_for_cell
 from study.options import TrialOptions
-from study.rows import cell_row, now
 from study.store import Store
 from study.train import autocast, run_cell
 from study.fused.adamw import GroupedAdamW
@@ -394,7 +391,6 @@ def test_driver_killed_mid_group_resumes_each_cell_from_its_own_checkpoint(tmp_p
     """SIGKILL of the driver while groups train (checkpoints every epoch), then `study
     resume`: every cell once, each cell in flight resumed from its own (solo-format)
     checkpoint, grouped again with the cells at its epoch."""
-    from sweep import load_spec
     from procs import kill_tree
     from conftest import checkpointed_in_flight, run_cli
 
