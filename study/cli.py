@@ -7,8 +7,10 @@ line saying what is wrong and what to do, and exit non-zero: 2 for a bad spec or
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from sweep import SpecError, load_spec
 from sweep.spec import parse_margin
 
 from . import executor_registry as executors
+from . import interrupt
 from .counts import STATUS_COLUMNS, StudyGrid, count_cells
 from .store import Store, StoreError
 
@@ -313,6 +316,10 @@ def _run(spec, results: Path, args, draw: bool = True) -> int:
              if summary.ran else ""))
     print(f"trials: {store.trials_dir}")
     print(f"epochs: {store.epochs_dir}")
+    if interrupt.requested():  # a batch system's warning: exit within it, draw nothing
+        print(f"stopped by {signal.Signals(interrupt.requested()).name}: the cells in flight "
+              f"wrote their checkpoints; `study resume {results}` continues them")
+        return interrupt.exit_code()
     report = Path(results) / "report.html"
     if args.no_figures or not draw:
         pass
@@ -499,8 +506,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .errors import ClusterError, DatasetError
 
+    stoppable = (interrupt.handling_signals() if args.command in ("run", "resume")
+                 else contextlib.nullcontext())
     try:
-        code = COMMANDS[args.command](args)
+        with stoppable:
+            code = COMMANDS[args.command](args)
         sys.stdout.flush()  # a closed pipe shows here, inside the handler below, not at exit
         return code
     except SpecError as e:
