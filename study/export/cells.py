@@ -121,4 +121,5 @@ class ExportCounts:
     unchanged: int = 0
     wall_s: float = 0.0
     where: str = ""
+    artifacts: str = ""  # the experiment's artifact location (MLflow)
     notes: list[str] = field(default_factory=list)

@@ -19,6 +19,11 @@ from .errors import MLFLOW_PACKAGE, MissingPackage, TrackerError, _one_line, req
 ROLE_TAG = "study_role"  # "study" (the parent run) or "cell"
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag
 MAX_TAG = 5000  # MLflow refuses longer values on some servers: an error is cut, not refused
+# MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, prompts); its
+# own kind selector writes this value for model training (the runs table and charts).
+KIND_TAG, KIND_TRAINING = "mlflow.experimentKind", "custom_model_development"
+SERVER_SCHEMES = ("http", "https", "databricks", "databricks-uc", "uc")
+DATABASE_ENGINES = ("sqlite", "postgresql", "mysql", "mssql")  # MLflow's SQL stores
 
 
 def local_mlflow_uri(store: Store) -> str:
@@ -26,6 +31,38 @@ def local_mlflow_uri(store: Store) -> str:
     path = (store.root / "mlflow").resolve()
     path.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path / 'mlflow.db'}"
+
+
+def artifact_location(store: Store, uri: str, local: bool) -> str | None:
+    """Where a new experiment's artifacts go. MLflow's own default for a database URI is
+    ./mlruns, in whatever folder the export was run from: the local store keeps them inside
+    DIR, a SQLite file beside the file (per study), any other database inside DIR; a tracking
+    server (its own artifact store) and a file store (its own folder) are left their own."""
+    inside_dir = (store.root / "mlflow" / "artifacts").resolve().as_uri()
+    if local:
+        return inside_dir
+    scheme = uri.partition(":")[0].lower() if "://" in uri else ""
+    engine = scheme.partition("+")[0]
+    if engine not in DATABASE_ENGINES:
+        return None
+    if engine == "sqlite":
+        from sqlalchemy.engine import make_url
+
+        db = make_url(uri).database
+        if db and db != ":memory:":
+            return (Path(db).resolve().parent / "mlflow-artifacts" / store.study_id()).as_uri()
+    return inside_dir
+
+
+def readable_location(location: str, uri: str) -> str:
+    """An artifact location as a user reads it: a folder as its path; a tracking server's
+    store said to be the server's (where it is is the server's setting, not the tool's)."""
+    if uri.split("://")[0].lower() in SERVER_SCHEMES:
+        return f"{location} (the tracking server's own artifact store)"
+    if location.startswith("file://"):
+        from urllib.parse import unquote, urlparse
+        return unquote(urlparse(location).path)
+    return location
 
 
 def tune_local_sqlite(uri: str) -> None:
@@ -66,7 +103,9 @@ class MlflowTarget:
     """One study's experiment in one tracking store: finds or makes the experiment and the
     parent run, knows the cells' runs (cell_id -> (run_id, finished_at, done))."""
 
-    def __init__(self, store: Store, uri: str | None):
+    def __init__(self, store: Store, uri: str | None, first_start_ms: int | None = None):
+        """`first_start_ms`: the study's earliest cell start, the parent run's start when it
+        is made here; None (a live export, before any cell has landed): the study's creation."""
         require(MLFLOW_PACKAGE)
         from mlflow.tracking import MlflowClient
 
@@ -77,6 +116,11 @@ class MlflowTarget:
         meta = store.meta()
         self.study_name = meta.get("name") or store.root.name
         self.axes = study_axes(store)
+        self.first_start_ms = first_start_ms
+        # The parent run ends when the study's last cell did (not when it was exported): the
+        # latest finished_at of the cells planned, else the end the parent already has.
+        self.last_finish_ms: int | None = None
+        self.parent_end_ms: int | None = None
         if self.local:
             tune_local_sqlite(self.uri)
         # MLflow announces at INFO each time it creates or checks a database's tables: noise
@@ -96,13 +140,16 @@ class MlflowTarget:
     def _experiment(self) -> str:
         name = f"{self.study_name} [{self.study_id[:8]}]"
         exp = self.client.get_experiment_by_name(name)
-        if exp is not None:
-            return exp.experiment_id
-        art = ((self.store.root / "mlflow" / "artifacts").resolve().as_uri()
-               if self.local else None)
-        return self.client.create_experiment(
-            name, artifact_location=art,
-            tags={STUDY_ID_TAG: self.study_id, "results_folder": str(self.store.root.resolve())})
+        if exp is None:
+            exp_id = self.client.create_experiment(
+                name, artifact_location=artifact_location(self.store, self.uri, self.local),
+                tags={STUDY_ID_TAG: self.study_id, KIND_TAG: KIND_TRAINING,
+                      "results_folder": str(self.store.root.resolve())})
+            exp = self.client.get_experiment(exp_id)
+        elif KIND_TAG not in exp.tags:  # made before the tag was set; a user's own kind is kept
+            self.client.set_experiment_tag(exp.experiment_id, KIND_TAG, KIND_TRAINING)
+        self.artifacts = exp.artifact_location
+        return exp.experiment_id
 
     def _search(self, filt: str) -> list:
         out, token = [], None
@@ -117,13 +164,16 @@ class MlflowTarget:
     def _parent(self) -> str:
         found = self._search(f"tags.{STUDY_ID_TAG} = '{self.study_id}' and tags.{ROLE_TAG} = 'study'")
         if found:
+            self.parent_end_ms = found[0].info.end_time
             return found[0].info.run_id
         meta = self.store.meta()
         desc = _spec_description(self.store)
         tags = {STUDY_ID_TAG: self.study_id, ROLE_TAG: "study", "study": self.study_name,
                 "description": desc[:MAX_TAG], "mlflow.note.content": desc[:MAX_TAG],
                 "created_at": str(meta.get("created_at", ""))}
-        start = _parse_iso_ms(meta.get("created_at"))
+        start = self.first_start_ms
+        if start is None:
+            start = _parse_iso_ms(meta.get("created_at"))
         run = self.client.create_run(self.experiment_id, start_time=start, tags=tags,
                                      run_name=self.study_name)
         return run.info.run_id
@@ -140,6 +190,9 @@ class MlflowTarget:
         """(cells to write, run ids to delete first, cells unchanged)."""
         todo, stale, same = [], [], 0
         for c in cells:
+            end = _ms(c.row.get("finished_at"))
+            if end is not None and (self.last_finish_ms is None or end > self.last_finish_ms):
+                self.last_finish_ms = end
             have = self.runs.get(c.cell_id)
             if have and have[1] == c.finished and have[2]:
                 same += 1
@@ -169,7 +222,8 @@ class MlflowTarget:
             self.client.log_artifacts(self.parent_id, str(figures), "figures")
         metrics, tags = headline(figures / "stats.csv")
         _log_batch(self.client, self.parent_id, metrics=metrics, tags=tags)
-        self.client.set_terminated(self.parent_id, "FINISHED")
+        end = self.last_finish_ms if self.last_finish_ms is not None else self.parent_end_ms
+        self.client.set_terminated(self.parent_id, "FINISHED", end_time=end)
 
 
 def write_cells(client, experiment_id: str, parent_id: str, study_id: str, axes: list[str],
@@ -273,8 +327,10 @@ def _parse_iso_ms(s) -> int | None:
 def export_mlflow(store: Store, uri: str | None, workers: int = 1) -> ExportCounts:
     """`study export DIR --mlflow [URI]`: every cell not yet exported as it is now."""
     t0 = time.time()
-    target = MlflowTarget(store, uri)
-    todo, stale, same = target.plan(store_cells(store))
+    cells = list(store_cells(store))
+    starts = [ms for c in cells if (ms := _ms(c.row.get("started_at"))) is not None]
+    target = MlflowTarget(store, uri, first_start_ms=min(starts, default=None))
+    todo, stale, same = target.plan(cells)
     n_replaced = len(stale)
     try:
         if workers > 1 and len(todo) >= 100:
@@ -288,7 +344,8 @@ def export_mlflow(store: Store, uri: str | None, workers: int = 1) -> ExportCoun
         raise TrackerError(f"export to MLflow {target.uri} stopped: {_one_line(e)}; run the "
                            "same command again to continue (what was written is kept)") from None
     return ExportCounts(added=len(todo) - n_replaced, replaced=n_replaced, unchanged=same,
-                        wall_s=time.time() - t0, where=target.uri)
+                        wall_s=time.time() - t0, where=target.uri,
+                        artifacts=readable_location(target.artifacts, target.uri))
 
 
 def _write_in_processes(target: MlflowTarget, todo: list[Cell], stale: list[str],
