@@ -466,6 +466,7 @@ def cmd_export(args) -> int:
             n = export_mlflow(store, args.mlflow or None, workers=max(1, args.workers))
             print(f"mlflow: {n.added} runs added, {n.replaced} replaced, {n.unchanged} unchanged "
                   f"in {n.wall_s:.1f} s ({n.where})")
+            print(f"mlflow artifacts (spec, report, figures): {n.artifacts}")
             if not args.mlflow:
                 print(f"open it with: mlflow ui --backend-store-uri {n.where}")
         if args.tensorboard is not None:
