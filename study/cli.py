@@ -19,6 +19,7 @@ from sweep.spec import parse_margin
 
 from . import executor_registry as executors
 from . import interrupt
+from .cluster import k8s
 from .counts import STATUS_COLUMNS, StudyGrid, count_cells
 from .store import Store, StoreError
 
@@ -158,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("lesion", help="remove/swap blocks of saved cells and measure the loss")
     p.add_argument("results")
     p.add_argument("--data-dir")
+    k8s.add_parser(sub)
     return ap
 
 
@@ -500,7 +502,7 @@ def cmd_lesion(args) -> int:
 
 COMMANDS = {"plan": cmd_plan, "run": cmd_run, "resume": cmd_resume, "status": cmd_status,
             "figures": cmd_figures, "report": cmd_report, "lesion": cmd_lesion,
-            "export": cmd_export}
+            "export": cmd_export, "k8s": k8s.cmd_k8s}
 
 
 def main(argv: list[str] | None = None) -> int:
