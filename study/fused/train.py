@@ -151,11 +151,20 @@ def _checkpoint(members: list[Member], live: list[int], opt: GroupedAdamW, net: 
         checkpoint(files, m.cell_id, epoch, m.model, m.opt, m.epochs, m.wall_s, device, m.rng)
 
 
+WIRING_ORDER = {"parallel": 0, "sequential": 1, "plain": 2}
+
+
 def train_members(members: list[Member], data: "datasets.Data", opts: TrialOptions,
                   attempt: int, report: Callable[[dict], None] | None, files: CellFiles,
                   device: torch.device) -> None:
     """Members that start at the same epoch, trained as one group to the end (or each to
     its divergence); their epoch rows and states end up in `members`."""
+    # Members of one wiring side by side: GroupedNet keeps a channel block per run of one
+    # wiring (so at most three here) and concatenates them, where members in the cells'
+    # order (sequential, parallel, ...) would make a block of each. The order is internal:
+    # member k is members[k] in the net, the optimizer and every write-back below, and each
+    # member's rows and state land in its own Member.
+    members = sorted(members, key=lambda m: WIRING_ORDER[m.config["architecture"]])
     c0 = members[0].config
     precision = c0.get("precision", "fp32")
     net = GroupedNet([m.model for m in members], [m.config["architecture"] for m in members],
