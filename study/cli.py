@@ -16,6 +16,7 @@ from sweep import SpecError, load_spec
 from sweep.spec import parse_margin
 
 from . import executor_registry as executors
+from .cluster.slurm import add_slurm_parser, cmd_slurm
 from .counts import STATUS_COLUMNS, StudyGrid, count_cells
 from .store import Store, StoreError
 
@@ -155,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("lesion", help="remove/swap blocks of saved cells and measure the loss")
     p.add_argument("results")
     p.add_argument("--data-dir")
+    add_slurm_parser(sub)
     return ap
 
 
@@ -373,9 +375,14 @@ def cmd_resume(args) -> int:
 
 
 def cmd_status(args) -> int:
+    from .cluster.slurm import status_lines
     from .durations import short_duration
     from .runner import status
 
+    slurm = status_lines(Path(args.results))  # the study's SLURM jobs, if it has any
+    if slurm and not args.json and not Store(args.results).exists():
+        print("\n".join([f"study in {args.results}: not started yet", *slurm]))
+        return 0
     st = status(Store(args.results))
     if args.json:
         print(json.dumps(st, indent=2))
@@ -394,6 +401,8 @@ def cmd_status(args) -> int:
     d = st["driver"]
     print(f"  driver: host {d['host']}, pid {d['pid']}, started {d['started_at']}" if d
           else "  driver: none running")
+    for line in slurm:
+        print(line)
     return 0
 
 
@@ -492,7 +501,7 @@ def cmd_lesion(args) -> int:
 
 COMMANDS = {"plan": cmd_plan, "run": cmd_run, "resume": cmd_resume, "status": cmd_status,
             "figures": cmd_figures, "report": cmd_report, "lesion": cmd_lesion,
-            "export": cmd_export}
+            "export": cmd_export, "slurm": cmd_slurm}
 
 
 def main(argv: list[str] | None = None) -> int:

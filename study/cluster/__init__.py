@@ -1,0 +1,1 @@
+"""Launching a study on a cluster: SLURM and Kubernetes."""
