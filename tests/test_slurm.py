@@ -186,3 +186,183 @@ def test_a_folder_of_another_study_or_missing_data_is_refused(tiny_spec, tmp_pat
     r = _slurm_cli(mnist, tmp_path / "m", "--time", "10", "--data-dir", tmp_path / "d",
                    "--download")
     assert r.returncode == 0 and "--download" in _script(tmp_path / "m"), r.stderr
+
+
+# -- real jobs on a real one-node SLURM -------------------------------------------------------
+from slurm_cluster import SlurmCluster, why_no_slurm  # noqa: E402
+
+ENDED = {"COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "NODE_FAIL", "PREEMPTED",
+         "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """The one-node SLURM, started once. Skipped where SLURM is not installed, except on CI
+    (CI=true), which installs it (.ci/run): there it must run."""
+    why = why_no_slurm()
+    if why:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI has no SLURM: {why}")
+        pytest.skip(why)
+    cluster = SlurmCluster(cpus=2)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _spec(tmp_path: Path, **grid) -> Path:
+    text = TINY_SPEC
+    for key, value in grid.items():
+        text = re.sub(rf"^{key} = .*$", f"{key} = {value}", text, flags=re.M)
+    p = tmp_path / "tiny.toml"
+    p.write_text(text)
+    return p
+
+
+def _submit(slurm, spec: Path, out: Path, *args) -> list[str]:
+    """`study slurm --submit` on 2 shared CPUs; the ids it submitted."""
+    r = _slurm_cli(spec, out, "--nodes", "1", "--cpus-per-node", "2", "--shared-nodes",
+                   "--submit", *args, env=slurm.env)
+    assert r.returncode == 0, r.stderr
+    ids = re.search(r"submitted: jobs? ([\d, ]+) ", r.stdout).group(1).split(", ")
+    assert (out / "slurm" / "jobs.txt").read_text().split() == ids
+    return ids
+
+
+def _snapshot(slurm, job_id: str) -> str:
+    """What squeue and scontrol say of the job now (printed into the test's output)."""
+    q = slurm.run("squeue", "-h", "-t", "all", "-j", job_id, "-o", "%i %T %r start=%S")
+    j = slurm.job(job_id)
+    fields = " ".join(f"{k}={j.get(k)}" for k in ("JobState", "Reason", "Restarts",
+                                                  "BatchFlag", "EligibleTime", "StartTime"))
+    text = f"squeue: {q.stdout.strip() or q.stderr.strip()}\nscontrol show job: {fields}"
+    print(f"[{time.strftime('%T')}] job {job_id}\n{text}")
+    return text
+
+
+def _wait_job(slurm, job_id: str, timeout: float, release: bool = True,
+              *update: str) -> tuple[str, int]:
+    """Until the job ends; one that waits on a begin time after a requeue is let go at once
+    (SLURM holds a requeued job ~2 minutes), with `update` (scontrol update's KEY=VALUE) made
+    to it first. Returns its state and how often it was let go."""
+    deadline, released = time.monotonic() + timeout, 0
+    while time.monotonic() < deadline:
+        j = slurm.job(job_id)
+        state = j.get("JobState", "")
+        if state in ENDED:
+            return state, released
+        if release and state == "PENDING" and j.get("Reason") == "BeginTime":
+            _snapshot(slurm, job_id)
+            slurm.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", *update,
+                      check=True)
+            released += 1
+        time.sleep(1)
+    raise AssertionError(f"job {job_id} still {state} after {timeout:.0f} s: "
+                         + _output(Path(j.get("StdOut", "/nonexistent"))))
+
+
+def _output(path: Path, tail: int = 4000) -> str:
+    """The job's output file (its end)."""
+    try:
+        return path.read_text(errors="replace")[-tail:]
+    except OSError:
+        return f"(no {path})"
+
+
+def _assert_study_done(spec: Path, out: Path, job_id: str) -> str:
+    """Every cell landed exactly once, the report drawn, nothing of the job left behind."""
+    log = _output(out / "slurm" / f"{job_id}.out", tail=10 ** 6)
+    df = Store(out).read_trials()
+    assert sorted(df["cell_id"]) == sorted(c.cell_id for c in load_spec(spec).cells()), log
+    assert (df["status"] == "ok").all(), log
+    assert (out / "report.html").is_file(), log
+    assert not Path(f"/tmp/study-{job_id}.token").exists()
+    assert not Path(f"/tmp/ray-study-{job_id}").exists()
+    assert not list((out / "slurm").glob("driver.*.pid"))
+    from procs import _procs
+
+    left = [cmd for cmd in (c for _, c in _procs().values()) if f"/ray-study-{job_id}/" in cmd]
+    assert not left, left
+    return log
+
+
+@pytest.mark.slow
+def test_a_study_runs_to_its_report_as_a_slurm_job(slurm, tmp_path):
+    spec, out = _spec(tmp_path), tmp_path / "res"
+    r = _slurm_cli(spec, out, "--time", "10", "--partition", "nope", "--submit", env=slurm.env)
+    assert r.returncode == 2 and "no such partition here; partitions: debug" in r.stderr
+    assert not out.exists()
+    t0 = time.monotonic()
+    first, second = _submit(slurm, spec, out, "--time", "00:10:00", "--chain", "2")
+    state, _ = _wait_job(slurm, first, 240, release=False)
+    print(f"scenario (a): job {first} {state} in {time.monotonic() - t0:.0f} s")
+    log = _assert_study_done(spec, out, first)
+    assert state == "COMPLETED", log
+    assert f"[slurm] study run {out}/slurm/spec.toml --results {out}" in log
+    assert "[slurm] driver exited with 0" in log
+    # the chain's second job waited (singleton) and was cancelled once the study was done
+    state2, _ = _wait_job(slurm, second, 60, release=False)
+    assert state2 == "CANCELLED", _snapshot(slurm, second)
+    r = run_cli("status", out, env=slurm.env)
+    assert r.returncode == 0, r.stderr
+    assert f"slurm: job {first} COMPLETED" in r.stdout and f"slurm: job {second} CANCELLED" \
+        in r.stdout, r.stdout
+
+
+@pytest.mark.slow
+def test_a_requeue_mid_study_resumes_it(slurm, tmp_path):
+    """`scontrol requeue` while cells train: SLURM ends the job (TERM to all of it), holds it
+    on a begin time, and runs it again with SLURM_RESTART_COUNT=1: `study resume`."""
+    spec, out = _spec(tmp_path, epochs=200, max_train_examples=1000), tmp_path / "res"
+    t0 = time.monotonic()
+    (job,) = _submit(slurm, spec, out, "--time", "00:10:00")
+    store, n_cells = Store(out), len(load_spec(spec).cells())
+    deadline = time.monotonic() + 180
+    while not (0 < len(store.part_ids(store.trials_dir)) < n_cells):  # a row in, cells to go
+        assert time.monotonic() < deadline, _output(out / "slurm" / f"{job}.out")
+        time.sleep(0.5)
+    slurm.run("scontrol", "requeue", job, check=True)
+    seen = [_snapshot(slurm, job)]
+    state, released = _wait_job(slurm, job, 300)
+    print(f"scenario (b): job {job} {state} in {time.monotonic() - t0:.0f} s, let go "
+          f"{released} time(s) after its requeue")
+    log = _assert_study_done(spec, out, job)
+    assert state == "COMPLETED" and released == 1, log
+    assert "DUE TO JOB REQUEUE" in log and "run 2" in log, log
+    assert f"[slurm] study resume {out}" in log, log
+    assert slurm.job(job)["Restarts"] == "1"
+    assert "COMPLETING" in seen[0] or "PENDING" in seen[0], seen
+
+
+def _driver_stops_on_signals() -> bool:
+    """Whether the driver takes USR1 as "checkpoint and stop" (the lead's part of issue 31);
+    before it, USR1 kills the driver and its cells resume from their periodic checkpoints."""
+    root = Path(__file__).resolve().parents[1] / "study"
+    return any("SIGUSR1" in p.read_text() for p in root.rglob("*.py")
+               if "cluster" not in p.parts)
+
+
+@pytest.mark.slow
+def test_a_time_limit_mid_study_requeues_and_resumes(slurm, tmp_path):
+    """A 2-minute limit with a 40 s warning: USR1 reaches the script mid-study (SLURM checks
+    limits every 30 s or so: 50-80 s in), the driver stops, the script requeues its job, and
+    the next run resumes the study. The test gives that run 10 minutes, so one run finishes
+    it (each run would otherwise be warned again, and the study still finish, in more runs)."""
+    spec = _spec(tmp_path, epochs=300, max_train_examples=1000, layers="[2, 3]")
+    out = tmp_path / "res"
+    t0 = time.monotonic()
+    (job,) = _submit(slurm, spec, out, "--time", "00:01:30", "--signal-lead", "40")
+    assert "#SBATCH --time=00:01:30" in _script(out) and "USR1@40" in _script(out)
+    state, released = _wait_job(slurm, job, 420, True, "TimeLimit=10")
+    print(f"scenario (c): job {job} {state} in {time.monotonic() - t0:.0f} s, requeued by "
+          f"itself {released} time(s)")
+    log = _assert_study_done(spec, out, job)
+    assert state == "COMPLETED" and released == 1, log
+    assert "requeued to resume the study" in log and "run 2" in log, log
+    assert log.index("[slurm] study run ") < log.index("[slurm] study resume "), log
+    if _driver_stops_on_signals():  # cells in flight at the warning checkpointed then
+        assert "driver exited with 138" in log, log
+        df = Store(out).read_trials()
+        assert (df["resumed_from_epoch"] > 0).any(), df[["cell_id", "resumed_from_epoch"]]

@@ -142,6 +142,7 @@ else
   STUDY=(run "$SLURM_FILES/spec.toml" --results "$RESULTS")
 fi
 STUDY+=({opts})
+echo "[slurm] study ${{STUDY[*]}}"
 PIDFILE=$SLURM_FILES/driver.$SLURM_JOB_ID.pid
 rm -f "$PIDFILE"  # a requeued run keeps its job id: never signal the last run's PID
 # bash writes its PID (the driver's: exec keeps it) for the trap below, then runs the driver
@@ -221,7 +222,8 @@ fi
 
 def _finish(job: SlurmJob) -> str:
     n = job.nodes
-    stop_ray = "" if not job.shared_nodes else """kill -TERM "${RAY_NODES[@]}" 2>/dev/null  # srun passes it on to `ray start --block`
+    stop_ray = "" if not job.shared_nodes else """echo "[slurm] stopping Ray"
+kill -TERM "${RAY_NODES[@]}" 2>/dev/null  # srun ends its step: every process of it
 for pid in "${RAY_NODES[@]}"; do
   while jobs -pr | grep -qx "$pid"; do wait "$pid"; done
 done
@@ -242,13 +244,15 @@ echo "[slurm] driver exited with $RC at $(date -Is)"
   srun --overlap --nodes={n} --ntasks={n} --ntasks-per-node=1 rm -rf "$TOKEN" "$RAY_TMP"
 fi
 
-if [ "$RC" -eq 0 ]; then
-  # the study is finished: the jobs of its chain still waiting have nothing to do
-  scancel --state=PENDING --name="$SLURM_JOB_NAME" --user="$(id -un)"
-elif [ -n "$WARNED" ] && [ -z "$TERMINATED" ]; then
-  # SLURM does not requeue a job that reaches its time limit, even with --requeue
+if [ -n "$WARNED" ] && [ -z "$TERMINATED" ]; then
+  # SLURM does not requeue a job that reaches its time limit, even with --requeue. Even a
+  # driver that exited 0 after the warning may have been stopped by it (Ray Tune takes USR1
+  # as "stop"): the next run resumes, or finds nothing left and ends at once.
   echo "[slurm] stopped before the time limit; requeued to resume the study"
   scontrol requeue "$SLURM_JOB_ID"
+elif [ "$RC" -eq 0 ]; then
+  # the study is finished: the jobs of its chain still waiting have nothing to do
+  scancel --state=PENDING --name="$SLURM_JOB_NAME" --user="$(id -un)"
 fi
 exit "$RC"
 """
