@@ -7,8 +7,10 @@ line saying what is wrong and what to do, and exit non-zero: 2 for a bad spec or
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -16,6 +18,8 @@ from sweep import SpecError, load_spec
 from sweep.spec import parse_margin
 
 from . import executor_registry as executors
+from . import interrupt
+from .cluster import k8s
 from .cluster.slurm import add_slurm_parser, cmd_slurm
 from .counts import STATUS_COLUMNS, StudyGrid, count_cells
 from .store import Store, StoreError
@@ -156,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("lesion", help="remove/swap blocks of saved cells and measure the loss")
     p.add_argument("results")
     p.add_argument("--data-dir")
+    k8s.add_parser(sub)
     add_slurm_parser(sub)
     return ap
 
@@ -315,6 +320,10 @@ def _run(spec, results: Path, args, draw: bool = True) -> int:
              if summary.ran else ""))
     print(f"trials: {store.trials_dir}")
     print(f"epochs: {store.epochs_dir}")
+    if interrupt.requested():  # a batch system's warning: exit within it, draw nothing
+        print(f"stopped by {signal.Signals(interrupt.requested()).name}: the cells in flight "
+              f"wrote their checkpoints; `study resume {results}` continues them")
+        return interrupt.exit_code()
     report = Path(results) / "report.html"
     if args.no_figures or not draw:
         pass
@@ -468,6 +477,7 @@ def cmd_export(args) -> int:
             n = export_mlflow(store, args.mlflow or None, workers=max(1, args.workers))
             print(f"mlflow: {n.added} runs added, {n.replaced} replaced, {n.unchanged} unchanged "
                   f"in {n.wall_s:.1f} s ({n.where})")
+            print(f"mlflow artifacts (spec, report, figures): {n.artifacts}")
             if not args.mlflow:
                 print(f"open it with: mlflow ui --backend-store-uri {n.where}")
         if args.tensorboard is not None:
@@ -501,15 +511,18 @@ def cmd_lesion(args) -> int:
 
 COMMANDS = {"plan": cmd_plan, "run": cmd_run, "resume": cmd_resume, "status": cmd_status,
             "figures": cmd_figures, "report": cmd_report, "lesion": cmd_lesion,
-            "export": cmd_export, "slurm": cmd_slurm}
+            "export": cmd_export, "k8s": k8s.cmd_k8s, "slurm": cmd_slurm}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .errors import ClusterError, DatasetError
 
+    stoppable = (interrupt.handling_signals() if args.command in ("run", "resume")
+                 else contextlib.nullcontext())
     try:
-        code = COMMANDS[args.command](args)
+        with stoppable:
+            code = COMMANDS[args.command](args)
         sys.stdout.flush()  # a closed pipe shows here, inside the handler below, not at exit
         return code
     except SpecError as e:

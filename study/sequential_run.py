@@ -19,6 +19,7 @@ from typing import Callable
 from sweep import SpecError, parse_spec
 from sweep.design import with_extension
 
+from . import interrupt
 from .atomic import atomic_write_text
 
 DESIGN_FILE = "design.json"
@@ -89,6 +90,8 @@ def run_until_decided(spec, results: Path, args, run_once: Callable, primary_loo
         added = list(spec.design.get("added_seeds", []))
         k = len(added) + 1
         code = max(code, run_once(spec))
+        if interrupt.requested():  # this look is unfinished: `study resume` continues it
+            return code
         seeds = len(base_seeds) + len(added)
         history, decided = {}, {}
         for look in rec.get("looks", [])[:k - 1]:

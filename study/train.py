@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data as datasets
+from . import interrupt
 from .models import build_for_cell, n_params
 from .options import TrialOptions
 from .rows import cell_row, failed_result, now
@@ -288,6 +289,8 @@ def train_cell(config: dict, cell_id: str, opts: TrialOptions, attempt: int = 1,
     files = files if files is not None else Store(opts.results_dir)
     epochs, start_epoch, wall_s = restore(files, cell_id, model, opt, device)
     n, diverged, last_saved = len(data.train_x), None, time.perf_counter()
+    if interrupt.should_stop():  # asked to stop before it began: nothing to save
+        raise interrupt.CellInterrupted(cell_id)
     for epoch in range(start_epoch, config["epochs"] + 1):
         if _fault_matches(opts.inject_fault, config, epoch, attempt):
             raise injected_fault(opts.inject_fault, f"injected fault at epoch {epoch} (attempt {attempt})")
@@ -309,9 +312,13 @@ def train_cell(config: dict, cell_id: str, opts: TrialOptions, attempt: int = 1,
                        "wall_s": wall_s, "train_s": train_s})
         # Time-based: at most one checkpoint per checkpoint_every_s (a resume loses at most
         # that), none after the last epoch (the row itself lands next).
-        if epoch < config["epochs"] and time.perf_counter() - last_saved >= opts.checkpoint_every_s:
+        stop = epoch < config["epochs"] and interrupt.should_stop()
+        if stop or (epoch < config["epochs"]
+                    and time.perf_counter() - last_saved >= opts.checkpoint_every_s):
             checkpoint(files, cell_id, epoch, model, opt, epochs, wall_s, device)
             last_saved = time.perf_counter()
+        if stop:  # a batch system's warning: this epoch is saved, the rest runs on resume
+            raise interrupt.CellInterrupted(cell_id)
         if report is not None:
             report({"epoch": epoch})  # a heartbeat: the epoch rows travel with the final row
     result = {
@@ -356,6 +363,8 @@ def run_cell(cell: dict, opts: TrialOptions, report: Callable[[dict], None] | No
         try:
             result, epochs = train_cell(config, cell_id, opts, attempt, report, files, raw)
             break
+        except interrupt.CellInterrupted:
+            raise  # not the cell's error: no retry, no row
         except datasets.DatasetError as e:  # deterministic: retrying cannot help
             last_error = str(e)
             break

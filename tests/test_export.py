@@ -24,6 +24,7 @@ HOSTILE = "<script>alert('x')</script> \"quoted\" & 'single'"
 SPEC = TINY_SPEC.replace('name = "tiny"', f'name = "tiny"\ndescription = {json.dumps(HOSTILE)}')
 FAULT = {"STUDY_INJECT_FAULT": "architecture=parallel,layers=2@1"}  # fails at once, no retry
 N_CELLS = 4
+KIND_TAG, KIND_TRAINING = "mlflow.experimentKind", "custom_model_development"  # MLflow 3's UI
 
 
 def _run(spec: Path, results: Path, *extra, env=None):
@@ -96,6 +97,11 @@ def test_mlflow_export_parent_children_histories_and_idempotence(study_dir, tmp_
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
     assert parent.data.tags["description"] == HOSTILE  # verbatim, inert text
     assert "spec.toml" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+    # the default local store keeps the artifacts inside DIR, as the output says
+    arts = results.resolve() / "mlflow" / "artifacts"
+    assert f"mlflow artifacts (spec, report, figures): {arts}" in p.stdout
+    assert (arts / parent.info.run_id / "artifacts" / "spec.toml").is_file()
+    assert client.get_experiment(parent.info.experiment_id).tags[KIND_TAG] == KIND_TRAINING
     by_cell = {c.data.tags["cell_id"]: c for c in children}
     assert set(by_cell) == set(trials["cell_id"])
     for row in trials.to_dict("records"):
@@ -127,6 +133,61 @@ def test_mlflow_export_parent_children_histories_and_idempotence(study_dir, tmp_
     assert p.returncode == 0 and f"0 runs added, 0 replaced, {N_CELLS} unchanged" in p.stdout, p.stdout
     assert len(_runs(client, sid)[1]) == N_CELLS
     print(f"first export {took:.1f} s")
+
+
+def _ms(t) -> int:
+    return int(t.timestamp() * 1000)
+
+
+def test_a_sqlite_uri_elsewhere_writes_nothing_in_the_working_directory(study_dir, tmp_path):
+    """A new user's `study export DIR --mlflow sqlite:///<elsewhere>/mlflow.db` from an empty
+    folder: MLflow's default artifact root (./mlruns) is not used; the artifacts lie beside
+    the database, the experiment opens as model training, and the parent run spans the study
+    (its earliest cell start to its latest cell end), not the export."""
+    from mlflow.tracking import MlflowClient
+
+    results = _copy(study_dir, tmp_path)
+    cwd, db = tmp_path / "cwd", tmp_path / "db"
+    cwd.mkdir()
+    db.mkdir()
+    uri = f"sqlite:///{db / 'mlflow.db'}"
+    p = run_cli("export", results, "--mlflow", uri, cwd=cwd)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert list(cwd.iterdir()) == []
+    assert not (results / "mlflow").exists()  # the user named another store
+    store, trials, _ = _store(results)
+    sid = store.study_id()
+    arts = db / "mlflow-artifacts" / sid
+    assert f"mlflow artifacts (spec, report, figures): {arts}" in p.stdout
+    assert sorted(f.name for f in db.iterdir()) == ["mlflow-artifacts", "mlflow.db"]
+    client = MlflowClient(tracking_uri=uri)
+    parents, children = _runs(client, sid)
+    assert len(parents) == 1 and len(children) == N_CELLS
+    parent = parents[0]
+    exp = client.get_experiment(parent.info.experiment_id)
+    assert exp.artifact_location == arts.as_uri()
+    assert exp.tags[KIND_TAG] == KIND_TRAINING
+    assert (arts / parent.info.run_id / "artifacts" / "spec.toml").is_file()
+    assert parent.info.start_time == _ms(trials["started_at"].min())
+    assert parent.info.end_time == _ms(trials["finished_at"].max())
+
+    p = run_cli("export", results, "--mlflow", uri, cwd=cwd)  # again: the same experiment
+    assert p.returncode == 0 and f"{N_CELLS} unchanged" in p.stdout, p.stdout
+    assert list(cwd.iterdir()) == []
+    assert len(client.search_experiments(filter_string=f"tags.study_id = '{sid}'")) == 1
+    parent = client.get_run(parent.info.run_id)
+    assert parent.info.end_time == _ms(trials["finished_at"].max())
+
+
+def test_artifacts_of_a_tracking_server_are_left_to_the_server(tmp_path):
+    from study.export.to_mlflow import artifact_location, readable_location
+    from study.store import Store
+
+    store = Store(tmp_path / "r")
+    for uri in ("http://mlflow.lab:5000", "https://mlflow.lab", "databricks"):
+        assert artifact_location(store, uri, local=False) is None
+    where = readable_location("mlflow-artifacts:/3", "http://mlflow.lab:5000")
+    assert where.startswith("mlflow-artifacts:/3") and "server" in where
 
 
 def test_rerun_cell_replaces_its_run_and_an_extension_adds_only_new_cells(study_dir, tmp_path):
@@ -247,7 +308,11 @@ def test_live_export_lands_cells_and_a_dead_tracker_never_stalls_the_study(tmp_p
     p = _run(spec, tmp_path / "live", "--export", "mlflow", "--export", "tensorboard")
     t_live = time.time() - t0
     sid = Store(tmp_path / "live").study_id()
-    assert len(_runs(_mlflow(tmp_path / "live"), sid)[1]) == N_CELLS, p.stderr[-3000:]
+    parents, children = _runs(_mlflow(tmp_path / "live"), sid)
+    assert len(children) == N_CELLS, p.stderr[-3000:]
+    # the parent ends with the study's last cell, not when the export thread closed
+    last = Store(tmp_path / "live").read_trials()["finished_at"].max()
+    assert len(parents) == 1 and parents[0].info.end_time == _ms(last)
     assert len([d for d in (tmp_path / "live" / "tensorboard").iterdir() if d.is_dir()]) == N_CELLS
     assert "warning" not in p.stderr
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from sweep import Cell
 
+from .. import interrupt
 from ..executor_registry import Land
 from ..store import Store
 
@@ -19,6 +20,8 @@ def run_local(units: list[list[Cell]], run_opts, land: Land, progress,
 
     files = Store(run_opts.trial.results_dir)
     for unit in units:
+        if interrupt.requested():  # the signal's handler set it: start no more cells
+            break
         progress.running, progress.trials = len(unit), 1
         progress.tick()
         results = run_group([c.to_dict() for c in unit], run_opts.trial,

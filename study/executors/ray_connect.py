@@ -6,6 +6,7 @@ module of this package that imports Ray imports this one first.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -69,10 +70,34 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> bool:
         # Ray runs its workers at nice 15 by default: the training would then yield its core
         # to anything else on the machine (the driver's Tune loop, a compiler, a browser) and
         # a cell trains measurably slower than the same loop in a plain process.
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(),
-                 _system_config={"worker_niceness": 0}, **kwargs)
+        with _without_own_token_note():
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(),
+                     _system_config={"worker_niceness": 0}, **kwargs)
     _OWN_LOCAL_RAY = not address
     return True
+
+
+class _OwnRayTokenNote(logging.Filter):
+    """Ray 2.60 turns token authentication on for a local ray.init (RAY_AUTH_MODE unset) and
+    says so in a warning on every run. For the Ray the tool starts itself, on this machine,
+    that warning would be the first line a newcomer reads: authentication stays on, the note
+    goes. A cluster joined with --address keeps all of Ray's warnings."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled")
+
+
+@contextlib.contextmanager
+def _without_own_token_note():
+    # Setting RAY_AUTH_MODE=token ourselves would also silence it, but Ray caches its
+    # config at import (before we could set it) and the GCS then refused the driver.
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    note = _OwnRayTokenNote()
+    logger.addFilter(note)
+    try:
+        yield
+    finally:
+        logger.removeFilter(note)
 
 
 def _join(address: str, kwargs: dict) -> None:

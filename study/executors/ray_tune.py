@@ -25,6 +25,7 @@ from ray.tune.search import Searcher  # noqa: E402
 from sweep import Cell  # noqa: E402
 from sweep.fusion import group_id  # noqa: E402
 
+from .. import interrupt  # noqa: E402
 from ..executor_registry import Land  # noqa: E402
 from ..options import TrialOptions  # noqa: E402
 from ..rows import cell_row, failed_result, now  # noqa: E402
@@ -42,7 +43,7 @@ class CellSearcher(Searcher):
         self.indices, self.next = indices, 0
 
     def suggest(self, trial_id: str):
-        if self.next >= len(self.indices):
+        if self.next >= len(self.indices) or interrupt.requested():
             return Searcher.FINISHED
         self.next += 1
         return {"i": self.indices[self.next - 1]}
@@ -103,9 +104,39 @@ def tune_trial(config: dict, shared: dict) -> None:
             last[0] = time.monotonic()
             tune.report(metrics)
 
-    results = run_group(unit, opts, report=heartbeat, node_id=node_id,
-                        files=trial_files(shared["files"], opts.results_dir), raw=raw)
+    with interrupt.checking(_stop_check(shared["stop"])):
+        results = run_group(unit, opts, report=heartbeat, node_id=node_id,
+                            files=trial_files(shared["files"], opts.results_dir), raw=raw)
     tune.report({"final": 1, **codec.encode_all(results)})
+
+
+@ray.remote(num_cpus=0)
+class StopFlag:
+    """Set by the driver on a stop signal (study.interrupt); trials ask it between epochs."""
+
+    def __init__(self):
+        self.set_ = False
+
+    def set(self) -> None:
+        self.set_ = True
+
+    def is_set(self) -> bool:
+        return self.set_
+
+
+STOP_POLL_S = 1.0  # a trial asks at most this often: ~1 ms a question, epochs may be ~ms
+
+
+def _stop_check(flag):
+    """The trial's question to the driver's StopFlag, asked at most every STOP_POLL_S."""
+    last, answer = [float("-inf")], [False]
+
+    def check() -> bool:
+        if not answer[0] and time.monotonic() - last[0] >= STOP_POLL_S:
+            last[0] = time.monotonic()
+            answer[0] = ray.get(flag.is_set.remote())
+        return answer[0]
+    return check
 
 
 @ray.remote(num_cpus=0)
@@ -141,9 +172,9 @@ class StoreCallback(tune.Callback):
     """Lands each finished cell in the store from the driver, as its unit finishes."""
 
     def __init__(self, land: Land, progress, opts: TrialOptions, max_failures: int,
-                 units: list[list[dict]]):
+                 units: list[list[dict]], stop_flag=None):
         self.land, self.progress, self.opts, self.max_failures = land, progress, opts, max_failures
-        self.units = units
+        self.units, self.stop_flag, self.stop_sent = units, stop_flag, False
         self.started: dict[str, object] = {}  # trial_id -> when it started (a failed row's)
         self.requeue: list[int] = []  # cells Tune gave up on before max_failures (see below)
         self.may_requeue = False
@@ -152,6 +183,12 @@ class StoreCallback(tune.Callback):
         # Tune pickles its callbacks with the experiment; ours hold the live driver
         # (streams, the store) and are never restored from Tune's state: our store is.
         return {}
+
+    def on_step_begin(self, iteration, trials, **info):
+        # The signal handler only sets a flag: Ray is called from Tune's loop, not from it.
+        if interrupt.requested() and not self.stop_sent and self.stop_flag is not None:
+            self.stop_flag.set.remote()
+            self.stop_sent = True
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.started.setdefault(trial.trial_id, now())  # a restart keeps the first
@@ -252,7 +289,7 @@ def _fit_in_passes(trainable, callback: StoreCallback, n_units: int, run_opts,
             ),
         ).fit()
         todo, callback.requeue = callback.requeue, []
-        if not todo:
+        if not todo or interrupt.requested():
             return
 
 
@@ -260,6 +297,7 @@ def run_ray(units: list[list[Cell]], run_opts, land: Land, progress, store) -> N
     """Every unit (a cell, or a fused group) as a Tune trial of `run_opts`' size, trained
     with `run_opts.trial`."""
     ray_connect.start_or_join(run_opts.address)
+    interrupt.reclaim_signals()
     opts = run_opts.trial
     # Tune's end-of-run summary looks for the per-trial files ray_connect.WORKER_ENV switched off.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
@@ -275,14 +313,15 @@ def run_ray(units: list[list[Cell]], run_opts, land: Land, progress, store) -> N
             raise
 
     table = [[c.to_dict() for c in unit] for unit in units]
-    callback = StoreCallback(land_or_stop, progress, opts, opts.max_failures, table)
+    stop_flag = StopFlag.remote()
+    callback = StoreCallback(land_or_stop, progress, opts, opts.max_failures, table, stop_flag)
     # A Ray started here has one node, this machine: trials reach the results folder
     # directly. Joined to a cluster (--address), no node but the driver's may assume it.
     files = None if ray_connect.own_local_ray() else start_driver_files(opts.results_dir)
     # The options travel as they are: a dataclass pickles through the object store.
     barrier = os.environ.get("STUDY_TRIAL_BARRIER")
     shared = {"units": ray.put(table), "data": _ship_datasets(table, opts), "files": files,
-              "opts": opts, "barrier": TrialBarrier.remote(int(barrier)) if barrier else None}
+              "opts": opts, "stop": stop_flag, "barrier": TrialBarrier.remote(int(barrier)) if barrier else None}
     trainable = _trainable(shared, run_opts)
     # Tune's own bookkeeping stays on the driver's machine, outside the results folder.
     tune_dir = tempfile.mkdtemp(prefix="study-tune-")

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from sweep.fusion import group_id
 
 from .. import data as datasets
+from .. import interrupt
 from ..models import build_for_cell, n_params
 from ..options import TrialOptions
 from ..rows import cell_row, now
@@ -165,6 +166,8 @@ def train_members(members: list[Member], data: "datasets.Data", opts: TrialOptio
         opt.load_member(k, m.opt)
     active = torch.ones(len(members), dtype=torch.bool, device=device)
     n, last_saved = len(data.train_x), time.perf_counter()
+    if interrupt.should_stop():  # asked to stop before it began: nothing to save
+        raise interrupt.CellInterrupted(members[0].cell_id)
     for epoch in range(members[0].start_epoch, c0["epochs"] + 1):
         _check_faults(members, opts, epoch, attempt)
         t0 = time.perf_counter()
@@ -194,9 +197,13 @@ def train_members(members: list[Member], data: "datasets.Data", opts: TrialOptio
         live = [k for k in live if members[k].diverged is None]
         if not live:
             break
-        if epoch < c0["epochs"] and time.perf_counter() - last_saved >= opts.checkpoint_every_s:
+        stop = epoch < c0["epochs"] and interrupt.should_stop()
+        if stop or (epoch < c0["epochs"]
+                    and time.perf_counter() - last_saved >= opts.checkpoint_every_s):
             _checkpoint(members, live, opt, net, files, epoch, device)
             last_saved = time.perf_counter()
+        if stop:  # each live member's epoch is saved as its own checkpoint
+            raise interrupt.CellInterrupted(members[0].cell_id)
         if report is not None:
             report({"epoch": epoch})
     net.write_back([m.model for m in members],
@@ -288,10 +295,24 @@ def run_group(cells: list[dict], opts: TrialOptions,
 
     Never raises for the cells' own errors. An error is retried once as a group; after
     that each member runs solo (train.run_cell, with its retries, counting the group's
-    attempts). An out-of-memory error halves the group instead (down to solo cells).
+    attempts). An out-of-memory error halves the group instead (down to solo cells). On a
+    stop request (study.interrupt) it returns the rows finished so far; the other members
+    wrote their checkpoints and stay pending.
     """
+    done: list[tuple[dict, list[dict]]] = []  # rows finished before a stop request
+    try:
+        _run_group(cells, opts, report, node_id, files, raw, done)
+    except interrupt.CellInterrupted:
+        pass  # the unfinished cells checkpointed and stay pending: no row
+    return done
+
+
+def _run_group(cells: list[dict], opts: TrialOptions, report, node_id: str,
+               files: CellFiles | None, raw, done: list) -> None:
+    """run_group's work, each finished row appended to `done` as it finishes."""
     if len(cells) == 1:
-        return [run_cell(cells[0], opts, report, node_id, files, raw)]
+        done.append(run_cell(cells[0], opts, report, node_id, files, raw))
+        return
     files = files if files is not None else Store(opts.results_dir)
     started = now()
     attempt = 0
@@ -299,18 +320,23 @@ def run_group(cells: list[dict], opts: TrialOptions,
         attempt += 1
         try:
             results = train_group(cells, opts, attempt, report, files, raw)
+        except interrupt.CellInterrupted:
+            raise
         except datasets.DatasetError:
             break  # deterministic: each member records it solo
         except Exception as e:  # noqa: BLE001 - the cells' own errors
             if _is_oom(e):
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
-                return [out for half in _halves(cells)
-                        for out in run_group(half, opts, report, node_id, files, raw)]
+                for half in _halves(cells):
+                    _run_group(half, opts, report, node_id, files, raw, done)
+                return
             continue
         host, device = socket.gethostname(), str(_pick_device(opts.device))
-        return [(cell_row(c, result, study=opts.study, attempts=attempt, started_at=started,
-                          host=host, node_id=node_id, device=device), epochs)
-                for c, (result, epochs) in zip(cells, results)]
-    return [run_cell(c, opts, report, node_id, files, raw, attempts_before=attempt,
-                     started=started) for c in cells]
+        done.extend((cell_row(c, result, study=opts.study, attempts=attempt, started_at=started,
+                              host=host, node_id=node_id, device=device), epochs)
+                    for c, (result, epochs) in zip(cells, results))
+        return
+    for c in cells:
+        done.append(run_cell(c, opts, report, node_id, files, raw, attempts_before=attempt,
+                             started=started))

@@ -20,15 +20,33 @@ def _proc_start(pid: int) -> str | None:
         return None
 
 
+def _slurm_job() -> dict:
+    """The SLURM job this driver runs in, if any: its id and how often it was requeued."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return {}
+    return {"slurm_job_id": job, "slurm_restart": int(os.environ.get("SLURM_RESTART_COUNT") or 0)}
+
+
+def _requeued_from(holder: dict, me: dict) -> bool:
+    """The holder is an earlier run of this very SLURM job: SLURM runs one instance of a job
+    at a time, so that driver is gone, though on another host its lock would look fresh for
+    `stale_s` (a requeued job may start on any node)."""
+    return (bool(me.get("slurm_job_id")) and holder.get("slurm_job_id") == me["slurm_job_id"]
+            and int(holder.get("slurm_restart") or 0) < me["slurm_restart"])
+
+
 class DriverLock:
-    """One driver per results folder. A lock whose process is gone (same host) or whose
-    heartbeat is older than `stale_s` (another host) is stale and taken over."""
+    """One driver per results folder. A lock whose process is gone (same host), whose
+    heartbeat is older than `stale_s` (another host), or held by an earlier run of the same
+    SLURM job (a requeue) is stale and taken over."""
 
     def __init__(self, store: Layout, stale_s: float = 120.0):
         self.path = store.lock_path
         self.stale_s = stale_s
         self.info = {"host": socket.gethostname(), "pid": os.getpid(),
-                     "proc_start": _proc_start(os.getpid()), "started_at": now().isoformat()}
+                     "proc_start": _proc_start(os.getpid()), "started_at": now().isoformat(),
+                     **_slurm_job()}
         self.held = False
 
     def holder(self) -> dict | None:
@@ -41,6 +59,8 @@ class DriverLock:
 
     def is_stale(self, holder: dict) -> bool:
         if not holder or "pid" not in holder:
+            return True
+        if _requeued_from(holder, self.info):
             return True
         if holder.get("host") == self.info["host"]:
             start = _proc_start(int(holder["pid"]))
