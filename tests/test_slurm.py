@@ -48,7 +48,7 @@ def test_exclusive_script_runs_symmetric_run_and_never_holds_the_token(tiny_spec
     text = _script(out)
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0  # bash parses it
     directives = [ln.split(" ", 1)[1] for ln in text.splitlines() if ln.startswith("#SBATCH ")]
-    for d in ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=2", "--exclusive",
+    for d in ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=2", "--exclusive", "--no-kill",
               "--time=1-00:00", "--partition=gpu", "--account=lab", "--requeue",
               "--open-mode=append", "--signal=B:USR1@300", "--export=NONE",
               "--dependency=singleton", f"--output={out}/slurm/%j.out", f"--chdir={out}"):

@@ -68,6 +68,8 @@ def _directives(job: SlurmJob) -> list[str]:
         d.append(f"--gpus-per-node={job.gpus_per_node}")
     if not job.shared_nodes:
         d += ["--exclusive", "--mem=0"]  # the whole node: every CPU, GPU and byte of memory
+    if job.nodes > 1:
+        d.append("--no-kill")  # a lost worker node: Ray retries its cells on the others
     d.append(f"--time={job.time}")
     if job.partition:
         d.append(f"--partition={job.partition}")
