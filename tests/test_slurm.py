@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import stat
 import subprocess
 import sys
@@ -29,7 +28,26 @@ RAY = str(Path(sys.executable).with_name("ray"))
 
 
 def _slurm_cli(spec: Path, results: Path, *args, env=None):
+    """The real `study slurm` command in a subprocess."""
     return run_cli("slurm", spec, "--results", results, *args, env=env)
+
+
+@pytest.fixture
+def study_slurm(capsys, monkeypatch):
+    """`study slurm SPEC --results DIR ...` through the CLI's own main in this process (a
+    subprocess takes seconds to start on a busy machine), away from any SLURM of this
+    machine: no sinfo on its PATH, so no partition is checked."""
+    from study.cli import main
+
+    def run(spec: Path, results: Path, *args, env=None) -> subprocess.CompletedProcess:
+        with monkeypatch.context() as m:
+            m.setenv("PATH", os.path.dirname(sys.executable))
+            for key, value in (env or {}).items():
+                m.setenv(key, value)
+            code = main(["slurm", str(spec), "--results", str(results), *map(str, args)])
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess([], code, out.out, out.err)
+    return run
 
 
 def _script(results: Path, name: str = "tiny") -> str:
@@ -37,9 +55,10 @@ def _script(results: Path, name: str = "tiny") -> str:
 
 
 # -- the script as text ----------------------------------------------------------------------
-def test_exclusive_script_runs_symmetric_run_and_never_holds_the_token(tiny_spec, tmp_path):
+def test_exclusive_script_runs_symmetric_run_and_never_holds_the_token(study_slurm, tiny_spec,
+                                                                       tmp_path):
     out = tmp_path / "res"
-    r = _slurm_cli(tiny_spec, out, "--nodes", "2", "--gpus-per-node", "2", "--time", "1-00:00",
+    r = study_slurm(tiny_spec, out, "--nodes", "2", "--gpus-per-node", "2", "--time", "1-00:00",
                    "--partition", "gpu", "--account", "lab", "--max-failures", "3",
                    "--fuse", "4", env={"PYTHONPATH": "/opt/x"})
     assert r.returncode == 0, r.stderr
@@ -63,7 +82,7 @@ def test_exclusive_script_runs_symmetric_run_and_never_holds_the_token(tiny_spec
     assert '-- "${DRIVER[@]}" --address "$HEAD_IP:6379" &' in text
     assert ("STUDY+=(--cpus-per-trial 1 --gpus-per-trial 1 --fuse 4 --max-failures 3)"
             in text)
-    assert f'STUDY=(run "$SLURM_FILES/spec.toml" --results "$RESULTS")' in text
+    assert 'STUDY=(run "$SLURM_FILES/spec.toml" --results "$RESULTS")' in text
     assert 'STUDY=(resume "$RESULTS")' in text
     # signals: USR1 forwarded to the driver's PID; a self-requeue after it; no ray stop here
     assert "trap on_usr1 USR1" in text and 'kill -USR1 "$(cat "$PIDFILE")"' in text
@@ -80,7 +99,7 @@ def test_exclusive_script_runs_symmetric_run_and_never_holds_the_token(tiny_spec
     # the spec the job runs, beside the script
     assert (out / "slurm" / "spec.toml").read_text() == tiny_spec.read_text()
     # written again: the same token
-    assert _slurm_cli(tiny_spec, out, "--time", "10").returncode == 0
+    assert study_slurm(tiny_spec, out, "--time", "10").returncode == 0
     assert token_file.read_text() == token
 
 
@@ -90,9 +109,10 @@ def _port_options() -> set[str]:
     return set(re.findall(r"^\s+(--[a-z-]*port[a-z-]*)", r.stdout, re.M))
 
 
-def test_shared_nodes_script_gives_ray_ports_of_the_jobs_own(tiny_spec, tmp_path):
+def test_shared_nodes_script_gives_ray_ports_of_the_jobs_own(study_slurm, tiny_spec,
+                                                             tmp_path):
     out = tmp_path / "res"
-    r = _slurm_cli(tiny_spec, out, "--nodes", "3", "--cpus-per-node", "8", "--time", "30:00",
+    r = study_slurm(tiny_spec, out, "--nodes", "3", "--cpus-per-node", "8", "--time", "30:00",
                    "--shared-nodes", "--signal-lead", "120")
     assert r.returncode == 0, r.stderr
     text = _script(out)
@@ -112,8 +132,8 @@ def test_shared_nodes_script_gives_ray_ports_of_the_jobs_own(tiny_spec, tmp_path
     assert f"--max-worker-port $((BASE + {span - 1}))" in text
     # the head here, the two other nodes elsewhere; Ray stopped by PID
     assert 'srun --nodes=1 --ntasks=1 --cpus-per-task="$CPUS" --nodelist="$HEAD"' in text
-    assert re.search(r'srun --nodes=2 --ntasks=2 .*\\\n\s+--exclude="\$HEAD" ray start --block',
-                     text)
+    assert re.search(r'srun --nodes=2 --ntasks=2 .*\\\n.*--exclude="\$HEAD" \\\n'
+                     r'\s+ray start --block --address "\$HEAD_IP:\$BASE"', text)
     assert 'kill -TERM "${RAY_NODES[@]}"' in text
 
 
@@ -151,39 +171,40 @@ def _other_study(folder: Path, source: str, name: str) -> None:
     (["--time", "10", "--chain", "0"], 2, "--chain 0"),
     (["--time", "10", "--submit"], 3, "sbatch is not on PATH"),
 ])
-def test_bad_input_is_one_line_and_nothing_written(tiny_spec, tmp_path, args, code, says):
+def test_bad_input_is_one_line_and_nothing_written(study_slurm, tiny_spec, tmp_path, args, code,
+                                                    says):
     out = tmp_path / "res"
-    env = {"PATH": os.path.dirname(sys.executable)} if "--submit" in args else None
-    r = _slurm_cli(tiny_spec, out, *args, env=env)
+    r = study_slurm(tiny_spec, out, *args)  # --submit: no sbatch on the PATH
     assert r.returncode == code, r.stderr
     assert r.stderr.startswith("study: ") and len(r.stderr.splitlines()) == 1, r.stderr
     assert says in r.stderr, r.stderr
     assert not out.exists() and r.stdout == ""
 
 
-def test_a_folder_of_another_study_or_missing_data_is_refused(tiny_spec, tmp_path):
+def test_a_folder_of_another_study_or_missing_data_is_refused(study_slurm, tiny_spec,
+                                                              tmp_path):
     other = tmp_path / "other"
     _other_study(other, TINY_SPEC.replace('name = "tiny"', 'name = "other"'), "other")
-    r = _slurm_cli(tiny_spec, other, "--time", "10")
+    r = study_slurm(tiny_spec, other, "--time", "10")
     assert r.returncode == 2 and "holds the study 'other', not 'tiny'" in r.stderr, r.stderr
     changed = tmp_path / "changed"  # the same name, a value the study ran with dropped
     _other_study(changed, TINY_SPEC.replace("lr = 3e-3", "lr = 1e-2"), "tiny")
-    r = _slurm_cli(tiny_spec, changed, "--time", "10")
+    r = study_slurm(tiny_spec, changed, "--time", "10")
     assert r.returncode == 2 and "spec changes 'lr'" in r.stderr, r.stderr
     for folder in (other, changed):
         assert not (folder / "slurm").exists()
     grown = tmp_path / "grown"  # the same study, an axis extended: fine
     _other_study(grown, TINY_SPEC.replace("layers = [1, 2]", "layers = [1]"), "tiny")
-    assert _slurm_cli(tiny_spec, grown, "--time", "10").returncode == 0
+    assert study_slurm(tiny_spec, grown, "--time", "10").returncode == 0
     spaced = tmp_path / "a b"
-    r = _slurm_cli(tiny_spec, spaced, "--time", "10")
+    r = study_slurm(tiny_spec, spaced, "--time", "10")
     assert r.returncode == 2 and "may not hold blanks" in r.stderr and not spaced.exists()
     mnist = tmp_path / "mnist.toml"
     mnist.write_text(TINY_SPEC.replace('"digits"', '"mnist"'))
-    r = _slurm_cli(mnist, tmp_path / "m", "--time", "10", "--data-dir", tmp_path / "nodata")
+    r = study_slurm(mnist, tmp_path / "m", "--time", "10", "--data-dir", tmp_path / "nodata")
     assert r.returncode == 3 and "dataset mnist not found" in r.stderr, r.stderr
     assert not (tmp_path / "m").exists()
-    r = _slurm_cli(mnist, tmp_path / "m", "--time", "10", "--data-dir", tmp_path / "d",
+    r = study_slurm(mnist, tmp_path / "m", "--time", "10", "--data-dir", tmp_path / "d",
                    "--download")
     assert r.returncode == 0 and "--download" in _script(tmp_path / "m"), r.stderr
 
@@ -296,6 +317,9 @@ def test_a_study_runs_to_its_report_as_a_slurm_job(slurm, tmp_path):
     assert not out.exists()
     t0 = time.monotonic()
     first, second = _submit(slurm, spec, out, "--time", "00:10:00", "--chain", "2")
+    r = run_cli("status", out, env=slurm.env)  # before the driver saved the study, or after
+    assert r.returncode == 0 and f"slurm: job {second} PENDING (Dependency)" in r.stdout, \
+        r.stdout + r.stderr
     state, _ = _wait_job(slurm, first, 240, release=False)
     print(f"scenario (a): job {first} {state} in {time.monotonic() - t0:.0f} s")
     log = _assert_study_done(spec, out, first)

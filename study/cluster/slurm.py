@@ -8,7 +8,6 @@ spec) or 3 (environment), nothing written or submitted.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import re
@@ -132,10 +131,10 @@ def _check_sizes(args) -> None:
     if args.cpus_per_node and args.cpus_per_trial > args.cpus_per_node:
         raise SpecError(f"--cpus-per-trial {args.cpus_per_trial:g} is more than the "
                         f"--cpus-per-node {args.cpus_per_node}; a trial never spans nodes")
-    for flag, value in (("--max-failures", args.max_failures),
-                        ("--max-concurrent", args.max_concurrent)):
-        if value is not None and value < (0 if flag == "--max-failures" else 1):
-            raise SpecError(f"{flag} {value}: too small")
+    if args.max_failures is not None and args.max_failures < 0:
+        raise SpecError(f"--max-failures {args.max_failures}: give 0 or more")
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise SpecError(f"--max-concurrent {args.max_concurrent}: give 1 or more")
     for flag, value in (("--partition", args.partition), ("--account", args.account)):
         if value is not None and not _NAME.fullmatch(value):
             raise SpecError(f"{flag} {value!r}: SLURM names hold letters, digits, '_', '.', '-'")
@@ -183,11 +182,7 @@ def _check_partition(args, limit_s: int, required: bool) -> None:
     SLURM that does not answer matters only to --submit."""
     if not shutil.which("sinfo"):
         return
-    try:
-        r = subprocess.run(["sinfo", "-h", "-o", "%P %l"], capture_output=True, text=True,
-                           timeout=60)
-    except subprocess.TimeoutExpired:
-        r = subprocess.CompletedProcess([], 1, "", "sinfo did not answer in 60 s")
+    r = _run(["sinfo", "-h", "-o", "%P %l"])
     if r.returncode != 0:
         if required:
             raise ClusterError(f"cannot reach SLURM to submit: {_last_line(r.stderr)}")

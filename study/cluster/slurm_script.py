@@ -102,7 +102,8 @@ def _environment(job: SlurmJob) -> str:
 set -u
 RESULTS={_q(job.results)}
 SLURM_FILES={slurm}
-echo "[slurm] job $SLURM_JOB_ID, run $(( ${{SLURM_RESTART_COUNT:-0}} + 1 )), on $SLURM_JOB_NODELIST at $(date -Is)"
+RUN=$(( ${{SLURM_RESTART_COUNT:-0}} + 1 ))
+echo "[slurm] job $SLURM_JOB_ID, run $RUN, on $SLURM_JOB_NODELIST at $(date -Is)"
 # a job submitted by hand is listed too (study status reads the list)
 grep -qsx "$SLURM_JOB_ID" "$SLURM_FILES/jobs.txt" || echo "$SLURM_JOB_ID" >> "$SLURM_FILES/jobs.txt"
 
@@ -191,9 +192,10 @@ def _ray_by_hand(job: SlurmJob) -> str:
     n, g, span = job.nodes, job.gpus_per_node, job.port_span
     slots = (PORTS_TO - PORTS_FROM) // span
     gpus = f" --gpus-per-node={g}" if g else ""
-    workers = "" if n == 1 else f"""srun --nodes={n - 1} --ntasks={n - 1} --ntasks-per-node=1 --cpus-per-task="$CPUS"{gpus} \\
-  --exclude="$HEAD" ray start --block --address "$HEAD_IP:$BASE" "${{NODE_OPTS[@]}}" &
-RAY_NODES+=($!)
+    workers = "" if n == 1 else f"""  srun --nodes={n - 1} --ntasks={n - 1} --ntasks-per-node=1 \\
+    --cpus-per-task="$CPUS"{gpus} --exclude="$HEAD" \\
+    ray start --block --address "$HEAD_IP:$BASE" "${{NODE_OPTS[@]}}" &
+  RAY_NODES+=($!)
 """
     return f"""
 # Ray by hand: other jobs may share these nodes, so this job's Ray has ports of its own, a
@@ -209,14 +211,15 @@ srun --nodes=1 --ntasks=1 --cpus-per-task="$CPUS"{gpus} --nodelist="$HEAD" \\
   ray start --head --block --node-ip-address "$HEAD_IP" --port "$BASE" \\
     --ray-client-server-port $((BASE + 1)) --include-dashboard false "${{NODE_OPTS[@]}}" &
 RAY_NODES=($!)
-{workers}# the driver once the head answers (its own ray.init waits for this node to join)
+# the other nodes and the driver once the head answers (the driver's ray.init waits for this
+# node to join; cells start on the other nodes as they join)
 for _ in $(seq 300); do
   [ -n "$WARNED$TERMINATED" ] && break
   (exec 3<>"/dev/tcp/$HEAD_IP/$BASE") 2>/dev/null && break
   sleep 1
 done
 if [ -z "$WARNED$TERMINATED" ]; then
-  "${{DRIVER[@]}}" --address "$HEAD_IP:$BASE" &
+{workers}  "${{DRIVER[@]}}" --address "$HEAD_IP:$BASE" &
   STEP=$!
 fi
 """
