@@ -137,6 +137,17 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             return ""
         return " / ".join(text.strip().splitlines()[-lines:])
 
+    def daemon_lines(self, job_id: str) -> str:
+        """What slurmctld and slurmd logged about a job (for a failed test's message)."""
+        out = []
+        for name in ("slurmctld", "slurmd"):
+            try:
+                text = (self.base / "log" / f"{name}.out").read_text(errors="replace")
+            except OSError:
+                continue
+            out += [f"{name}: {ln}" for ln in text.splitlines() if job_id in ln]
+        return "\n".join(out[-40:])
+
     def run(self, *cmd: str, check: bool = False, timeout: float = 60
             ) -> subprocess.CompletedProcess:
         """A SLURM command against this cluster."""

@@ -274,7 +274,9 @@ def _wait_job(slurm, job_id: str, timeout: float, release: bool = True,
         state = j.get("JobState", "")
         if state in ENDED:
             return state, released
-        if release and state == "PENDING" and j.get("Reason") == "BeginTime":
+        # (once the node is idle: the last run's processes gone, as SLURM's own wait ensures)
+        if (release and state == "PENDING" and j.get("Reason") == "BeginTime"
+                and slurm.run("sinfo", "-h", "-o", "%t").stdout.strip() == "idle"):
             _snapshot(slurm, job_id)
             slurm.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", *update,
                       check=True)
@@ -322,8 +324,8 @@ def test_a_study_runs_to_its_report_as_a_slurm_job(slurm, tmp_path):
         r.stdout + r.stderr
     state, _ = _wait_job(slurm, first, 240, release=False)
     print(f"scenario (a): job {first} {state} in {time.monotonic() - t0:.0f} s")
+    assert state == "COMPLETED", slurm.daemon_lines(first)
     log = _assert_study_done(spec, out, first)
-    assert state == "COMPLETED", log
     assert f"[slurm] study run {out}/slurm/spec.toml --results {out}" in log
     assert "[slurm] driver exited with 0" in log
     # the chain's second job waited (singleton) and was cancelled once the study was done
@@ -352,8 +354,8 @@ def test_a_requeue_mid_study_resumes_it(slurm, tmp_path):
     state, released = _wait_job(slurm, job, 300)
     print(f"scenario (b): job {job} {state} in {time.monotonic() - t0:.0f} s, let go "
           f"{released} time(s) after its requeue")
+    assert state == "COMPLETED" and released == 1, slurm.daemon_lines(job)
     log = _assert_study_done(spec, out, job)
-    assert state == "COMPLETED" and released == 1, log
     assert "DUE TO JOB REQUEUE" in log and "run 2" in log, log
     assert f"[slurm] study resume {out}" in log, log
     assert slurm.job(job)["Restarts"] == "1"
@@ -373,8 +375,10 @@ def test_a_time_limit_mid_study_requeues_and_resumes(slurm, tmp_path):
     """A 2-minute limit with a 40 s warning: USR1 reaches the script mid-study (SLURM checks
     limits every 30 s or so: 50-80 s in), the driver stops, the script requeues its job, and
     the next run resumes the study. The test gives that run 10 minutes, so one run finishes
-    it (each run would otherwise be warned again, and the study still finish, in more runs)."""
-    spec = _spec(tmp_path, epochs=300, max_train_examples=1000, layers="[2, 3]")
+    it (each run would otherwise be warned again, and the study still finish, in more runs).
+    Two cells train side by side for longer than 80 s even on an idle machine (~0.07 s an
+    epoch), so the warning always finds them in flight."""
+    spec = _spec(tmp_path, epochs=1200, max_train_examples=1000, layers="[2]")
     out = tmp_path / "res"
     t0 = time.monotonic()
     (job,) = _submit(slurm, spec, out, "--time", "00:01:30", "--signal-lead", "40")
@@ -382,8 +386,8 @@ def test_a_time_limit_mid_study_requeues_and_resumes(slurm, tmp_path):
     state, released = _wait_job(slurm, job, 420, True, "TimeLimit=10")
     print(f"scenario (c): job {job} {state} in {time.monotonic() - t0:.0f} s, requeued by "
           f"itself {released} time(s)")
+    assert state == "COMPLETED" and released == 1, slurm.daemon_lines(job)
     log = _assert_study_done(spec, out, job)
-    assert state == "COMPLETED" and released == 1, log
     assert "requeued to resume the study" in log and "run 2" in log, log
     assert log.index("[slurm] study run ") < log.index("[slurm] study resume "), log
     if _driver_stops_on_signals():  # cells in flight at the warning checkpointed then
