@@ -250,9 +250,9 @@ echo "[slurm] driver exited with $RC at $(date -Is)"
 fi
 
 if [ -n "$WARNED" ] && [ -z "$TERMINATED" ]; then
-  # SLURM does not requeue a job that reaches its time limit, even with --requeue. Even a
-  # driver that exited 0 after the warning may have been stopped by it (Ray Tune takes USR1
-  # as "stop"): the next run resumes, or finds nothing left and ends at once.
+  # SLURM does not requeue a job that reaches its time limit, even with --requeue. A driver
+  # that exited 0 after the warning is requeued too (a Ray Tune of its own takes USR1 as
+  # "stop the run"): the next run resumes, or finds nothing left and ends at once.
   echo "[slurm] stopped before the time limit; requeued to resume the study"
   scontrol requeue "$SLURM_JOB_ID"
 elif [ "$RC" -eq 0 ]; then
