@@ -20,6 +20,7 @@ from sweep.spec import parse_margin
 from . import executor_registry as executors
 from . import interrupt
 from .cluster import k8s
+from .cluster.slurm import add_slurm_parser, cmd_slurm
 from .counts import STATUS_COLUMNS, StudyGrid, count_cells
 from .store import Store, StoreError
 
@@ -160,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results")
     p.add_argument("--data-dir")
     k8s.add_parser(sub)
+    add_slurm_parser(sub)
     return ap
 
 
@@ -382,9 +384,14 @@ def cmd_resume(args) -> int:
 
 
 def cmd_status(args) -> int:
+    from .cluster.slurm import status_lines
     from .durations import short_duration
     from .runner import status
 
+    slurm = status_lines(Path(args.results))  # the study's SLURM jobs, if it has any
+    if slurm and not args.json and not Store(args.results).exists():
+        print("\n".join([f"study in {args.results}: not started yet", *slurm]))
+        return 0
     st = status(Store(args.results))
     if args.json:
         print(json.dumps(st, indent=2))
@@ -403,6 +410,8 @@ def cmd_status(args) -> int:
     d = st["driver"]
     print(f"  driver: host {d['host']}, pid {d['pid']}, started {d['started_at']}" if d
           else "  driver: none running")
+    for line in slurm:
+        print(line)
     return 0
 
 
@@ -502,7 +511,7 @@ def cmd_lesion(args) -> int:
 
 COMMANDS = {"plan": cmd_plan, "run": cmd_run, "resume": cmd_resume, "status": cmd_status,
             "figures": cmd_figures, "report": cmd_report, "lesion": cmd_lesion,
-            "export": cmd_export, "k8s": k8s.cmd_k8s}
+            "export": cmd_export, "k8s": k8s.cmd_k8s, "slurm": cmd_slurm}
 
 
 def main(argv: list[str] | None = None) -> int:

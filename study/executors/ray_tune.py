@@ -184,6 +184,12 @@ class StoreCallback(tune.Callback):
         # (streams, the store) and are never restored from Tune's state: our store is.
         return {}
 
+    def setup(self, **info):
+        # Each Tune run installs its own SIGUSR1 handler after the driver's ("stop the run":
+        # trials end without their checkpoint and the driver sees a finished run, exit 0).
+        # Tune calls this after that, before any trial: the driver's handler goes back.
+        interrupt.reclaim_signals()
+
     def on_step_begin(self, iteration, trials, **info):
         # The signal handler only sets a flag: Ray is called from Tune's loop, not from it.
         if interrupt.requested() and not self.stop_sent and self.stop_flag is not None:
