@@ -13,8 +13,10 @@ asks the driver through `checking`'s function, which the executor installs per t
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
+import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -64,6 +66,20 @@ def checking(check: Callable[[], bool] | None) -> Iterator[None]:
         _check = before
 
 
+# SIGTERM usually reaches every process of a job at once (SLURM ends a job so; Kubernetes
+# stops a pod so), Ray's workers included: cells that cannot checkpoint any more must not
+# keep the driver until SIGKILL (SLURM's default KillWait and Kubernetes' grace period are
+# 30 s). SIGUSR1 is a warning sent to the driver alone, ahead of the end: no deadline here.
+TERM_GRACE_S = 20.0
+
+
+def grace_s(signum: int) -> float | None:
+    """How long the driver waits for the cells in flight after `signum` (None: no limit)."""
+    if signum != signal.SIGTERM:
+        return None
+    return float(os.environ.get("STUDY_STOP_GRACE_S", TERM_GRACE_S))
+
+
 def exit_code() -> int:
     return 128 + int(_requested) if _requested is not None else 0
 
@@ -72,17 +88,26 @@ def exit_code() -> int:
 def handling_signals(out=sys.stderr) -> Iterator[None]:
     """SIGTERM and SIGUSR1 stop the driver as the module says, while the block runs (in the
     main thread only: Python runs signal handlers there)."""
+    late = []  # set by the grace timer before it signals again
+
     def handle(signum, frame):
         if _requested is not None:
-            print(f"[study] {signal.Signals(signum).name} again: exiting now; the cells in "
-                  "flight resume from their last checkpoint", file=out, flush=True)
-            raise SystemExit(128 + signum)
+            why = (f"the cells in flight did not stop within {grace_s(_requested):g} s"
+                   if late else f"{signal.Signals(signum).name} again")
+            print(f"[study] {why}: exiting now; the cells in flight resume from their last "
+                  "checkpoint", file=out, flush=True)
+            raise SystemExit(128 + _requested)
         request(signum)
         print(f"[study] {signal.Signals(signum).name}: starting no more cells; the cells in "
               "flight checkpoint at the end of their epoch, then the driver exits",
               file=out, flush=True)
-
-    import threading
+        if grace_s(signum) is not None:
+            def expire():
+                late.append(True)
+                os.kill(os.getpid(), signum)
+            timer = threading.Timer(grace_s(signum), expire)
+            timer.daemon = True
+            timer.start()
 
     global _handler
     if threading.current_thread() is not threading.main_thread():
@@ -100,9 +125,8 @@ def handling_signals(out=sys.stderr) -> Iterator[None]:
 
 def reclaim_signals() -> None:
     """Put the driver's handler back after a library replaced it: ray.init installs its own
-    for SIGTERM in the driver (it logs the signal and exits 1, losing the cells in flight)."""
-    import threading
-
+    for SIGTERM in the driver (it logs the signal and exits 1, losing the cells in flight),
+    and each Tune run one for SIGUSR1 (it stops the run, the cells without a checkpoint)."""
     if _handler is not None and threading.current_thread() is threading.main_thread():
         for s in STOP_SIGNALS:
             signal.signal(s, _handler)

@@ -138,3 +138,26 @@ def test_lock_without_slurm_keeps_the_heartbeat_rule(tmp_path, monkeypatch):
         DriverLock(store).acquire()
     os.utime(store.lock_path, (time.time() - 600, time.time() - 600))
     assert DriverLock(store).acquire()["host"].endswith("-elsewhere")
+
+
+STUCK = """
+import os, signal, sys, time
+from study import interrupt
+with interrupt.handling_signals():
+    os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+    if sys.argv[2] == "again":
+        os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+    time.sleep(60)  # cells that never stop (their Ray went down with the job)
+"""
+
+
+@pytest.mark.parametrize("sig, again, code, line", [
+    ("SIGTERM", "", 143, "did not stop within 0.5 s"),  # the grace after TERM expires
+    ("SIGUSR1", "again", 138, "SIGUSR1 again: exiting now"),  # a second signal exits now
+])
+def test_driver_never_waits_past_its_grace_or_a_second_signal(sig, again, code, line):
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", STUCK, sig, again], capture_output=True,
+                       text=True, timeout=60, env={**os.environ, "STUDY_STOP_GRACE_S": "0.5"})
+    assert r.returncode == code and line in r.stderr, r.stderr
+    assert time.monotonic() - t0 < 30  # not the 60 s sleep
