@@ -18,7 +18,11 @@ With --for-s S only the tool runs, and is stopped after S seconds (for sizes too
 run through here, e.g. 50,000): it prints the time to the first cell and the time between
 cell starts over the cells that ran.
 
+Goals (issue #30): whole-command ratio tool / bare <= 0.5 at 6,912 cells; late / early per
+cell <= 1.2 (the driver's cost per cell does not grow with the study).
+
     python benchmarks/scale.py [--cells 1000] [--epochs 20] [--skip-bare] [--for-s S]
+                               [--trials-per-fit K]
 """
 from __future__ import annotations
 
@@ -67,6 +71,9 @@ print(fit, Span.first, Span.last, ru.ru_maxrss / 1024, ru.ru_utime + ru.ru_stime
 TOOL = """
 import os, resource, runpy, sys, time
 import study.store.write as write
+if os.environ.get("SCALE_TRIALS_PER_FIT"):  # sizing the executor's fits (--trials-per-fit)
+    import study.executors.ray_tune as ray_tune
+    ray_tune.TRIALS_PER_FIT = int(os.environ["SCALE_TRIALS_PER_FIT"])
 marks, every, landed = open(os.environ["SCALE_MARKS"], "w"), 100, [0]
 land = write.Writer.write_result
 def write_result(self, row, epochs):
@@ -100,7 +107,7 @@ def per_cell_early_late(marks_path: Path) -> str:
     we, wl = per_cell(*early, 1), per_cell(*late, 1)
     return (f"  driver per landed cell, cells {int(early[0][0])}-{int(early[1][0])} vs "
             f"{int(late[0][0])}-{int(late[1][0])}: CPU {ce:.1f} vs {cl:.1f} ms (late / early "
-            f"{cl / ce:.2f}), wall {we:.1f} vs {wl:.1f} ms (late / early {wl / we:.2f})")
+            f"{cl / ce:.2f}), wall {we:.1f} vs {wl:.1f} ms (late / early {wl / we:.2f}; goal <= 1.2)")
 
 
 def proc_cpu_s(pid: int) -> float:
@@ -138,6 +145,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--skip-bare", action="store_true", help="only the tool")
     ap.add_argument("--for-s", type=float, help="only the tool, stopped after this many seconds")
+    ap.add_argument("--trials-per-fit", type=int,
+                    help="the tool's trials per Tuner.fit (study.executors.ray_tune.TRIALS_PER_FIT)")
     args = ap.parse_args()
     if args.for_s:
         args.skip_bare = True
@@ -167,7 +176,9 @@ def main() -> None:
         proc = subprocess.Popen([sys.executable, "-c", TOOL, "run", str(spec), "--results",
                                  str(tmp / "res"), "--no-figures", "--quiet"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True, env={**os.environ, "SCALE_MARKS": str(marks)})
+                                start_new_session=True, env={**os.environ, "SCALE_MARKS": str(marks),
+                                     **({"SCALE_TRIALS_PER_FIT": str(args.trials_per_fit)}
+                                        if args.trials_per_fit else {})})
         cpu_s = float("nan")
         try:
             _, err = proc.communicate(timeout=args.for_s)
@@ -198,7 +209,8 @@ def main() -> None:
               f"first start to last end {span:7.1f} s = {span / len(df) * 1000:5.1f} ms/cell    "
               f"driver peak {peak_mb:5.0f} MB")
         print(f"  {len(df)} rows and {n_epochs} epoch rows landed; ms between cell starts: "
-              f"first tenth {early:.1f}, last tenth {late:.1f}, late / early {late / early:.2f}")
+              f"first tenth {early:.1f}, last tenth {late:.1f}, late / early {late / early:.2f} "
+              f"(goal <= 1.2)")
         print(f"  driver CPU {cpu_s:.1f} s = {cpu_s / len(df) * 1000:.1f} ms per landed cell "
               f"(the study run process: start-up, Tune's driver loop, landing, compaction)")
         print(per_cell_early_late(marks))

@@ -166,6 +166,35 @@ def test_a_cell_raising_under_ray_is_retried_from_its_checkpoint(ray_session, tm
     assert hit["attempts"] == 2 and hit["resumed_from_epoch"] == 2
 
 
+def test_units_run_in_fits_of_a_capped_size(ray_session, tmp_path, monkeypatch):
+    """More units than TRIALS_PER_FIT go through Tune in several fits of about equal size
+    (Tune's per-step scans stay bounded); every cell lands once, a raising cell is still
+    retried within its fit, and the progress counts end at zero."""
+    from ray import tune
+
+    import study.executors.ray_tune as rt
+
+    assert rt._chunks(list(range(10)), slots=1) == [list(range(10))]
+    monkeypatch.setattr(rt, "TRIALS_PER_FIT", 4)
+    monkeypatch.setattr(rt, "TRIALS_PER_SLOT", 1)
+    assert rt._chunks(list(range(9)), slots=2) == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    assert [len(c) for c in rt._chunks(list(range(9)), slots=8)] == [5, 4]  # 8 a fit
+    fits = []
+    fit = tune.Tuner.fit
+    monkeypatch.setattr(tune.Tuner, "fit", lambda self: fits.append(1) or fit(self))
+    spec_path = tmp_path / "t.toml"
+    spec_path.write_text(TINY_SPEC + "seed = [0, 1, 2]\n")
+    monkeypatch.setenv("STUDY_INJECT_FAULT", "layers=2,architecture=parallel,seed=1@2x1")
+    out = tmp_path / "res"
+    summary = run_study(load_spec(spec_path), RunOptions(TrialOptions(str(out)), quiet=True))
+    assert summary.ok + summary.copied == 12 and summary.ok == 9  # 3 same-network copies
+    assert len(fits) == 3  # 9 units in fits of at most 4
+    df = Store(out).read_trials()
+    assert len(df) == 12 and df["cell_id"].is_unique and (df["status"] == "ok").all()
+    hit = df[(df["layers"] == 2) & (df["architecture"] == "parallel") & (df["seed"] == 1)]
+    assert hit["attempts"].tolist() == [2]
+
+
 def test_second_driver_refused_and_stale_lock_taken_over(tmp_path):
     spec_path = tmp_path / "slow.toml"
     spec_path.write_text(SLOW_SPEC.replace("layers = [1, 2, 3]", "layers = 1")

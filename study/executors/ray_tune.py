@@ -262,9 +262,8 @@ def _ship_datasets(units: list[list[dict]], opts: TrialOptions) -> dict:
     return refs
 
 
-def _trainable(shared: dict, run_opts):
+def _trainable(shared: dict, run_opts, slots: int):
     """tune_trial with the shipped table and data, at the trial size asked for."""
-    slots = max(1, ray_connect.trial_slots(run_opts.cpus_per_trial, run_opts.gpus_per_trial))
     # A custom searcher gets one pending trial at a time by default: let as many wait as can
     # run, so the cluster fills at once.
     os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(max(2, 2 * slots))
@@ -272,28 +271,53 @@ def _trainable(shared: dict, run_opts):
     return tune.with_resources(tune.with_parameters(tune_trial, shared=shared), resources)
 
 
+# Trials per Tuner.fit. Tune's controller scans every trial of its fit on each step (the
+# FIFO scheduler's choose_trial_to_run walks the finished ones to find a pending one; the
+# experiment snapshot pickles them all), so one fit over N trials costs the driver O(N^2):
+# the units go through Tune in fits of at most this many. Each fit starts its trial actors
+# afresh (~1 s each; actors are reused within a fit only) and leaves slots idle while its
+# last trials finish. 1,000 is a first bound, not yet sized by measurement: a study of fewer
+# units runs in one fit, as before.
+TRIALS_PER_FIT = 1000
+# ... and at least this many per slot of the cluster, so that a fit's tail (and its actors'
+# start-up) stays small against its body on a large cluster.
+TRIALS_PER_SLOT = 50
+
+
+def _chunks(todo: list[int], slots: int) -> list[list[int]]:
+    """`todo` in consecutive fits of about equal size, none over the cap."""
+    cap = max(TRIALS_PER_FIT, TRIALS_PER_SLOT * slots)
+    n = max(1, -(-len(todo) // cap))
+    size = -(-len(todo) // n)
+    return [todo[i:i + size] for i in range(0, len(todo), size)]
+
+
 def _fit_in_passes(trainable, callback: StoreCallback, n_units: int, run_opts,
-                   tune_dir: str) -> None:
-    """All units through Tune; then, in further passes (at most max_failures), the units
-    the callback requeued because Tune gave up on them before max_failures."""
+                   tune_dir: str, slots: int = 1) -> None:
+    """All units through Tune, in fits of at most TRIALS_PER_FIT trials (_chunks); then, in
+    further passes (at most max_failures), the units the callback requeued because Tune gave
+    up on them before max_failures."""
     todo = list(range(n_units))
     max_failures = run_opts.trial.max_failures
     for n_pass in range(max_failures + 1):
         callback.may_requeue = n_pass < max_failures
-        tune.Tuner(
-            trainable,
-            param_space={},
-            tune_config=tune.TuneConfig(
-                search_alg=CellSearcher(todo), num_samples=len(todo),
-                reuse_actors=True,  # ~40 ms per trial instead of ~1 s of actor start-up
-                max_concurrent_trials=run_opts.max_concurrent,
-            ),
-            run_config=tune.RunConfig(
-                name=f"tune-{n_pass}", storage_path=tune_dir,
-                failure_config=tune.FailureConfig(max_failures=max_failures),
-                callbacks=[callback], verbose=0, log_to_file=False,
-            ),
-        ).fit()
+        for n_fit, chunk in enumerate(_chunks(todo, slots)):
+            if interrupt.requested():
+                return
+            tune.Tuner(
+                trainable,
+                param_space={},
+                tune_config=tune.TuneConfig(
+                    search_alg=CellSearcher(chunk), num_samples=len(chunk),
+                    reuse_actors=True,  # ~40 ms per trial instead of ~1 s of actor start-up
+                    max_concurrent_trials=run_opts.max_concurrent,
+                ),
+                run_config=tune.RunConfig(
+                    name=f"tune-{n_pass}-{n_fit}", storage_path=tune_dir,
+                    failure_config=tune.FailureConfig(max_failures=max_failures),
+                    callbacks=[callback], verbose=0, log_to_file=False,
+                ),
+            ).fit()
         todo, callback.requeue = callback.requeue, []
         if not todo or interrupt.requested():
             return
@@ -327,12 +351,14 @@ def run_ray(units: list[list[Cell]], run_opts, land: Land, progress, store) -> N
     # The options travel as they are: a dataclass pickles through the object store.
     barrier = os.environ.get("STUDY_TRIAL_BARRIER")
     shared = {"units": ray.put(table), "data": _ship_datasets(table, opts), "files": files,
-              "opts": opts, "stop": stop_flag, "barrier": TrialBarrier.remote(int(barrier)) if barrier else None}
-    trainable = _trainable(shared, run_opts)
+              "opts": opts, "stop": stop_flag,
+              "barrier": TrialBarrier.remote(int(barrier)) if barrier else None}
+    slots = max(1, ray_connect.trial_slots(run_opts.cpus_per_trial, run_opts.gpus_per_trial))
+    trainable = _trainable(shared, run_opts, slots)
     # Tune's own bookkeeping stays on the driver's machine, outside the results folder.
     tune_dir = tempfile.mkdtemp(prefix="study-tune-")
     try:
-        _fit_in_passes(trainable, callback, len(table), run_opts, tune_dir)
+        _fit_in_passes(trainable, callback, len(table), run_opts, tune_dir, slots)
     except Exception:
         if store_errors:
             raise store_errors[0] from None
