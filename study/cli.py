@@ -165,6 +165,17 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _power_lines(spec, cells, pilot: str) -> list[str]:
+    """`plan --pilot`: the planned settings (study) through the pilot's variance (analysis);
+    here because only the CLI module imports analysis."""
+    from .power_plan import check_pilot_disjoint, planned_settings
+
+    check_pilot_disjoint(Path(pilot), {c.cell_id for c in cells})
+    from analysis.plan_pilot import power_lines
+
+    return power_lines(planned_settings(cells), pilot, spec.analysis)
+
+
 def _run_or_grow(spec, results: Path, args) -> int:
     """One run of the spec's grid, or with --until-decided its [design] looks
     (study.sequential_run), each look a run of its grown grid, drawn once at the end."""

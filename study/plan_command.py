@@ -3,11 +3,10 @@ and its power (with --pilot), before a cell runs."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from sweep import load_spec
 
-from .cli import _check_size, _results_dir
+from .cli import _check_size, _power_lines, _results_dir
 from .counts import STATUS_COLUMNS, StudyGrid, count_cells
 from .store import Store
 
@@ -64,16 +63,6 @@ def plan(args) -> int:
     print(_seed_line(spec))
     print("\n".join(power))
     return 0
-
-
-def _power_lines(spec, cells, pilot: str) -> list[str]:
-    """`plan --pilot`: the planned settings (study) through the pilot's variance (analysis)."""
-    from .power_plan import check_pilot_disjoint, planned_settings
-
-    check_pilot_disjoint(Path(pilot), {c.cell_id for c in cells})
-    from analysis.plan_pilot import power_lines
-
-    return power_lines(planned_settings(cells), pilot, spec.analysis)
 
 
 def _seed_line(spec) -> str:
