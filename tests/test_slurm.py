@@ -372,18 +372,31 @@ def _driver_stops_on_signals() -> bool:
 
 @pytest.mark.slow
 def test_a_time_limit_mid_study_requeues_and_resumes(slurm, tmp_path):
-    """A 2-minute limit with a 40 s warning: USR1 reaches the script mid-study (SLURM checks
-    limits every 30 s or so: 50-80 s in), the driver stops, the script requeues its job, and
-    the next run resumes the study. The test gives that run 10 minutes, so one run finishes
-    it (each run would otherwise be warned again, and the study still finish, in more runs).
-    Two cells train side by side for longer than 80 s even on an idle machine (~0.07 s an
-    epoch), so the warning always finds them in flight."""
-    spec = _spec(tmp_path, epochs=1200, max_train_examples=1000, layers="[2]")
+    """SLURM's time-limit warning mid-study: the driver stops, the script requeues its job,
+    and the next run resumes the study.
+
+    The job starts with 10 minutes and a 150 s lead. Once its cells train, the test cuts its
+    limit to the next whole minute at least 90 s away (SLURM keeps limits in minutes): the
+    warning is then due at once, and SLURM sends it at its next limit check (every 30 s or
+    so), at least 60 s before the limit. A fixed short limit would warn 50-80 s after the
+    start, which a fast machine can finish the study in. Each cell trains for over a minute
+    even on a fast machine (~0.03 s an epoch), so the warning finds them in flight. On the
+    requeue the test gives the next run 10 minutes, so one run finishes the study."""
+    spec = _spec(tmp_path, epochs=2400, max_train_examples=1000, layers="[2]")
     out = tmp_path / "res"
     t0 = time.monotonic()
-    (job,) = _submit(slurm, spec, out, "--time", "00:01:30", "--signal-lead", "40")
-    assert "#SBATCH --time=00:01:30" in _script(out) and "USR1@40" in _script(out)
-    state, released = _wait_job(slurm, job, 420, True, "TimeLimit=10")
+    (job,) = _submit(slurm, spec, out, "--time", "00:10:00", "--signal-lead", "150")
+    assert "#SBATCH --time=00:10:00" in _script(out) and "USR1@150" in _script(out)
+    log_path, deadline = out / "slurm" / f"{job}.out", time.monotonic() + 240
+    while not re.search(r"\b[1-9]\d* running", _output(log_path)):  # cells in flight
+        assert time.monotonic() < deadline, _output(log_path)
+        time.sleep(0.5)
+    h, m, sec = (int(x) for x in slurm.job(job)["RunTime"].split("-")[-1].split(":"))
+    limit_min = -(-(3600 * h + 60 * m + sec + 90) // 60)
+    slurm.run("scontrol", "update", f"JobId={job}", f"TimeLimit={limit_min}", check=True)
+    print(f"job {job}: cells in flight after {h:02d}:{m:02d}:{sec:02d}; limit now "
+          f"{limit_min} min")
+    state, released = _wait_job(slurm, job, 600, True, "TimeLimit=10")
     print(f"scenario (c): job {job} {state} in {time.monotonic() - t0:.0f} s, requeued by "
           f"itself {released} time(s)")
     assert state == "COMPLETED" and released == 1, slurm.daemon_lines(job)

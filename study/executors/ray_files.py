@@ -66,11 +66,16 @@ def _driver_node_id() -> str:
     return heads[0] if heads else me
 
 
+def on_driver_node() -> NodeAffinitySchedulingStrategy:
+    """Where the driver's own actors go (files, the stop flag): on the node that lives as
+    long as the study does. Anywhere else, losing a worker node would take them with it and
+    fail every cell that asks them something."""
+    return NodeAffinitySchedulingStrategy(node_id=_driver_node_id(), soft=False)
+
+
 def start_driver_files(results_dir: str):
-    node_id = _driver_node_id()
     actor = ray.remote(DriverFiles).options(
-        num_cpus=0, max_restarts=-1, max_task_retries=-1,
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
+        num_cpus=0, max_restarts=-1, max_task_retries=-1, scheduling_strategy=on_driver_node(),
     ).remote(results_dir)
     return actor
 

@@ -31,7 +31,7 @@ from ..options import TrialOptions  # noqa: E402
 from ..rows import cell_row, failed_result, now  # noqa: E402
 from ..store import StoreError  # noqa: E402
 from . import codec  # noqa: E402
-from .ray_files import start_driver_files, trial_files  # noqa: E402
+from .ray_files import on_driver_node, start_driver_files, trial_files  # noqa: E402
 
 
 class CellSearcher(Searcher):
@@ -134,7 +134,12 @@ def _stop_check(flag):
     def check() -> bool:
         if not answer[0] and time.monotonic() - last[0] >= STOP_POLL_S:
             last[0] = time.monotonic()
-            answer[0] = ray.get(flag.is_set.remote())
+            try:
+                answer[0] = ray.get(flag.is_set.remote())
+            except ray.exceptions.RayActorError:
+                # The flag lives on the driver's node: unreachable, the driver is going or
+                # gone, and Tune ends this trial; the cell itself did nothing wrong.
+                pass
         return answer[0]
     return check
 
@@ -230,8 +235,7 @@ class StoreCallback(tune.Callback):
             self.requeue.append(trial.config["i"])
             self.started.pop(trial.trial_id, None)
             return
-        err = getattr(trial, "error_message", None) or "Ray trial failed (worker lost)"
-        lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+        lines = [ln for ln in _error_text(trial).strip().splitlines() if ln.strip()]
         started = self.started.pop(trial.trial_id, None)
         host = _hostname(getattr(trial, "node_ip", None))
         group = {"group_size": len(unit),
@@ -242,6 +246,15 @@ class StoreCallback(tune.Callback):
                            study=self.opts.study, attempts=self.max_failures + 1,
                            started_at=started, host=host, node_id=None)
             self.land(row, [])
+
+
+def _error_text(trial) -> str:
+    """The error Tune recorded for a trial it gave up on (its files on the driver)."""
+    try:
+        err = trial.get_pickled_error() or trial.get_error()
+    except Exception:  # an error that does not unpickle here: the row still says failed
+        err = None
+    return str(err) if err else "Ray trial failed (worker lost)"
 
 
 def _hostname(ip: str | None) -> str | None:
@@ -343,7 +356,7 @@ def run_ray(units: list[list[Cell]], run_opts, land: Land, progress, store) -> N
             raise
 
     table = [[c.to_dict() for c in unit] for unit in units]
-    stop_flag = StopFlag.remote()
+    stop_flag = StopFlag.options(scheduling_strategy=on_driver_node()).remote()
     callback = StoreCallback(land_or_stop, progress, opts, opts.max_failures, table, stop_flag)
     # A Ray started here has one node, this machine: trials reach the results folder
     # directly. Joined to a cluster (--address), no node but the driver's may assume it.
@@ -352,7 +365,8 @@ def run_ray(units: list[list[Cell]], run_opts, land: Land, progress, store) -> N
     barrier = os.environ.get("STUDY_TRIAL_BARRIER")
     shared = {"units": ray.put(table), "data": _ship_datasets(table, opts), "files": files,
               "opts": opts, "stop": stop_flag,
-              "barrier": TrialBarrier.remote(int(barrier)) if barrier else None}
+              "barrier": (TrialBarrier.options(scheduling_strategy=on_driver_node())
+                          .remote(int(barrier)) if barrier else None)}
     slots = max(1, ray_connect.trial_slots(run_opts.cpus_per_trial, run_opts.gpus_per_trial))
     trainable = _trainable(shared, run_opts, slots)
     # Tune's own bookkeeping stays on the driver's machine, outside the results folder.
@@ -364,8 +378,9 @@ def run_ray(units: list[list[Cell]], run_opts, land: Land, progress, store) -> N
             raise store_errors[0] from None
         raise
     finally:
-        if files is not None:
-            ray.kill(files)
+        for actor in (files, stop_flag, shared["barrier"]):
+            if actor is not None:
+                ray.kill(actor)
         ray_connect.shutdown_if_started()
         # Tune's own bookkeeping: our store is the record of the study.
         shutil.rmtree(tune_dir, ignore_errors=True)
