@@ -93,8 +93,14 @@ KillWait=30
 MinJobAge=600
 FirstJobId={first_job}
 MailProg=/bin/true
+# jobs of `urgent` preempt jobs of `debug`: those get their --signal at once
+# (preempt_send_user_signal; PreemptParameters=send_user_signal in newer SLURM) and GraceTime seconds before SLURM ends and requeues them
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+SchedulerParameters=preempt_send_user_signal
 NodeName={self.host} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory=1000 State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=120
+PartitionName=urgent Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
 """)
 
     def _spawn(self, name: str, *cmd: str) -> None:
@@ -115,8 +121,11 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         self._wait(lambda: (m / "munge.socket").exists(), 20, "munged's socket")
         self._spawn("slurmctld", "slurmctld", "-D", "-f", str(self.conf))
         self._spawn("slurmd", "slurmd", "-D", "-f", str(self.conf), "-N", self.host)
-        self._wait(lambda: self.run("sinfo", "-h", "-o", "%t").stdout.strip() == "idle",
-                   timeout, "the node to be idle in sinfo")
+        self._wait(self.idle, timeout, "the node to be idle in sinfo")
+
+    def idle(self) -> bool:
+        """The node runs nothing (sinfo: `idle` in every partition)."""
+        return set(self.run("sinfo", "-h", "-o", "%t").stdout.split()) == {"idle"}
 
     def _wait(self, ready, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout

@@ -137,6 +137,23 @@ def test_shared_nodes_script_gives_ray_ports_of_the_jobs_own(study_slurm, tiny_s
     assert 'kill -TERM "${RAY_NODES[@]}"' in text
 
 
+def test_the_studys_own_settings_travel_with_the_script(study_slurm, tiny_spec, tmp_path):
+    """--export=NONE leaves the submitter's environment behind: the script sets the study's
+    STUDY_* knobs as they were where it was written; a bad value is refused there."""
+    out = tmp_path / "res"
+    r = study_slurm(tiny_spec, out, "--time", "10",
+                    env={"STUDY_CHECKPOINT_EVERY_S": "120", "STUDY_STOP_GRACE_S": "45"})
+    assert r.returncode == 0, r.stderr
+    text = _script(out)
+    assert "\nexport STUDY_CHECKPOINT_EVERY_S=120 " in text
+    assert "\nexport STUDY_STOP_GRACE_S=45 " in text
+    bad = tmp_path / "bad"
+    r = study_slurm(tiny_spec, bad, "--time", "10", env={"STUDY_CHECKPOINT_EVERY_S": "soon"})
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "STUDY_CHECKPOINT_EVERY_S='soon': give a number of seconds" in r.stderr
+    assert not bad.exists()
+
+
 def test_time_limits_as_slurm_reads_them():
     for text, secs in (("10", 600), ("1:30", 120), ("00:10:00", 600), ("12:00:00", 43200),
                        ("2-0", 172800), ("1-2:30", 95400), ("1-00:00:01", 86460), ("2-", 172800)):
@@ -242,10 +259,15 @@ def _spec(tmp_path: Path, **grid) -> Path:
     return p
 
 
-def _submit(slurm, spec: Path, out: Path, *args) -> list[str]:
+# Periodic checkpoints off in the jobs that test a warning: a cell that resumes from a
+# checkpoint had it written at the signal.
+NO_PERIODIC_CHECKPOINTS = {"STUDY_CHECKPOINT_EVERY_S": "3600"}
+
+
+def _submit(slurm, spec: Path, out: Path, *args, env: dict | None = None) -> list[str]:
     """`study slurm --submit` on 2 shared CPUs; the ids it submitted."""
     r = _slurm_cli(spec, out, "--nodes", "1", "--cpus-per-node", "2", "--shared-nodes",
-                   "--submit", *args, env=slurm.env)
+                   "--submit", *args, env={**slurm.env, **(env or {})})
     assert r.returncode == 0, r.stderr
     ids = re.search(r"submitted: jobs? ([\d, ]+) ", r.stdout).group(1).split(", ")
     assert (out / "slurm" / "jobs.txt").read_text().split() == ids
@@ -276,7 +298,7 @@ def _wait_job(slurm, job_id: str, timeout: float, release: bool = True,
             return state, released
         # (once the node is idle: the last run's processes gone, as SLURM's own wait ensures)
         if (release and state == "PENDING" and j.get("Reason") == "BeginTime"
-                and slurm.run("sinfo", "-h", "-o", "%t").stdout.strip() == "idle"):
+                and slurm.idle()):
             _snapshot(slurm, job_id)
             slurm.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", *update,
                       check=True)
@@ -315,7 +337,7 @@ def _assert_study_done(spec: Path, out: Path, job_id: str) -> str:
 def test_a_study_runs_to_its_report_as_a_slurm_job(slurm, tmp_path):
     spec, out = _spec(tmp_path), tmp_path / "res"
     r = _slurm_cli(spec, out, "--time", "10", "--partition", "nope", "--submit", env=slurm.env)
-    assert r.returncode == 2 and "no such partition here; partitions: debug" in r.stderr
+    assert r.returncode == 2 and "no such partition here; partitions: debug, urgent" in r.stderr
     assert not out.exists()
     t0 = time.monotonic()
     first, second = _submit(slurm, spec, out, "--time", "00:10:00", "--chain", "2")
@@ -362,14 +384,6 @@ def test_a_requeue_mid_study_resumes_it(slurm, tmp_path):
     assert "COMPLETING" in seen[0] or "PENDING" in seen[0], seen
 
 
-def _driver_stops_on_signals() -> bool:
-    """Whether the driver takes USR1 as "checkpoint and stop" (the lead's part of issue 31);
-    before it, USR1 kills the driver and its cells resume from their periodic checkpoints."""
-    root = Path(__file__).resolve().parents[1] / "study"
-    return any("SIGUSR1" in p.read_text() for p in root.rglob("*.py")
-               if "cluster" not in p.parts)
-
-
 @pytest.mark.slow
 def test_a_time_limit_mid_study_requeues_and_resumes(slurm, tmp_path):
     """SLURM's time-limit warning mid-study: the driver stops, the script requeues its job,
@@ -385,12 +399,10 @@ def test_a_time_limit_mid_study_requeues_and_resumes(slurm, tmp_path):
     spec = _spec(tmp_path, epochs=2400, max_train_examples=1000, layers="[2]")
     out = tmp_path / "res"
     t0 = time.monotonic()
-    (job,) = _submit(slurm, spec, out, "--time", "00:10:00", "--signal-lead", "150")
+    (job,) = _submit(slurm, spec, out, "--time", "00:10:00", "--signal-lead", "150",
+                     env=NO_PERIODIC_CHECKPOINTS)
     assert "#SBATCH --time=00:10:00" in _script(out) and "USR1@150" in _script(out)
-    log_path, deadline = out / "slurm" / f"{job}.out", time.monotonic() + 240
-    while not re.search(r"\b[1-9]\d* running", _output(log_path)):  # cells in flight
-        assert time.monotonic() < deadline, _output(log_path)
-        time.sleep(0.5)
+    _wait_cells_in_flight(out, job)
     h, m, sec = (int(x) for x in slurm.job(job)["RunTime"].split("-")[-1].split(":"))
     limit_min = -(-(3600 * h + 60 * m + sec + 90) // 60)
     slurm.run("scontrol", "update", f"JobId={job}", f"TimeLimit={limit_min}", check=True)
@@ -403,7 +415,54 @@ def test_a_time_limit_mid_study_requeues_and_resumes(slurm, tmp_path):
     log = _assert_study_done(spec, out, job)
     assert "requeued to resume the study" in log and "run 2" in log, log
     assert log.index("[slurm] study run ") < log.index("[slurm] study resume "), log
-    if _driver_stops_on_signals():  # cells in flight at the warning checkpointed then
-        assert "driver exited with 138" in log, log
-        df = Store(out).read_trials()
-        assert (df["resumed_from_epoch"] > 0).any(), df[["cell_id", "resumed_from_epoch"]]
+    _assert_resumed_from_the_warning(out, log)
+
+
+def _wait_cells_in_flight(out: Path, job: str, timeout: float = 240) -> None:
+    """Until the job's progress line says cells train."""
+    log_path, deadline = out / "slurm" / f"{job}.out", time.monotonic() + timeout
+    while not re.search(r"\b[1-9]\d* running", _output(log_path)):
+        assert time.monotonic() < deadline, _output(log_path)
+        time.sleep(0.5)
+
+
+def _assert_resumed_from_the_warning(out: Path, log: str) -> None:
+    """The driver stopped on USR1, and both cells (in flight at the warning, periodic
+    checkpoints off) resumed from the checkpoint each wrote then."""
+    assert "driver exited with 138" in log, log
+    df = Store(out).read_trials()
+    assert (df["resumed_from_epoch"] > 0).all(), df[["cell_id", "resumed_from_epoch"]]
+
+
+@pytest.mark.slow
+def test_preemption_warns_and_the_job_resumes(slurm, tmp_path):
+    """A job of a higher partition preempts the study. SLURM (22.05, GraceTime 120 s) ends
+    the job's steps at once, Ray's among them, and would end the script at the grace time's
+    end; the driver loses Ray and exits first, which would leave the job FAILED and not
+    requeued. The script sees the preemption (PreemptTime) and requeues the job itself; once
+    the urgent job is done the study resumes, every cell once."""
+    spec = _spec(tmp_path, epochs=2400, max_train_examples=1000, layers="[2]")
+    out = tmp_path / "res"
+    t0 = time.monotonic()
+    (job,) = _submit(slurm, spec, out, "--time", "00:10:00")
+    _wait_cells_in_flight(out, job)
+    r = slurm.run("sbatch", "--parsable", "--partition=urgent", "--cpus-per-task=2",
+                  f"--output={tmp_path}/urgent.out", "--wrap", "sleep 5", check=True)
+    urgent = r.stdout.strip().split(";")[0]
+    seen = []
+    deadline = time.monotonic() + 180
+    while slurm.job(urgent).get("JobState") not in ENDED:  # it runs once the study is off
+        assert time.monotonic() < deadline, _snapshot(slurm, urgent) + slurm.daemon_lines(job)
+        if not seen and slurm.job(job).get("PreemptTime", "None") != "None":
+            seen.append(_snapshot(slurm, job))
+        time.sleep(1)
+    assert slurm.job(urgent)["JobState"] == "COMPLETED", _snapshot(slurm, urgent)
+    state, released = _wait_job(slurm, job, 600)
+    print(f"preemption: job {job} {state} in {time.monotonic() - t0:.0f} s, let go "
+          f"{released} time(s) after its requeue")
+    assert state == "COMPLETED" and released == 1, slurm.daemon_lines(job)
+    log = _assert_study_done(spec, out, job)
+    assert "requeued to resume the study" in log and "run 2" in log, log
+    assert "[slurm] stopped (preempted); requeued to resume the study" in log, log
+    assert f"[slurm] study resume {out}" in log, log
+    assert slurm.job(job)["Restarts"] == "1"

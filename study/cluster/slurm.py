@@ -339,7 +339,7 @@ def cmd_slurm(args) -> int:
                    partition=args.partition, account=args.account,
                    shared_nodes=args.shared_nodes, python_prefix=sys.prefix,
                    has_activate=(Path(sys.prefix) / "bin" / "activate").is_file(),
-                   pythonpath=_absolute_pythonpath())
+                   pythonpath=_absolute_pythonpath(), settings=_settings())
     script = write_job(job, spec.source)
     print(f"written: {script}")
     command = f"sbatch {script}"
@@ -351,6 +351,23 @@ def cmd_slurm(args) -> int:
     print(f"submitted: job{'s' if len(ids) > 1 else ''} {', '.join(ids)} ({command}); "
           f"follow with: study status {results}")
     return 0
+
+
+# The study's own knobs a user may set in the environment; --export=NONE would leave them
+# behind, so the script sets them as they were where it was written.
+CARRIED_SETTINGS = ("STUDY_CHECKPOINT_EVERY_S", "STUDY_STOP_GRACE_S")
+
+
+def _settings() -> list[tuple[str, str]]:
+    found = [(k, os.environ[k].strip()) for k in CARRIED_SETTINGS if os.environ.get(k)]
+    for key, value in found:
+        try:
+            ok = float(value) > 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise SpecError(f"{key}={value!r}: give a number of seconds above 0, or unset it")
+    return found
 
 
 def _absolute_pythonpath() -> str | None:

@@ -35,6 +35,7 @@ class SlurmJob:
     python_prefix: str = ""  # sys.prefix of the python writing the script
     has_activate: bool = True  # the prefix is a virtual environment with bin/activate
     pythonpath: str | None = None
+    settings: list[tuple[str, str]] = field(default_factory=list)  # STUDY_* knobs, as set
     extra_sbatch: list[str] = field(default_factory=list)
 
     @property
@@ -89,7 +90,8 @@ def _header(job: SlurmJob) -> str:
 # The results folder must be on a filesystem every node that may run this script sees (home,
 # scratch): a requeued job may start on another node. Worker nodes need nothing shared.
 # Near the time limit SLURM sends USR1 to this script; the driver has its cells checkpoint
-# and exits, and the script requeues the job, whose next run resumes the study.
+# and exits, and the script requeues the job, whose next run resumes the study. A preempted
+# job is requeued too.
 """
 
 
@@ -98,6 +100,8 @@ def _environment(job: SlurmJob) -> str:
     activate = (f"source {_q(Path(job.python_prefix) / 'bin' / 'activate')}" if job.has_activate
                 else f'export PATH={_q(Path(job.python_prefix) / "bin")}:"$PATH"')
     pythonpath = f"export PYTHONPATH={_q(job.pythonpath)}\n" if job.pythonpath else ""
+    pythonpath += "".join(f"export {k}={_q(v)}  # set where this file was written\n"
+                          for k, v in job.settings)
     return f"""
 set -u
 RESULTS={_q(job.results)}
@@ -249,11 +253,17 @@ echo "[slurm] driver exited with $RC at $(date -Is)"
   srun --overlap --nodes={n} --ntasks={n} --ntasks-per-node=1 rm -rf "$TOKEN" "$RAY_TMP"
 fi
 
-if [ -n "$WARNED" ] && [ -z "$TERMINATED" ]; then
+# A job preempted with a grace time: SLURM ends its steps (Ray) at once and this script only
+# at the grace time's end; a script that ends first (the driver lost Ray) ends the job as
+# FAILED, and SLURM does not requeue it.
+PREEMPTED=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | grep -o 'PreemptTime=[^ ]*')
+case $PREEMPTED in ""|*=None|*=Unknown) PREEMPTED="" ;; esac
+if [ -n "$WARNED$PREEMPTED" ] && [ -z "$TERMINATED" ]; then
   # SLURM does not requeue a job that reaches its time limit, even with --requeue. A driver
   # that exited 0 after the warning is requeued too (a Ray Tune of its own takes USR1 as
   # "stop the run"): the next run resumes, or finds nothing left and ends at once.
-  echo "[slurm] stopped before the time limit; requeued to resume the study"
+  why=${{PREEMPTED:+preempted}}
+  echo "[slurm] stopped (${{why:-time-limit warning}}); requeued to resume the study"
   scontrol requeue "$SLURM_JOB_ID"
 elif [ "$RC" -eq 0 ]; then
   # the study is finished: the jobs of its chain still waiting have nothing to do
