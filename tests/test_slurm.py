@@ -285,20 +285,28 @@ def _snapshot(slurm, job_id: str) -> str:
     return text
 
 
+RELEASE_AFTER_S = 5.0
+
+
 def _wait_job(slurm, job_id: str, timeout: float, release: bool = True,
               *update: str) -> tuple[str, int]:
     """Until the job ends; one that waits on a begin time after a requeue is let go at once
     (SLURM holds a requeued job ~2 minutes), with `update` (scontrol update's KEY=VALUE) made
     to it first. Returns its state and how often it was let go."""
-    deadline, released = time.monotonic() + timeout, 0
+    deadline, released, waiting_since = time.monotonic() + timeout, 0, None
     while time.monotonic() < deadline:
         j = slurm.job(job_id)
         state = j.get("JobState", "")
         if state in ENDED:
             return state, released
-        # (once the node is idle: the last run's processes gone, as SLURM's own wait ensures)
-        if (release and state == "PENDING" and j.get("Reason") == "BeginTime"
-                and slurm.idle()):
+        # Once the node has been idle a few seconds: the last run's processes gone, and its
+        # job credential revoked in an earlier second than the new one is made (a new run
+        # within the same second is refused: "Job credential revoked", the job FAILED).
+        waiting = (release and state == "PENDING" and j.get("Reason") == "BeginTime"
+                   and slurm.idle())
+        waiting_since = (waiting_since or time.monotonic()) if waiting else None
+        if waiting and time.monotonic() - waiting_since >= RELEASE_AFTER_S:
+            waiting_since = None
             _snapshot(slurm, job_id)
             slurm.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", *update,
                       check=True)

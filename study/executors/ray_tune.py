@@ -129,7 +129,9 @@ STOP_POLL_S = 1.0  # a trial asks at most this often: ~1 ms a question, epochs m
 
 def _stop_check(flag):
     """The trial's question to the driver's StopFlag, asked at most every STOP_POLL_S."""
-    last, answer = [float("-inf")], [False]
+    # first asked STOP_POLL_S into the trial: a stop asked before it started reached the
+    # searcher, and a short cell costs the flag's actor nothing
+    last, answer = [time.monotonic()], [False]
 
     def check() -> bool:
         if not answer[0] and time.monotonic() - last[0] >= STOP_POLL_S:
