@@ -401,16 +401,17 @@ def test_a_time_limit_mid_study_requeues_and_resumes(slurm, tmp_path):
     limit to the next whole minute at least 90 s away (SLURM keeps limits in minutes): the
     warning is then due at once, and SLURM sends it at its next limit check (every 30 s or
     so), at least 60 s before the limit. A fixed short limit would warn 50-80 s after the
-    start, which a fast machine can finish the study in. Each cell trains for over a minute
-    even on a fast machine (~0.03 s an epoch), so the warning finds them in flight. On the
-    requeue the test gives the next run 10 minutes, so one run finishes the study."""
-    spec = _spec(tmp_path, epochs=2400, max_train_examples=1000, layers="[2]")
+    start, which a fast machine can finish the study in. Each cell trains for over 100 s
+    even on a fast machine (~0.03 s an epoch) and the warning comes 15-50 s in, so it finds
+    both in flight. On the requeue the test gives the next run 10 minutes, so one run
+    finishes the study."""
+    spec = _spec(tmp_path, epochs=3600, max_train_examples=1000, layers="[2]")
     out = tmp_path / "res"
     t0 = time.monotonic()
     (job,) = _submit(slurm, spec, out, "--time", "00:10:00", "--signal-lead", "150",
                      env=NO_PERIODIC_CHECKPOINTS)
     assert "#SBATCH --time=00:10:00" in _script(out) and "USR1@150" in _script(out)
-    _wait_cells_in_flight(out, job)
+    _wait_cells_in_flight(out, job, n=2)  # both train: both checkpoint at the warning
     h, m, sec = (int(x) for x in slurm.job(job)["RunTime"].split("-")[-1].split(":"))
     limit_min = -(-(3600 * h + 60 * m + sec + 90) // 60)
     slurm.run("scontrol", "update", f"JobId={job}", f"TimeLimit={limit_min}", check=True)
@@ -426,10 +427,13 @@ def test_a_time_limit_mid_study_requeues_and_resumes(slurm, tmp_path):
     _assert_resumed_from_the_warning(out, log)
 
 
-def _wait_cells_in_flight(out: Path, job: str, timeout: float = 240) -> None:
-    """Until the job's progress line says cells train."""
+def _wait_cells_in_flight(out: Path, job: str, n: int, timeout: float = 240) -> None:
+    """Until a progress line says `n` cells run. Such a line after the first (printed as the
+    first trial starts, before any epoch) comes a heartbeat later: the cells train by then.
+    (A warning that finds a cell still starting leaves it nothing to checkpoint.)"""
     log_path, deadline = out / "slurm" / f"{job}.out", time.monotonic() + timeout
-    while not re.search(r"\b[1-9]\d* running", _output(log_path)):
+    pattern = rf"\b{n} running, .* elapsed (\d+m\d+s|[1-9]\d+s)"  # elapsed 10 s or more
+    while not re.search(pattern, _output(log_path)):
         assert time.monotonic() < deadline, _output(log_path)
         time.sleep(0.5)
 
@@ -449,11 +453,11 @@ def test_preemption_warns_and_the_job_resumes(slurm, tmp_path):
     end; the driver loses Ray and exits first, which would leave the job FAILED and not
     requeued. The script sees the preemption (PreemptTime) and requeues the job itself; once
     the urgent job is done the study resumes, every cell once."""
-    spec = _spec(tmp_path, epochs=2400, max_train_examples=1000, layers="[2]")
+    spec = _spec(tmp_path, epochs=3600, max_train_examples=1000, layers="[2]")
     out = tmp_path / "res"
     t0 = time.monotonic()
     (job,) = _submit(slurm, spec, out, "--time", "00:10:00")
-    _wait_cells_in_flight(out, job)
+    _wait_cells_in_flight(out, job, n=2)
     r = slurm.run("sbatch", "--parsable", "--partition=urgent", "--cpus-per-task=2",
                   f"--output={tmp_path}/urgent.out", "--wrap", "sleep 5", check=True)
     urgent = r.stdout.strip().split(";")[0]
