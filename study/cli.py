@@ -87,6 +87,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
                         "weight decay, architecture and activation); auto: on CUDA GPUs, with K "
                         "from the activation memory, solo on CPUs; off: one cell per trial. "
                         "Default: the mode recorded in the results folder, else auto")
+    p.add_argument("--bundle", metavar="N|auto|off", default="auto",
+                   help="under Ray, train small cells (under ~0.1 s of work) up to N to a trial, "
+                        "one after another: Tune's cost per trial is paid once (default auto: 32)")
     p.add_argument("--export", action="append", default=[], metavar="TRACKER[=WHERE]",
                    help="export cells to a tracker as they land: mlflow[=URI] or "
                         "tensorboard[=LOGDIR] (repeatable; a tracker down never stops the study)")
@@ -196,6 +199,7 @@ def _run(spec, results: Path, args, draw: bool = True) -> int:
     from .options import TrialOptions
     from .runner import RunOptions, run_study
 
+    bundle = _bundle_mode(args)  # a bad value is refused before anything is written
     _check_size(spec, results, args)
     _remember_max_cells(results, args)
     trial = TrialOptions(results_dir=str(results), data_dir=args.data_dir,
@@ -204,7 +208,8 @@ def _run(spec, results: Path, args, draw: bool = True) -> int:
     opts = RunOptions(trial, executor=args.executor, address=args.address,
                       cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
                       max_concurrent=args.max_concurrent, retry_failed=args.retry_failed,
-                      quiet=args.quiet, export=tuple(_export_targets(args.export)), fuse=fuse)
+                      quiet=args.quiet, export=tuple(_export_targets(args.export)), fuse=fuse,
+                      bundle=bundle)
     store = Store(results)
     from .analysis_plan import check_pilot
 
@@ -254,6 +259,15 @@ def _fuse_mode(results: Path, args) -> int | str:
             given = "auto"
     try:
         return parse_fuse(given)
+    except ValueError as e:
+        raise SpecError(str(e)) from None
+
+
+def _bundle_mode(args) -> int | str:
+    from .bundles import parse_bundle
+
+    try:
+        return parse_bundle(getattr(args, "bundle", "auto"))
     except ValueError as e:
         raise SpecError(str(e)) from None
 

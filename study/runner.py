@@ -49,6 +49,9 @@ class RunOptions:
     # Fused training (sweep.fusion, study.fused): "off", "auto" (fuse on CUDA, solo on a
     # CPU) or a K: up to K cells of one group key train as one grouped model per trial.
     fuse: int | str = "auto"
+    # Small units one after another in one Ray trial (study.bundles): "auto", "off" or the
+    # most units in a trial. Changes no value a cell trains to; not recorded with the study.
+    bundle: int | str = "auto"
 
 
 FUSE_FILE = "fuse.txt"  # the study's --fuse mode: a resume keeps it unless told otherwise

@@ -15,10 +15,12 @@ import contextlib
 import datetime as dt
 import io
 import math
+import os
 import platform
 import socket
 import time
 import traceback
+from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
@@ -88,6 +90,9 @@ def device_name(device: torch.device) -> str:
 
 
 OOM_FAULT = "oom:"  # an injected fault spec with this prefix raises CUDA's out-of-memory error
+# ... with this one the worker process exits at once (a lost worker), the first time only:
+# the file EXIT_FAULT_MARK in the results folder records that it did (tests on one machine)
+EXIT_FAULT, EXIT_FAULT_MARK = "exit:", ".injected-exit"
 
 
 def injected_fault(spec: str, what: str) -> Exception:
@@ -98,9 +103,23 @@ def injected_fault(spec: str, what: str) -> Exception:
     return InjectedFault(what)
 
 
+def inject_fault(opts: TrialOptions, what: str) -> None:
+    """What a matching test hook does: raise injected_fault's error, or with "exit:" end the
+    process the first time (a worker lost) and do nothing after."""
+    if not opts.inject_fault.startswith(EXIT_FAULT):
+        raise injected_fault(opts.inject_fault, what)
+    try:
+        (Path(opts.results_dir) / EXIT_FAULT_MARK).open("x").close()
+    except FileExistsError:
+        return
+    os._exit(17)
+
+
 def _fault_matches(spec: str | None, config: dict, epoch: int, attempt: int) -> bool:
     if not spec:
         return False
+    if spec.startswith(EXIT_FAULT):  # once only (inject_fault), whatever the attempt
+        spec, attempt = spec.removeprefix(EXIT_FAULT), 1
     cond, _, when = spec.removeprefix(OOM_FAULT).partition("@")
     ep, _, times = when.partition("x")
     for kv in filter(None, cond.split(",")):
@@ -293,7 +312,7 @@ def train_cell(config: dict, cell_id: str, opts: TrialOptions, attempt: int = 1,
         raise interrupt.CellInterrupted(cell_id)
     for epoch in range(start_epoch, config["epochs"] + 1):
         if _fault_matches(opts.inject_fault, config, epoch, attempt):
-            raise injected_fault(opts.inject_fault, f"injected fault at epoch {epoch} (attempt {attempt})")
+            inject_fault(opts, f"injected fault at epoch {epoch} (attempt {attempt})")
         t0 = time.perf_counter()
         train_loss, train_acc = train_epoch(model, opt, data.train_x, data.train_y,
                                             config["batch_size"], config["seed"], epoch,

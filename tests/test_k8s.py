@@ -250,6 +250,7 @@ def test_token_only_in_the_secret(tmp_path):
     (["--memory-per-worker", "lots"], 2, "Kubernetes quantity"),
     (["--workers", "0"], 2, "--workers"),
     (["--fuse", "many"], 2, "--fuse"),
+    (["--bundle", "many"], 2, "--bundle"),
     (["--export", "wandb"], 2, "--export"),
     (["--export", "mlflow=http://x/$HOME"], 2, "'$'"),
     (["--max-looks", "2"], 2, "--until-decided"),
@@ -312,7 +313,8 @@ def driver_argvs(script: str) -> dict:
 
 def test_entrypoint_runs_the_tools_commands(tmp_path, capsys):
     docs, _ = generate(tmp_path, "--gpus-per-worker", "1", "--gpus-per-trial", "0.25",
-                       "--cpus-per-trial", "2", "--fuse", "4", "--max-failures", "5",
+                       "--cpus-per-trial", "2", "--fuse", "4", "--bundle", "off",
+                       "--max-failures", "5",
                        "--export", "tensorboard", "--export", "mlflow=http://mlflow:5000",
                        "--retry-failed", "--no-figures")
     printed = capsys.readouterr().out
@@ -333,6 +335,7 @@ def test_entrypoint_runs_the_tools_commands(tmp_path, capsys):
         assert args.command == command
         assert (args.address, args.data_dir) == ("auto", "/results/data")
         assert (args.gpus_per_trial, args.cpus_per_trial, args.fuse) == (0.25, 2, "4")
+        assert args.bundle == "off"
         assert args.max_failures == 5 and args.retry_failed and args.no_figures
         assert args.export == ["tensorboard", "mlflow=http://mlflow:5000"]
         assert not args.download and not args.until_decided

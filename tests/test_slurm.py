@@ -60,7 +60,7 @@ def test_exclusive_script_runs_symmetric_run_and_never_holds_the_token(study_slu
     out = tmp_path / "res"
     r = study_slurm(tiny_spec, out, "--nodes", "2", "--gpus-per-node", "2", "--time", "1-00:00",
                    "--partition", "gpu", "--account", "lab", "--max-failures", "3",
-                   "--fuse", "4", env={"PYTHONPATH": "/opt/x"})
+                   "--fuse", "4", "--bundle", "8", env={"PYTHONPATH": "/opt/x"})
     assert r.returncode == 0, r.stderr
     path = out / "slurm" / "tiny.sbatch"
     assert r.stdout.splitlines() == [f"written: {path}", f"submit with: sbatch {path}"]
@@ -80,7 +80,7 @@ def test_exclusive_script_runs_symmetric_run_and_never_holds_the_token(study_slu
     assert re.search(r"srun --nodes=2 --ntasks=2 .*--gpus-per-node=2 \\\n\s+ray symmetric-run "
                      r"--address \"\$HEAD_IP:6379\" --min-nodes 2", text)
     assert '-- "${DRIVER[@]}" --address "$HEAD_IP:6379" &' in text
-    assert ("STUDY+=(--cpus-per-trial 1 --gpus-per-trial 1 --fuse 4 --max-failures 3)"
+    assert ("STUDY+=(--cpus-per-trial 1 --gpus-per-trial 1 --fuse 4 --bundle 8 --max-failures 3)"
             in text)
     assert 'STUDY=(run "$SLURM_FILES/spec.toml" --results "$RESULTS")' in text
     assert 'STUDY=(resume "$RESULTS")' in text
@@ -185,6 +185,7 @@ def _other_study(folder: Path, source: str, name: str) -> None:
      "--cpus-per-trial 4 is more than"),
     (["--time", "10", "--partition", "a b"], 2, "--partition 'a b'"),
     (["--time", "10", "--fuse", "x"], 2, "--fuse takes off, auto"),
+    (["--time", "10", "--bundle", "0"], 2, "--bundle N must be between 1"),
     (["--time", "10", "--chain", "0"], 2, "--chain 0"),
     (["--time", "10", "--submit"], 3, "sbatch is not on PATH"),
 ])

@@ -52,6 +52,7 @@ PASSED_OPTIONS = (("--cpus-per-trial", float, "CPUs (and torch threads) per cell
                   ("--max-concurrent", int, "cap on cells running at once"),
                   ("--max-failures", int, "retries of a cell that raises (default 2)"),
                   ("--fuse", str, "K|auto|off, as for `study run` (default auto)"),
+                  ("--bundle", str, "N|auto|off, as for `study run` (default auto)"),
                   ("--max-looks", int, "with --until-decided: stop after look N"),
                   ("--max-extra-cells", int, "with --until-decided: a budget of extra cells"),
                   ("--max-cells", int, "allow a grid of up to N cells"))
@@ -205,11 +206,14 @@ def _check(spec, args) -> None:
     from ..export import parse_targets
     from ..sequential_run import check_flags
 
-    if args.fuse is not None:
-        try:
-            parse_fuse(args.fuse)
-        except ValueError as e:
-            raise SpecError(str(e)) from None
+    from ..bundles import parse_bundle
+
+    for given, parse in ((args.fuse, parse_fuse), (args.bundle, parse_bundle)):
+        if given is not None:
+            try:
+                parse(given)
+            except ValueError as e:
+                raise SpecError(str(e)) from None
     parse_targets(args.export)
     check_flags(spec, args)
 

@@ -73,6 +73,7 @@ def add_slurm_parser(sub) -> None:
     p.add_argument("--gpus-per-trial", type=float,
                    help="GPUs per cell (default 1 with --gpus-per-node, else 0)")
     p.add_argument("--fuse", metavar="K|auto|off")
+    p.add_argument("--bundle", metavar="N|auto|off")
     p.add_argument("--export", action="append", default=[], metavar="TRACKER[=WHERE]")
     p.add_argument("--max-failures", type=int)
     p.add_argument("--max-concurrent", type=int)
@@ -247,6 +248,13 @@ def _driver_options(args) -> list[str]:
 
         try:
             opts += ["--fuse", str(parse_fuse(args.fuse))]
+        except ValueError as e:
+            raise SpecError(str(e)) from None
+    if args.bundle is not None:
+        from ..bundles import parse_bundle
+
+        try:
+            opts += ["--bundle", str(parse_bundle(args.bundle))]
         except ValueError as e:
             raise SpecError(str(e)) from None
     if args.export:

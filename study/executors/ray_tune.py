@@ -26,6 +26,7 @@ from sweep import Cell  # noqa: E402
 from sweep.fusion import group_id  # noqa: E402
 
 from .. import interrupt  # noqa: E402
+from ..bundles import plan_bundles  # noqa: E402
 from ..executor_registry import Land  # noqa: E402
 from ..options import TrialOptions  # noqa: E402
 from ..rows import cell_row, failed_result, now  # noqa: E402
@@ -35,18 +36,19 @@ from .ray_files import on_driver_node, start_driver_files, trial_files  # noqa: 
 
 
 class CellSearcher(Searcher):
-    """Hands Tune one index into the unit table at a time: constant work per trial, where a
-    `tune.grid_search` over the cell dicts is deep-copied for every variant (quadratic)."""
+    """Hands Tune one trial's units at a time (a bundle of indices into the unit table):
+    constant work per trial, where a `tune.grid_search` over the cell dicts is deep-copied
+    for every variant (quadratic)."""
 
-    def __init__(self, indices: list[int]):
+    def __init__(self, bundles: list[list[int]]):
         super().__init__()
-        self.indices, self.next = indices, 0
+        self.bundles, self.next = bundles, 0
 
     def suggest(self, trial_id: str):
-        if self.next >= len(self.indices) or interrupt.requested():
+        if self.next >= len(self.bundles) or interrupt.requested():
             return Searcher.FINISHED
         self.next += 1
-        return {"i": self.indices[self.next - 1]}
+        return {"units": self.bundles[self.next - 1]}
 
     def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
         pass
@@ -83,15 +85,15 @@ def _unnice() -> None:
 
 
 def tune_trial(config: dict, shared: dict) -> None:
-    """The Ray Tune function trainable: unit number config["i"] of the shipped table."""
+    """The Ray Tune function trainable: the units config["units"] of the shipped table (a
+    bundle, study.bundles), one after another."""
     from ..fused.train import run_group
 
     _unnice()
-    unit = _cached(shared["units"])[config["i"]]
+    table = _cached(shared["units"])
     opts = shared["opts"]  # the run's TrialOptions, as the driver resolved them
-    dataset = unit[0]["config"]["dataset"]  # a group shares its dataset
-    raw = _cached(shared["data"][dataset]) if dataset in shared["data"] else None
     node_id = ray.get_runtime_context().get_node_id()
+    files = trial_files(shared["files"], opts.results_dir)
     if shared.get("barrier") is not None:
         _wait_at_barrier(shared["barrier"])
     last = [time.monotonic()]
@@ -104,10 +106,27 @@ def tune_trial(config: dict, shared: dict) -> None:
             last[0] = time.monotonic()
             tune.report(metrics)
 
+    finished: list = []  # (row, epochs) of finished cells not yet sent to the driver
     with interrupt.checking(_stop_check(shared["stop"])):
-        results = run_group(unit, opts, report=heartbeat, node_id=node_id,
-                            files=trial_files(shared["files"], opts.results_dir), raw=raw)
-    tune.report({"final": 1, **codec.encode_all(results)})
+        for n, i in enumerate(config["units"]):
+            if n and interrupt.should_stop():
+                break  # the bundle's other units have not begun: they stay pending
+            unit = table[i]
+            dataset = unit[0]["config"]["dataset"]  # a group shares its dataset
+            raw = _cached(shared["data"][dataset]) if dataset in shared["data"] else None
+            finished += run_group(unit, opts, report=heartbeat, node_id=node_id, files=files,
+                                  raw=raw)
+            # A bundle's small cells go to the driver together, at most ROWS_EVERY_S apart
+            # (a driver round trip each would cost what bundling saves): a worker lost in
+            # between costs those cells' training again, a few seconds at most.
+            if n + 1 < len(config["units"]) and time.monotonic() - last[0] >= ROWS_EVERY_S:
+                last[0] = time.monotonic()
+                tune.report(codec.encode_all(finished))
+                finished = []
+    tune.report(codec.encode_all(finished))
+
+
+ROWS_EVERY_S = 2.0
 
 
 @ray.remote(num_cpus=0)
@@ -183,8 +202,18 @@ class StoreCallback(tune.Callback):
         self.land, self.progress, self.opts, self.max_failures = land, progress, opts, max_failures
         self.units, self.stop_flag, self.stop_sent = units, stop_flag, False
         self.started: dict[str, object] = {}  # trial_id -> when it started (a failed row's)
-        self.requeue: list[int] = []  # cells Tune gave up on before max_failures (see below)
+        self.requeue: list[list[int]] = []  # trials Tune gave up on early (see below)
         self.may_requeue = False
+        # cells landed by this run: a bundle Tune restarts after its worker died trains its
+        # units again, and those that had landed are not landed twice
+        self.landed: set[str] = set()
+
+    def _cells(self, trial) -> list[dict]:
+        return [c for i in trial.config["units"] for c in self.units[i]]
+
+    def _width(self, trial) -> int:
+        """Cells a trial trains at once: its largest unit (a bundle's run one by one)."""
+        return max(len(self.units[i]) for i in trial.config["units"])
 
     def __getstate__(self):
         # Tune pickles its callbacks with the experiment; ours hold the live driver
@@ -205,14 +234,16 @@ class StoreCallback(tune.Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.started.setdefault(trial.trial_id, now())  # a restart keeps the first
-        self.progress.running += len(self.units[trial.config["i"]])
+        self.progress.running += self._width(trial)
         self.progress.trials += 1
         self.progress.tick()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if codec.ROW_KEYS[0] in result:
             for row, epochs in codec.decode_all(result):
-                self.land(row, epochs)
+                if row["cell_id"] not in self.landed:
+                    self.landed.add(row["cell_id"])
+                    self.land(row, epochs)
             # Tune keeps each trial's last result for the whole run (and in its snapshots):
             # once landed, the row must not stay there (Tune lets callbacks edit it).
             for k in codec.ROW_KEYS:
@@ -221,33 +252,42 @@ class StoreCallback(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.started.pop(trial.trial_id, None)
-        self.progress.running = max(0, self.progress.running - len(self.units[trial.config["i"]]))
+        self.progress.running = max(0, self.progress.running - self._width(trial))
         self.progress.trials = max(0, self.progress.trials - 1)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         # Ray gave up on the trial (its worker died more than max_failures times):
         # record it as failed so the study goes on; --retry-failed runs it again.
-        unit = self.units[trial.config["i"]]
-        self.progress.running = max(0, self.progress.running - len(unit))
+        self.progress.running = max(0, self.progress.running - self._width(trial))
         self.progress.trials = max(0, self.progress.trials - 1)
+        left = [i for i in trial.config["units"]
+                if any(c["cell_id"] not in self.landed for c in self.units[i])]
         # Tune retries a RUNNING trial up to max_failures times, but errs a PENDING one at
         # once when the reused actor it was handed died with its node: such a cell goes
-        # into the next pass instead of failing for a loss that was not its own.
+        # into the next pass instead of failing for a loss that was not its own. A bundle's
+        # units that had not landed go into the next pass one per trial, where the loss of a
+        # worker is charged to the one unit it trained.
+        if len(left) > 1:
+            self.requeue += [[i] for i in left]
+            self.started.pop(trial.trial_id, None)
+            return
         if self.may_requeue and trial.run_metadata.num_failures <= self.max_failures:
-            self.requeue.append(trial.config["i"])
+            self.requeue += [left] if left else []
             self.started.pop(trial.trial_id, None)
             return
         lines = [ln for ln in _error_text(trial).strip().splitlines() if ln.strip()]
         started = self.started.pop(trial.trial_id, None)
         host = _hostname(getattr(trial, "node_ip", None))
-        group = {"group_size": len(unit),
-                 "fused_group": group_id(c["cell_id"] for c in unit) if len(unit) > 1 else None}
-        for cell in unit:
-            row = cell_row(cell, {**failed_result(lines[-1] if lines else "Ray trial failed"),
-                                  **group},
-                           study=self.opts.study, attempts=self.max_failures + 1,
-                           started_at=started, host=host, node_id=None)
-            self.land(row, [])
+        for unit in (self.units[i] for i in left):
+            group = {"group_size": len(unit), "fused_group":
+                     group_id(c["cell_id"] for c in unit) if len(unit) > 1 else None}
+            for cell in unit:
+                row = cell_row(cell, {**failed_result(lines[-1] if lines else "Ray trial failed"),
+                                      **group},
+                               study=self.opts.study, attempts=self.max_failures + 1,
+                               started_at=started, host=host, node_id=None)
+                self.landed.add(cell["cell_id"])
+                self.land(row, [])
 
 
 def _error_text(trial) -> str:
@@ -299,7 +339,7 @@ TRIALS_PER_FIT = 1000
 TRIALS_PER_SLOT = 50
 
 
-def _chunks(todo: list[int], slots: int) -> list[list[int]]:
+def _chunks(todo: list, slots: int) -> list[list]:
     """`todo` in consecutive fits of about equal size, none over the cap."""
     cap = max(TRIALS_PER_FIT, TRIALS_PER_SLOT * slots)
     n = max(1, -(-len(todo) // cap))
@@ -307,14 +347,15 @@ def _chunks(todo: list[int], slots: int) -> list[list[int]]:
     return [todo[i:i + size] for i in range(0, len(todo), size)]
 
 
-def _fit_in_passes(trainable, callback: StoreCallback, n_units: int, run_opts,
+def _fit_in_passes(trainable, callback: StoreCallback, bundles: list[list[int]], run_opts,
                    tune_dir: str, slots: int = 1) -> None:
-    """All units through Tune, in fits of at most TRIALS_PER_FIT trials (_chunks); then, in
-    further passes (at most max_failures), the units the callback requeued because Tune gave
-    up on them before max_failures."""
-    todo = list(range(n_units))
+    """All bundles (each a trial's unit indices) through Tune, in fits of at most
+    TRIALS_PER_FIT trials (_chunks); then, in further passes, the units the callback
+    requeued: those of trials Tune gave up on before max_failures (at most max_failures
+    passes of those), and a failed bundle's units, one per trial (one more pass)."""
+    todo = bundles
     max_failures = run_opts.trial.max_failures
-    for n_pass in range(max_failures + 1):
+    for n_pass in range(max_failures + 2):
         callback.may_requeue = n_pass < max_failures
         for n_fit, chunk in enumerate(_chunks(todo, slots)):
             if interrupt.requested():
@@ -371,10 +412,11 @@ def run_ray(units: list[list[Cell]], run_opts, land: Land, progress, store) -> N
                           .remote(int(barrier)) if barrier else None)}
     slots = max(1, ray_connect.trial_slots(run_opts.cpus_per_trial, run_opts.gpus_per_trial))
     trainable = _trainable(shared, run_opts, slots)
+    trials = plan_bundles([[c["config"] for c in unit] for unit in table], run_opts.bundle, slots)
     # Tune's own bookkeeping stays on the driver's machine, outside the results folder.
     tune_dir = tempfile.mkdtemp(prefix="study-tune-")
     try:
-        _fit_in_passes(trainable, callback, len(table), run_opts, tune_dir, slots)
+        _fit_in_passes(trainable, callback, trials, run_opts, tune_dir, slots)
     except Exception:
         if store_errors:
             raise store_errors[0] from None

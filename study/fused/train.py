@@ -30,7 +30,7 @@ from ..models import build_for_cell, n_params
 from ..options import TrialOptions
 from ..rows import cell_row, now
 from ..store import Store
-from ..train import (CellFiles, _fault_matches, _pick_device, injected_fault,
+from ..train import (CellFiles, _fault_matches, _pick_device, inject_fault,
                      autocast, checkpoint, device_name, evaluate, finish, nudge_ulps,
                      restore, run_cell, set_precision)
 from .adamw import GroupedAdamW
@@ -128,8 +128,8 @@ def epoch_steps(net: GroupedNet, opt: GroupedAdamW, x: torch.Tensor, y: torch.Te
 def _check_faults(members: list[Member], opts: TrialOptions, epoch: int, attempt: int) -> None:
     for m in members:
         if _fault_matches(opts.inject_fault, m.config, epoch, attempt):
-            raise injected_fault(opts.inject_fault, f"injected fault at epoch {epoch} "
-                                 f"(attempt {attempt}) in a fused group of {len(members)}")
+            inject_fault(opts, f"injected fault at epoch {epoch} (attempt {attempt}) "
+                         f"in a fused group of {len(members)}")
 
 
 def _permutations(members: list[Member], n: int, epoch: int, device: torch.device
