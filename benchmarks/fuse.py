@@ -12,7 +12,8 @@ Throughput (one thread, in this process, no Ray):
           would dominate a cell this short). Data: the official 10,000-image MNIST test split
           from ../shared/data/mnist (8,000 train / 2,000 test here), else random uint8 images
           of MNIST's shapes (the same arithmetic).
-The solo side of every K is the sum of the same K cells' solo times, measured in this run.
+The solo side of every K is the sum of the same K cells' solo times, measured in this run
+(with --pairs N: measured again beside each of N fused runs, in turn; medians printed).
 
 Equality (study.fused.drift; median |log ratio| of final validation loss over the demo's
 cells): fused (`study run demo --fuse 4`) against solo (`--fuse off`), the one-ulp floor (each
@@ -25,7 +26,7 @@ of the floor once one cell retrained in this process is seen to equal its row bi
 
 Goal, printed, not asserted: fused digits cells reach >= 2x the solo cells per hour at K = 8.
 
-    PYTHONPATH=. python benchmarks/fuse.py [--ks 1,2,4,8,16] [--json] [--quick]
+    PYTHONPATH=. python benchmarks/fuse.py [--ks 1,2,4,8,16] [--pairs N] [--json] [--quick]
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -100,10 +102,13 @@ def paper_mnist_base() -> dict:
     return dict(cells[len(cells) // 2].config)
 
 
-def throughput(base: dict, ks: list[int], opts, raw, measure: str, say=print) -> list[dict]:
+def throughput(base: dict, ks: list[int], opts, raw, measure: str, say=print,
+               pairs: int = 1) -> list[dict]:
     """Solo and fused times of the same cells at each K. measure: "wall" (whole cells, the
     trial function's own clock around it) or "train" (the epoch rows' train_s). `say`
-    prints each K's line as it is measured."""
+    prints each K's line as it is measured. pairs > 1: at each K, the K cells solo then
+    fused, `pairs` times in turn; times and ratio are the medians over the pairs (a machine
+    whose speed drifts within a minute moves both sides of a pair alike)."""
     from study.fused.train import run_group
     from study.train import run_cell
 
@@ -122,16 +127,27 @@ def throughput(base: dict, ks: list[int], opts, raw, measure: str, say=print) ->
         train = max(sum(e["train_s"] for e in epochs) for _, epochs in rows)
         return wall if measure == "wall" else train
 
-    solo = [timed(lambda c=c: run_cell(c.to_dict(), opts, raw=raw)) for c in cells]
+    def solo_each(k: int) -> list[float]:
+        return [timed(lambda c=c: run_cell(c.to_dict(), opts, raw=raw)) for c in cells[:k]]
+
+    def fused_s(k: int) -> float:
+        return timed(lambda: run_group([c.to_dict() for c in cells[:k]], opts, raw=raw))
+
+    solo = solo_each(len(cells)) if pairs == 1 else None  # each cell once: K's sum of the first K
     steps = math.ceil(min(base.get("max_train_examples") or 10**9, 10**9) / base["batch_size"])
     out = []
     for k in ks:
-        fused = timed(lambda k=k: run_group([c.to_dict() for c in cells[:k]], opts, raw=raw))
-        s = sum(solo[:k])
+        if pairs == 1:
+            times = [(sum(solo[:k]), fused_s(k))]
+        else:
+            times = [(sum(solo_each(k)), fused_s(k)) for _ in range(pairs)]
+        s = statistics.median(a for a, _ in times)
+        fused = statistics.median(b for _, b in times)
+        ratios = [a / b for a, b in times]
         rec = {"dataset": base["dataset"], "k": k, "layers": base["layers"],
                "filters": base["filters"], "batch_size": base["batch_size"],
                "epochs": base["epochs"], "measure": measure, "solo_s": s, "fused_s": fused,
-               "ratio": s / fused}
+               "ratio": statistics.median(ratios), "pair_ratios": ratios}
         if measure == "wall":
             rec.update(solo_cells_per_hour=k / s * 3600, fused_cells_per_hour=k / fused * 3600)
         else:
@@ -140,7 +156,8 @@ def throughput(base: dict, ks: list[int], opts, raw, measure: str, say=print) ->
                        fused_cell_steps_per_s=k * steps * base["epochs"] / fused)
         out.append(rec)
         say(f"  measured {rec['dataset']} K={k}: solo {s:.1f} s, fused {fused:.1f} s "
-            f"({rec['ratio']:.2f}x)", flush=True)
+            f"({rec['ratio']:.2f}x" + (f", median of pairs {', '.join(f'{r:.2f}' for r in ratios)}"
+                                       if pairs > 1 else "") + ")", flush=True)
     return out
 
 
@@ -228,6 +245,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mnist", default=str(MNIST), help="folder with MNIST's t10k IDX files")
     ap.add_argument("--mnist-steps", type=int, default=4, help="optimizer steps per MNIST cell")
     ap.add_argument("--no-equality", action="store_true", help="skip the study runs and drift")
+    ap.add_argument("--pairs", type=int, default=1,
+                    help="at each K: solo then fused this many times in turn, medians printed")
     ap.add_argument("--quick", action="store_true",
                     help="a check of the script: K = 1, 2, 4; digits 2x4 at 1 epoch; one MNIST "
                          "step at 8 filters; the demo cut to 4 cells of 2 epochs")
@@ -260,8 +279,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="fuse-bench-") as tmp:
         tmp = Path(tmp)
         opts = TrialOptions(str(tmp / "trials"), max_failures=0, checkpoint_every_s=1e12)
-        records = throughput(digits, ks, opts, None, "wall", say)
-        records += throughput(mnist, ks, opts, raw, "train", say)
+        records = throughput(digits, ks, opts, None, "wall", say, args.pairs)
+        records += throughput(mnist, ks, opts, raw, "train", say, args.pairs)
         eq = None
         if not args.no_equality:
             spec = quick_spec(tmp) if args.quick else "demo"

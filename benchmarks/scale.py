@@ -5,7 +5,9 @@
   tool  - `study run` over N cells that train almost nothing (digits, 20 epochs of 16
           examples, 1 filter, so 20 epoch rows per cell travel to the driver and land, with
           the cell's final row), in a subprocess: Tune + the trial function (which trains,
-          evaluates and marks itself in flight on the driver) + the store + progress.
+          evaluates and marks itself in flight on the driver) + the store + progress. Such
+          cells are small: the tool runs them up to 32 to a Tune trial (study.bundles), and
+          prints how many trials it took.
 Both run in this one invocation, one after the other, on a fresh local Ray each (2 CPUs).
 Prints whole-command wall times and their ratio, the time from launch to the first trial's
 start (the tool's fixed start-up beyond Ray's is the difference), the driver's work per
@@ -71,9 +73,15 @@ print(fit, Span.first, Span.last, ru.ru_maxrss / 1024, ru.ru_utime + ru.ru_stime
 TOOL = """
 import os, resource, runpy, sys, time
 import study.store.write as write
+import study.executors.ray_tune as ray_tune
 if os.environ.get("SCALE_TRIALS_PER_FIT"):  # sizing the executor's fits (--trials-per-fit)
-    import study.executors.ray_tune as ray_tune
     ray_tune.TRIALS_PER_FIT = int(os.environ["SCALE_TRIALS_PER_FIT"])
+trials, suggest = [0], ray_tune.CellSearcher.suggest
+def counted(self, trial_id):  # Tune trials the cells ran in (bundles: study.bundles)
+    got = suggest(self, trial_id)
+    trials[0] += isinstance(got, dict)
+    return got
+ray_tune.CellSearcher.suggest = counted
 marks, every, landed = open(os.environ["SCALE_MARKS"], "w"), 100, [0]
 land = write.Writer.write_result
 def write_result(self, row, epochs):
@@ -87,7 +95,8 @@ try:
     runpy.run_module("study.cli", run_name="__main__")
 finally:
     ru = resource.getrusage(resource.RUSAGE_SELF)
-    print("PEAK_MB", ru.ru_maxrss / 1024, "CPU_S", ru.ru_utime + ru.ru_stime, file=sys.stderr)
+    print("PEAK_MB", ru.ru_maxrss / 1024, "CPU_S", ru.ru_utime + ru.ru_stime, "TRIALS", trials[0],
+          file=sys.stderr)
 """
 
 
@@ -192,6 +201,7 @@ def main() -> None:
         peak_mb = float(err.rsplit("PEAK_MB", 1)[1].split()[0]) if "PEAK_MB" in err else float("nan")
         if "CPU_S" in err:
             cpu_s = float(err.rsplit("CPU_S", 1)[1].split()[0])
+        n_trials = int(err.rsplit("TRIALS", 1)[1].split()[0]) if "TRIALS" in err else None
         from study.store import Store
 
         store = Store(tmp / "res")
@@ -208,7 +218,9 @@ def main() -> None:
               f"launch to first cell  {first - launched:5.1f} s   "
               f"first start to last end {span:7.1f} s = {span / len(df) * 1000:5.1f} ms/cell    "
               f"driver peak {peak_mb:5.0f} MB")
-        print(f"  {len(df)} rows and {n_epochs} epoch rows landed; ms between cell starts: "
+        print(f"  {len(df)} rows and {n_epochs} epoch rows landed"
+              + (f" from {n_trials} Tune trials (--bundle auto)" if n_trials else "")
+              + "; ms between cell starts: "
               f"first tenth {early:.1f}, last tenth {late:.1f}, late / early {late / early:.2f} "
               f"(goal <= 1.2)")
         print(f"  driver CPU {cpu_s:.1f} s = {cpu_s / len(df) * 1000:.1f} ms per landed cell "

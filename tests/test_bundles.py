@@ -113,3 +113,72 @@ def test_a_worker_lost_in_a_bundle_loses_no_cell(ray_session, tmp_path, monkeypa
         # the lost bundle's units came back one per trial
         assert [len(t) for t in tune_trials[:9]] == [4] * 9 and len(tune_trials) > 9
         assert all(len(t) == 1 for t in tune_trials[9:])
+
+
+STOP_SPEC = """
+[study]
+name = "stop"
+[grid]
+dataset = "digits"
+architecture = ["sequential", "parallel"]
+layers = [2, 3]
+filters = 1
+kernel = 1
+epochs = 200
+batch_size = 16
+max_train_examples = 16
+val_fraction = 0.01
+seed = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]
+"""
+
+
+@pytest.mark.slow
+def test_a_stop_signal_ends_each_bundle_between_cells(tmp_path):
+    """SIGTERM to the driver once a cell has landed: each bundle in flight checkpoints the
+    cell it is training and starts none of its others (in a bundle: cells landed, then at
+    most one checkpointed, then cells never begun). A resume trains every cell once."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import checkpointed_in_flight
+
+    spec_path = tmp_path / "stop.toml"
+    spec_path.write_text(STOP_SPEC)
+    out = tmp_path / "res"
+    cells = parse_spec(STOP_SPEC).cells()  # 72 cells of ~200 optimizer steps: 9 bundles of 8
+    bundles = plan_bundles([[c.config] for c in cells], 8, slots=2)
+    assert [len(b) for b in bundles] == [8] * 9
+    proc = subprocess.Popen([sys.executable, "-m", "study.cli", "run", str(spec_path), "--results",
+                             str(out), "--no-figures", "--bundle", "8", "--max-concurrent", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.time()
+        while not (Store(out).trials_dir.is_dir() and Store(out).cell_ids()):
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.time() - t0 < 300, "no cell landed"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    store = Store(out)
+    landed, saved = store.cell_ids(), set(checkpointed_in_flight(store))
+    assert saved and not saved & landed and len(landed) < len(cells)
+    marks = ["".join("L" if cells[i].cell_id in landed else "C" if cells[i].cell_id in saved
+                     else "-" for i in b) for b in bundles]
+    print(marks)
+    import re
+    assert all(re.fullmatch(r"L*C?-*", m) for m in marks), marks
+    # a bundle that stopped between cells: begun, with cells it never began
+    assert any(re.fullmatch(r"L*C?-+", m) and m[0] != "-" for m in marks), marks
+
+    r = run_cli("resume", out, "--no-figures")
+    assert r.returncode == 0, r.stderr
+    df = Store(out).read_trials()
+    assert sorted(df["cell_id"]) == sorted(c.cell_id for c in cells)  # each cell once
+    assert (df["status"] == "ok").all()
+    assert set(df[df["resumed_from_epoch"] > 0]["cell_id"]) == saved

@@ -10,7 +10,7 @@ from study import executor_registry, schema
 from study.cli import build_parser
 from study.counts import count_cells
 from study.options import TrialOptions
-from study.runner import Progress
+from study.progress import Progress
 from study.train import run_cell
 from sweep import Cell, SpecError
 
@@ -39,7 +39,7 @@ def test_a_failed_row_is_the_same_row_on_the_worker_and_on_the_driver(tmp_path):
     landed = []
     callback = StoreCallback(lambda row, epochs: landed.append(row), Progress(1, 0, quiet=True),
                              opts, max_failures=2, units=[[cell]])
-    trial = Trial("tune_trial", config={"i": 0}, stub=True)  # a real (unscheduled) Tune trial
+    trial = Trial("tune_trial", config={"units": [0]}, stub=True)  # a real (unscheduled) Tune trial
     callback.on_trial_start(0, [trial], trial)
     callback.on_trial_error(0, [trial], trial)
     (driver_row,) = landed
@@ -68,7 +68,7 @@ def test_a_lost_group_trial_lands_a_failed_row_for_every_member(tmp_path):
     progress = Progress(2, 0, quiet=True)
     callback = StoreCallback(lambda row, epochs: landed.append(row), progress, opts,
                              max_failures=2, units=[unit])
-    trial = Trial("tune_trial", config={"i": 0}, stub=True)
+    trial = Trial("tune_trial", config={"units": [0]}, stub=True)
     callback.on_trial_start(0, [trial], trial)
     assert progress.running == 2 and progress.trials == 1
     callback.on_trial_error(0, [trial], trial)
@@ -77,6 +77,38 @@ def test_a_lost_group_trial_lands_a_failed_row_for_every_member(tmp_path):
     assert all(r["status"] == "failed" and r["group_size"] == 2 for r in landed)
     assert len({r["fused_group"] for r in landed}) == 1 and landed[0]["fused_group"]
     schema.conform(landed, schema.TRIALS)
+
+
+def test_a_lost_bundle_sends_its_cells_not_landed_into_another_pass(tmp_path):
+    """A bundle's trial Tune gave up on, with retries of its own spent: the cells it had
+    landed stay as they are, and the units it had not go into the next pass one per trial
+    (no failed row: the loss was charged to no one cell). A trial of one unit lands its
+    failed row, as before."""
+    from study.executors import codec
+    from study.executors.ray_tune import StoreCallback
+
+    units = [[Cell.from_config({**CONFIG, "seed": s}).to_dict()] for s in range(4)]
+    opts = TrialOptions(results_dir=str(tmp_path), study="s", device="cpu")
+    landed = []
+    progress = Progress(4, 0, quiet=True)
+    callback = StoreCallback(lambda row, epochs: landed.append(row), progress, opts,
+                             max_failures=2, units=units)
+    trial = Trial("tune_trial", config={"units": [0, 1, 2, 3]}, stub=True)
+    callback.on_trial_start(0, [trial], trial)
+    assert progress.running == 1 and progress.trials == 1  # a bundle trains a unit at a time
+    row = run_cell(units[0][0], opts)
+    for _ in range(2):  # sent again by a restarted bundle: landed once
+        callback.on_trial_result(0, [trial], trial, codec.encode_all([row]))
+    assert [r["cell_id"] for r in landed] == [units[0][0]["cell_id"]]
+    callback.on_trial_error(0, [trial], trial)
+    assert callback.requeue == [[1], [2], [3]] and len(landed) == 1
+    assert progress.running == 0 and progress.trials == 0
+    single = Trial("tune_trial", config={"units": [1]}, stub=True)
+    callback.requeue = []
+    callback.on_trial_start(0, [single], single)
+    callback.on_trial_error(0, [single], single)  # may_requeue is off: the last pass
+    assert callback.requeue == [] and landed[-1]["cell_id"] == units[1][0]["cell_id"]
+    assert landed[-1]["status"] == "failed"
 
 
 def test_executors_by_name():

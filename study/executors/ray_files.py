@@ -73,11 +73,12 @@ def on_driver_node() -> NodeAffinitySchedulingStrategy:
     return NodeAffinitySchedulingStrategy(node_id=_driver_node_id(), soft=False)
 
 
-def start_driver_files(results_dir: str):
-    actor = ray.remote(DriverFiles).options(
-        num_cpus=0, max_restarts=-1, max_task_retries=-1, scheduling_strategy=on_driver_node(),
+def start_driver_files(results_dir: str, where: NodeAffinitySchedulingStrategy | None = None):
+    """The files actor, on the driver's node (`where`: on_driver_node(), if already asked)."""
+    return ray.remote(DriverFiles).options(
+        num_cpus=0, max_restarts=-1, max_task_retries=-1,
+        scheduling_strategy=where or on_driver_node(),
     ).remote(results_dir)
-    return actor
 
 
 def trial_files(handle, results_dir: str):

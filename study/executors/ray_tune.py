@@ -1,12 +1,12 @@
 """The Ray executor: the pending cells as Ray Tune trials.
 
 The driver ships the table of units (one cell, or a fused group of cells) and the datasets
-through Ray's object store once; each trial (tune_trial) trains one unit with
-fused.train.run_group (train.run_cell for a unit of one) and reports its rows back, which
-StoreCallback lands in the store from the driver as it finishes. Cells Tune gave up on too
-early run again in further passes (_fit_in_passes). Workers need this package and torch,
-nothing else. No torch is imported here (the driver never trains); the trial function
-imports it on the worker.
+through Ray's object store once; each trial (tune_trial) trains one unit, or a bundle of
+small ones one after another (study.bundles), with fused.train.run_group (train.run_cell for
+a unit of one) and reports their rows back, which StoreCallback lands in the store from the
+driver as they finish. Cells Tune gave up on too early run again in further passes
+(_fit_in_passes). Workers need this package and torch, nothing else. No torch is imported
+here (the driver never trains); the trial function imports it on the worker.
 """
 from __future__ import annotations
 
@@ -208,9 +208,6 @@ class StoreCallback(tune.Callback):
         # units again, and those that had landed are not landed twice
         self.landed: set[str] = set()
 
-    def _cells(self, trial) -> list[dict]:
-        return [c for i in trial.config["units"] for c in self.units[i]]
-
     def _width(self, trial) -> int:
         """Cells a trial trains at once: its largest unit (a bundle's run one by one)."""
         return max(len(self.units[i]) for i in trial.config["units"])
@@ -399,18 +396,22 @@ def run_ray(units: list[list[Cell]], run_opts, land: Land, progress, store) -> N
             raise
 
     table = [[c.to_dict() for c in unit] for unit in units]
-    stop_flag = StopFlag.options(scheduling_strategy=on_driver_node()).remote()
+    driver_node = on_driver_node()  # one query of Ray's nodes for the three actors
+    stop_flag = StopFlag.options(scheduling_strategy=driver_node).remote()
     callback = StoreCallback(land_or_stop, progress, opts, opts.max_failures, table, stop_flag)
     # A Ray started here has one node, this machine: trials reach the results folder
     # directly. Joined to a cluster (--address), no node but the driver's may assume it.
-    files = None if ray_connect.own_local_ray() else start_driver_files(opts.results_dir)
+    files = (None if ray_connect.own_local_ray()
+             else start_driver_files(opts.results_dir, driver_node))
     # The options travel as they are: a dataclass pickles through the object store.
     barrier = os.environ.get("STUDY_TRIAL_BARRIER")
     shared = {"units": ray.put(table), "data": _ship_datasets(table, opts), "files": files,
               "opts": opts, "stop": stop_flag,
-              "barrier": (TrialBarrier.options(scheduling_strategy=on_driver_node())
+              "barrier": (TrialBarrier.options(scheduling_strategy=driver_node)
                           .remote(int(barrier)) if barrier else None)}
     slots = max(1, ray_connect.trial_slots(run_opts.cpus_per_trial, run_opts.gpus_per_trial))
+    if run_opts.max_concurrent:  # trials that may run at once
+        slots = min(slots, run_opts.max_concurrent)
     trainable = _trainable(shared, run_opts, slots)
     trials = plan_bundles([[c["config"] for c in unit] for unit in table], run_opts.bundle, slots)
     # Tune's own bookkeeping stays on the driver's machine, outside the results folder.
