@@ -17,6 +17,7 @@ process it starts is stopped by PID at the end. The kill plan is printed with it
 `--seed S` replays it.
 
     python benchmarks/chaos.py [--cells 2000] [--kills 3] [--epochs 10] [--seed 0]
+                               [--fuse K|auto|off] [--bundle N|auto|off]
 """
 from __future__ import annotations
 
@@ -201,13 +202,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fuse", default="auto",
                     help="study run's --fuse: K trains K cells per trial as one fused group "
                          "(default auto: one cell per trial on these CPU nodes)")
+    ap.add_argument("--bundle", default="auto",
+                    help="study run's --bundle: small cells up to N to a trial (default auto; "
+                         "off: one cell per trial, each landing on its own)")
     args = ap.parse_args(argv)
     if why := why_not():
         print(why, file=sys.stderr)
         return 2
     n = 2 * max(1, args.cells // 2)
     at, extra, (w1_at, w2_at) = plan(random.Random(args.seed), n, args.kills)
-    print(f"chaos: {n} cells x {args.epochs} epochs, --fuse {args.fuse}; seed {args.seed}: "
+    print(f"chaos: {n} cells x {args.epochs} epochs, --fuse {args.fuse}, --bundle "
+          f"{args.bundle}; seed {args.seed}: "
           "driver SIGKILLed at "
           f"{at} cells landed (+{extra} s); worker 1 killed and restarted at {w1_at} cells, "
           f"worker 2 killed for good at {w2_at} cells", flush=True)
@@ -235,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                          (w2_at, "worker 2 killed for good", lambda: cluster.kill_worker("w2"))],
                         key=lambda e: e[0])
         common = ["--data-dir", str(data), "--address", cluster.address, "--no-figures",
-                  "--quiet", "--max-failures", "5", "--fuse", str(args.fuse)]
+                  "--quiet", "--max-failures", "5", "--fuse", str(args.fuse),
+                  "--bundle", str(args.bundle)]
         py = [sys.executable, "-m", "study.cli"]
         runs = [py + ["run", str(spec), "--results", str(results), *common]]
         runs += [py + ["resume", str(results), *common]] * len(at)
