@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 from sweep.cost import cell_flops, examples
+from sweep.values import parse_off_auto_or_count
 
 SMALL_FLOPS = 1e9  # ~0.1 s of one CPU core's arithmetic at these widths
 SMALL_STEPS = 2000  # ~1 ms of fixed cost each on a CPU (autograd, optimizer, launches)
@@ -26,16 +27,7 @@ TRIALS_PER_SLOT = 4
 def parse_bundle(value: str) -> int | str:
     """--bundle's value: "off" (one unit per trial), "auto" or a whole N >= 1 (units per
     trial, small units only; 1 is off)."""
-    v = str(value).strip().lower()
-    if v in ("off", "auto"):
-        return v
-    try:
-        n = int(v)
-    except ValueError:
-        raise ValueError(f"--bundle takes off, auto or a whole number N, not {value!r}") from None
-    if not 1 <= n <= 1024:
-        raise ValueError(f"--bundle N must be between 1 and 1024, not {n}")
-    return n
+    return parse_off_auto_or_count(value, "--bundle", "N", 1024)
 
 
 def cell_steps(config: dict) -> int:

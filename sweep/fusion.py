@@ -18,6 +18,8 @@ from __future__ import annotations
 import hashlib
 from typing import Callable, Iterable
 
+from .values import parse_off_auto_or_count
+
 FUSABLE = ("sequential", "parallel", "plain")
 GROUP_KEYS = ("dataset", "layers", "filters", "kernel", "pool", "head", "batch_norm",
               "batch_size", "epochs", "precision", "max_train_examples", "val_fraction",
@@ -87,16 +89,7 @@ def group_id(cell_ids: Iterable[str]) -> str:
 
 def parse_fuse(value: str) -> int | str:
     """--fuse's value: "off" (solo), "auto" or a whole K >= 1 (1 is solo too)."""
-    v = str(value).strip().lower()
-    if v in ("off", "auto"):
-        return v
-    try:
-        k = int(v)
-    except ValueError:
-        raise ValueError(f"--fuse takes off, auto or a whole number K, not {value!r}") from None
-    if not 1 <= k <= MAX_K:
-        raise ValueError(f"--fuse K must be between 1 and {MAX_K}, not {k}")
-    return k
+    return parse_off_auto_or_count(value, "--fuse", "K", MAX_K)
 
 
 # --fuse auto: a group's activations stay within this many bytes per GPU of the trial (a

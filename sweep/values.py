@@ -25,3 +25,19 @@ def plain_value(v, kind: type):
     if kind in (int, float, bool):
         return kind(v)
     return v
+
+
+def parse_off_auto_or_count(value, flag: str, letter: str, high: int) -> int | str:
+    """A command-line mode such as --fuse's or --bundle's: "off", "auto" (any case) or a
+    whole number from 1 to `high`; ValueError naming `flag` and its `letter` otherwise."""
+    v = str(value).strip().lower()
+    if v in ("off", "auto"):
+        return v
+    try:
+        n = int(v)
+    except ValueError:
+        raise ValueError(f"{flag} takes off, auto or a whole number {letter}, not {value!r}") from None
+    if not 1 <= n <= high:
+        raise ValueError(f"{flag} {letter} must be between 1 and {high}, not {n}")
+    return n
+
