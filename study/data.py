@@ -45,6 +45,11 @@ class Data:
     def in_channels(self) -> int:
         return self.train_x.shape[1]
 
+    def splits(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{"train": (x, y), "val": ..., "test": ...}, in that order."""
+        return {"train": (self.train_x, self.train_y), "val": (self.val_x, self.val_y),
+                "test": (self.test_x, self.test_y)}
+
     def to(self, device) -> "Data":
         return Data(self.name, *(t.to(device) for t in (
             self.train_x, self.train_y, self.val_x, self.val_y, self.test_x, self.test_y)),

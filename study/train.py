@@ -279,12 +279,15 @@ def train_steps(model, opt, x: torch.Tensor, y: torch.Tensor, perm: torch.Tensor
 
 
 def finish(model, data, result: dict, files: CellFiles, cell_id: str, config: dict,
-           filters_used: int, save_weights: bool) -> dict:
-    """The final full evaluation of every split, and the weights when the study keeps them."""
+           filters_used: int, save_weights: bool,
+           scores: dict[str, tuple[float, float]] | None = None) -> dict:
+    """The final full evaluation of every split, and the weights when the study keeps them.
+    `scores`: each split's (loss, accuracy) where the caller evaluated them already (a fused
+    group evaluates its members at once)."""
     t0 = time.perf_counter()
-    for split, (x, y) in {"train": (data.train_x, data.train_y), "val": (data.val_x, data.val_y),
-                          "test": (data.test_x, data.test_y)}.items():
-        result[f"{split}_loss"], result[f"{split}_acc"] = evaluate(model, x, y)
+    for split, (x, y) in data.splits().items():
+        result[f"{split}_loss"], result[f"{split}_acc"] = (
+            scores[split] if scores is not None else evaluate(model, x, y))
     result["wall_s"] += time.perf_counter() - t0
     result["status"] = "ok"
     if save_weights:

@@ -19,7 +19,7 @@ class GroupedAdamW:
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
         self.params = params
         device = params[0].device
-        k = len(lr)
+        k = self.k = len(lr)
         # float64, as the Python floats torch's AdamW computes its scalars in: each member's
         # scalars then round to the very float32 values its solo AdamW uses
         self.lr = torch.tensor(lr, dtype=torch.float64, device=device)
@@ -27,8 +27,18 @@ class GroupedAdamW:
         self.beta1, self.beta2 = betas
         self.eps = eps
         self.step_count = torch.zeros(k, dtype=torch.float32, device=device)
-        self.exp_avg = [torch.zeros_like(p) for p in params]
-        self.exp_avg_sq = [torch.zeros_like(p) for p in params]
+        # The moments of all parameters in one (K, P) tensor each, a step being a dozen
+        # operations over it instead of a dozen per parameter (the ops' count, not their
+        # size, is what a small net's step costs: measured below); exp_avg[i] and
+        # exp_avg_sq[i] are views of parameter i's columns, shaped like it.
+        self.sizes = [p[0].numel() for p in params]
+        self.flat_avg = torch.zeros(k, sum(self.sizes), device=device)
+        self.flat_avg_sq = torch.zeros_like(self.flat_avg)
+        self.exp_avg = self._views(self.flat_avg)
+        self.exp_avg_sq = self._views(self.flat_avg_sq)
+
+    def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return [part.view(p.shape) for part, p in zip(flat.split(self.sizes, dim=1), self.params)]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
@@ -36,10 +46,6 @@ class GroupedAdamW:
                 p.grad = None
             elif p.grad is not None:
                 p.grad.zero_()
-
-    @staticmethod
-    def _per_member(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return t.view(-1, *([1] * (like.dim() - 1)))
 
     @torch.no_grad()
     def step(self, active: torch.Tensor | None = None) -> None:
@@ -54,27 +60,34 @@ class GroupedAdamW:
         step_size = (self.lr / (1 - torch.pow(self.beta1, step))).float()
         bias2_sqrt = torch.pow(1 - torch.pow(self.beta2, step), 0.5).float()
         decay = (1 - self.lr * self.weight_decay).float()
-        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
-            g = p.grad
-            if g is None:
-                continue
-            shape = lambda t: self._per_member(t, p)  # noqa: E731
-            if active is None:
-                p.mul_(shape(decay))
-                m.lerp_(g, 1 - self.beta1)
-                v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
-                denom = (v.sqrt() / shape(bias2_sqrt)).add_(self.eps)
-                p.sub_(shape(step_size) * m / denom)
-                continue
-            # the same operations as above, on copies, so an active member's numbers are
-            # bit for bit those of a group where nobody is frozen
-            on = shape(active)
-            new_p = p.mul(shape(decay))
+        if any(p.grad is None for p in self.params):
+            raise RuntimeError("GroupedAdamW.step: every stacked parameter needs a gradient "
+                               "(each member's loss reaches all of its parameters)")
+        # torch's AdamW, elementwise, on every parameter at once: the same operations on the
+        # same floats as parameter by parameter, so the same bits
+        g = torch.cat([p.grad.reshape(self.k, -1) for p in self.params], dim=1)
+        p = torch.cat([p.detach().reshape(self.k, -1) for p in self.params], dim=1)
+        m, v = self.flat_avg, self.flat_avg_sq
+        col = lambda t: t.view(-1, 1)  # noqa: E731 - a per-member scalar over its columns
+        if active is None:
+            p.mul_(col(decay))
+            m.lerp_(g, 1 - self.beta1)
+            v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+            denom = (v.sqrt() / col(bias2_sqrt)).add_(self.eps)
+            p.sub_(col(step_size) * m / denom)
+        else:
+            # the same operations on copies, so an active member's numbers are bit for bit
+            # those of a group where nobody is frozen; a frozen member's stay as they are
+            on = col(active)
+            new_p = p.mul(col(decay))
             m.copy_(torch.where(on, m.lerp(g, 1 - self.beta1), m))
             v.copy_(torch.where(on, v.mul(self.beta2).addcmul_(g, g, value=1 - self.beta2), v))
-            denom = (v.sqrt() / shape(bias2_sqrt)).add_(self.eps)
-            new_p.sub_(shape(step_size) * m / denom)
-            p.copy_(torch.where(on, new_p, p))
+            denom = (v.sqrt() / col(bias2_sqrt)).add_(self.eps)
+            new_p.sub_(col(step_size) * m / denom)
+            p = torch.where(on, new_p, p)
+        torch._foreach_copy_([q.detach() for q in self.params],
+                             [part.view(q.shape) for part, q in zip(p.split(self.sizes, dim=1),
+                                                                     self.params)])
 
     # -- solo-format state -----------------------------------------------------------------
     @torch.no_grad()
