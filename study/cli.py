@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from sweep import SpecError, load_spec
+from sweep.spec import as_spec_error
 from sweep.spec import parse_margin
 
 from . import executor_registry as executors
@@ -257,19 +258,15 @@ def _fuse_mode(results: Path, args) -> int | str:
             given = (results / FUSE_FILE).read_text().strip() or "auto"
         except OSError:
             given = "auto"
-    try:
+    with as_spec_error(ValueError):
         return parse_fuse(given)
-    except ValueError as e:
-        raise SpecError(str(e)) from None
 
 
 def _bundle_mode(args) -> int | str:
     from .bundles import parse_bundle
 
-    try:
+    with as_spec_error(ValueError):
         return parse_bundle(getattr(args, "bundle", "auto"))
-    except ValueError as e:
-        raise SpecError(str(e)) from None
 
 
 def _saved_analysis(store: Store, spec) -> dict | None:
@@ -373,10 +370,8 @@ def _export_targets(values: list[str]) -> list:
 
     targets = parse_targets(values)
     for kind, _ in targets:
-        try:
+        with as_spec_error(MissingPackage):
             require(kind)
-        except MissingPackage as e:
-            raise SpecError(str(e)) from None
     return targets
 
 

@@ -7,6 +7,7 @@ cells matching all of their keys.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import itertools
@@ -33,6 +34,16 @@ SEED_MARGIN = "seed"
 
 class SpecError(ValueError):
     """A user error in a spec: the message is one line that says what to change."""
+
+
+@contextlib.contextmanager
+def as_spec_error(*kinds: type[BaseException]):
+    """Errors of `kinds` raised inside become a SpecError with the same one-line message:
+    the command line prints it and exits 2, with no traceback and no chained cause."""
+    try:
+        yield
+    except kinds as e:
+        raise SpecError(str(e)) from None
 
 
 # Names users bring from other tools, which string similarity alone would not find.
@@ -403,10 +414,8 @@ def parse_spec(text: str, origin: str = "<string>") -> Spec:
     study, name = _parse_study(raw, origin)
     grid, arch_grids = _parse_grid(raw.get("grid"))
     exclude = _parse_exclude(raw.get("exclude", []))
-    try:
+    with as_spec_error(DesignError):
         design = parse_design(raw.get("design"))
-    except DesignError as e:
-        raise SpecError(str(e)) from None
     if design:  # the looks' seeds join the grid: their cells are the study's
         base = grid.get("seed", [PARAMS["seed"].default])
         design["base_seeds"] = list(base)

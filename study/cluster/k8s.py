@@ -19,6 +19,7 @@ import shlex
 from pathlib import Path
 
 from sweep import SpecError, load_spec
+from sweep.spec import as_spec_error
 
 from ..errors import ClusterError
 
@@ -210,10 +211,8 @@ def _check(spec, args) -> None:
 
     for given, parse in ((args.fuse, parse_fuse), (args.bundle, parse_bundle)):
         if given is not None:
-            try:
+            with as_spec_error(ValueError):
                 parse(given)
-            except ValueError as e:
-                raise SpecError(str(e)) from None
     parse_targets(args.export)
     check_flags(spec, args)
 

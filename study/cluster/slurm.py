@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from sweep import SpecError, load_spec
+from sweep.spec import as_spec_error
 
 from ..errors import ClusterError
 from ..store import StoreError
@@ -246,25 +247,19 @@ def _driver_options(args) -> list[str]:
     if args.fuse is not None:
         from sweep.fusion import parse_fuse
 
-        try:
+        with as_spec_error(ValueError):
             opts += ["--fuse", str(parse_fuse(args.fuse))]
-        except ValueError as e:
-            raise SpecError(str(e)) from None
     if args.bundle is not None:
         from ..bundles import parse_bundle
 
-        try:
+        with as_spec_error(ValueError):
             opts += ["--bundle", str(parse_bundle(args.bundle))]
-        except ValueError as e:
-            raise SpecError(str(e)) from None
     if args.export:
         from ..export import MissingPackage, parse_targets, require
 
         for kind, _ in parse_targets(args.export):
-            try:
+            with as_spec_error(MissingPackage):
                 require(kind)
-            except MissingPackage as e:
-                raise SpecError(str(e)) from None
         for value in args.export:
             opts += ["--export", _absolute_target(value)]
     if args.max_failures is not None:
