@@ -51,7 +51,9 @@ Three layers (as in rliable):
 2. Figures, one function per figure, each returning a matplotlib Figure (``fig=None``):
    ``plot_equivalence``, ``plot_table2``, ``plot_ratio_distribution``,
    ``plot_factor_effects``, ``plot_learning_curves``, ``plot_zoo``, ``plot_forest``,
-   ``plot_seed_noise`` (module ``analysis.draw``, log ticks in ``analysis.ticks``);
+   ``plot_seed_noise`` (module ``analysis.draw``, which re-exports them from ``draw_pairs``,
+   ``draw_cells`` and ``draw_verdicts`` on the style and helpers of ``draw_base``; log ticks
+   in ``analysis.ticks``);
    ``plot_lesions`` (module ``analysis.lesion_figure``) from the table `study lesion` computes.
 3. Outputs: ``write_figures(DIR, compare=("sequential", "parallel"), pairs=None) -> list[Path]``
    writes DIR/figures/*.png + *.pdf (the lesion figure too when DIR/lesions/lesions.parquet
@@ -61,7 +63,8 @@ Three layers (as in rliable):
    inlined as base64 PNG). Both run the same three steps: ``compute.analyse`` computes an
    ``Analysis`` (the frames and statistics), ``draw.draw_figures`` draws it in memory and
    ``write.write_outputs`` saves it (module ``analysis.write``); ``report.render`` embeds the
-   PNGs that were saved, never reading them back.
+   PNGs that were saved, never reading them back (its table sections in
+   ``analysis.report_sections``).
 
 Both writers raise ``AnalysisError`` (one-line message) for a folder that is not a results
 store or an unknown architecture; a figure that cannot be drawn is a note, never a crash.
