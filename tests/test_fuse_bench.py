@@ -106,7 +106,9 @@ def drift_figures():
 
 def test_ulp_floor_is_positive_and_both_drifts_far_below_seed_noise(drift_figures):
     """Measured on this 2-core CPU machine (median |log ratio| of final val loss, 8 cells,
-    15 epochs): fused 2.1e-7, one-ulp floor 9.3e-7, seed-to-seed 0.155."""
+    15 epochs): fused 3.0e-7 (2.1e-7 before a group evaluated its members at once, whose
+    losses differ from the solo evaluation's by up to 3.5e-7), one-ulp floor 9.3e-7,
+    seed-to-seed 0.155."""
     d = drift_figures
     assert d.ulp_floor > 0  # one ulp at the start still shows at the end
     assert d.fused < d.seed / 1e4 and d.ulp_floor < d.seed / 1e4
