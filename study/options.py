@@ -29,6 +29,11 @@ class TrialOptions:
     # Test hook: "key=value[,key=value]@EPOCH[xTIMES]" raises in matching cells at EPOCH on
     # the first TIMES attempts (default: every attempt). Set from STUDY_INJECT_FAULT.
     inject_fault: str | None = None
+    # Test hook: while this file exists (a path on the worker's own machine: the tests run
+    # on one), every epoch first waits train.EPOCH_HOLD_S. A test keeps cells in flight for
+    # as long as it needs, whatever the machine's speed, then removes the file and the
+    # cells finish at full speed. Set from STUDY_EPOCH_HOLD.
+    epoch_hold: str | None = None
     # Test hook (study.fused.drift): move every initial weight this many ulps (toward +inf;
     # negative: toward -inf) right after the build, to measure how far one-ulp differences
     # grow over a cell. 0 leaves the build untouched.

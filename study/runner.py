@@ -332,7 +332,8 @@ def _trial_options(spec: Spec, store: Store, executor: executors.Executor,
         threads=max(1, int(opts.cpus_per_trial)), save_weights=spec.save_weights,
         device="auto" if (opts.gpus_per_trial or not executor.gpus_on_request) else "cpu",
         checkpoint_every_s=float(os.environ.get("STUDY_CHECKPOINT_EVERY_S", 30)),
-        inject_fault=os.environ.get("STUDY_INJECT_FAULT") or None)
+        inject_fault=os.environ.get("STUDY_INJECT_FAULT") or None,
+        epoch_hold=os.environ.get("STUDY_EPOCH_HOLD") or None)
 
 
 def _lander(store: Store, copies_of: dict[str, list[Cell]], live, summary: RunSummary,

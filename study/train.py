@@ -115,6 +115,15 @@ def inject_fault(opts: TrialOptions, what: str) -> None:
     os._exit(17)
 
 
+EPOCH_HOLD_S = 0.25
+
+
+def hold_epoch(opts: TrialOptions) -> None:
+    """The epoch_hold test hook: a pause before the epoch while its file exists."""
+    if opts.epoch_hold and os.path.exists(opts.epoch_hold):
+        time.sleep(EPOCH_HOLD_S)
+
+
 def _fault_matches(spec: str | None, config: dict, epoch: int, attempt: int) -> bool:
     if not spec:
         return False
@@ -316,6 +325,7 @@ def train_cell(config: dict, cell_id: str, opts: TrialOptions, attempt: int = 1,
     for epoch in range(start_epoch, config["epochs"] + 1):
         if _fault_matches(opts.inject_fault, config, epoch, attempt):
             inject_fault(opts, f"injected fault at epoch {epoch} (attempt {attempt})")
+        hold_epoch(opts)
         t0 = time.perf_counter()
         train_loss, train_acc = train_epoch(model, opt, data.train_x, data.train_y,
                                             config["batch_size"], config["seed"], epoch,

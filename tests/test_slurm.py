@@ -402,15 +402,16 @@ def test_a_time_limit_mid_study_requeues_and_resumes(slurm, tmp_path):
     limit to the next whole minute at least 90 s away (SLURM keeps limits in minutes): the
     warning is then due at once, and SLURM sends it at its next limit check (every 30 s or
     so), at least 60 s before the limit. A fixed short limit would warn 50-80 s after the
-    start, which a fast machine can finish the study in. Each cell trains for over 100 s
-    even on a fast machine (~0.03 s an epoch) and the warning comes 15-50 s in, so it finds
-    both in flight. On the requeue the test gives the next run 10 minutes, so one run
+    start, which a fast machine can finish the study in. Until the driver has stopped, the
+    epoch_hold hook makes every epoch wait 0.25 s, so a cell trains for over 150 s on any
+    machine and the warning (15-50 s in) finds both in flight; then the test lets the cells
+    go at full speed. On the requeue the test gives the next run 10 minutes, so one run
     finishes the study."""
-    spec = _spec(tmp_path, epochs=3600, max_train_examples=1000, layers="[2]")
-    out = tmp_path / "res"
+    spec = _spec(tmp_path, epochs=600, max_train_examples=1000, layers="[2]")
+    out, hold = tmp_path / "res", _hold(tmp_path)
     t0 = time.monotonic()
     (job,) = _submit(slurm, spec, out, "--time", "00:10:00", "--signal-lead", "150",
-                     env=NO_PERIODIC_CHECKPOINTS)
+                     env={**NO_PERIODIC_CHECKPOINTS, **hold})
     assert "#SBATCH --time=00:10:00" in _script(out) and "USR1@150" in _script(out)
     _wait_cells_in_flight(out, job, n=2)  # both train: both checkpoint at the warning
     h, m, sec = (int(x) for x in slurm.job(job)["RunTime"].split("-")[-1].split(":"))
@@ -418,6 +419,8 @@ def test_a_time_limit_mid_study_requeues_and_resumes(slurm, tmp_path):
     slurm.run("scontrol", "update", f"JobId={job}", f"TimeLimit={limit_min}", check=True)
     print(f"job {job}: cells in flight after {h:02d}:{m:02d}:{sec:02d}; limit now "
           f"{limit_min} min")
+    _wait_logged(out, job, "requeued to resume the study", 300)  # the driver stopped
+    _release(hold)
     state, released = _wait_job(slurm, job, 600, True, "TimeLimit=10")
     print(f"scenario (c): job {job} {state} in {time.monotonic() - t0:.0f} s, requeued by "
           f"itself {released} time(s)")
@@ -426,6 +429,27 @@ def test_a_time_limit_mid_study_requeues_and_resumes(slurm, tmp_path):
     assert "requeued to resume the study" in log and "run 2" in log, log
     assert log.index("[slurm] study run ") < log.index("[slurm] study resume "), log
     _assert_resumed_from_the_warning(out, log)
+
+
+def _hold(tmp_path: Path) -> dict[str, str]:
+    """The epoch_hold test hook's file, made; the environment that points the job at it.
+    While it exists every epoch waits 0.25 s, so cells stay in flight whatever the machine's
+    speed until `_release`, and the rest of the study runs at full speed."""
+    path = tmp_path / "epoch-hold"
+    path.touch()
+    return {"STUDY_EPOCH_HOLD": str(path)}
+
+
+def _release(hold: dict[str, str]) -> None:
+    Path(hold["STUDY_EPOCH_HOLD"]).unlink()
+
+
+def _wait_logged(out: Path, job: str, text: str, timeout: float) -> None:
+    """Until the job's output holds `text`."""
+    log_path, deadline = out / "slurm" / f"{job}.out", time.monotonic() + timeout
+    while text not in _output(log_path, tail=10**8):
+        assert time.monotonic() < deadline, _output(log_path)
+        time.sleep(0.5)
 
 
 def _wait_cells_in_flight(out: Path, job: str, n: int, timeout: float = 240) -> None:
@@ -453,11 +477,12 @@ def test_preemption_warns_and_the_job_resumes(slurm, tmp_path):
     the job's steps at once, Ray's among them, and would end the script at the grace time's
     end; the driver loses Ray and exits first, which would leave the job FAILED and not
     requeued. The script sees the preemption (PreemptTime) and requeues the job itself; once
-    the urgent job is done the study resumes, every cell once."""
-    spec = _spec(tmp_path, epochs=3600, max_train_examples=1000, layers="[2]")
-    out = tmp_path / "res"
+    the urgent job is done the study resumes, every cell once. Until then the epoch_hold
+    hook keeps the cells in flight (0.25 s an epoch); the resumed run goes at full speed."""
+    spec = _spec(tmp_path, epochs=600, max_train_examples=1000, layers="[2]")
+    out, hold = tmp_path / "res", _hold(tmp_path)
     t0 = time.monotonic()
-    (job,) = _submit(slurm, spec, out, "--time", "00:10:00")
+    (job,) = _submit(slurm, spec, out, "--time", "00:10:00", env=hold)
     _wait_cells_in_flight(out, job, n=2)
     r = slurm.run("sbatch", "--parsable", "--partition=urgent", "--cpus-per-task=2",
                   f"--output={tmp_path}/urgent.out", "--wrap", "sleep 5", check=True)
@@ -467,6 +492,7 @@ def test_preemption_warns_and_the_job_resumes(slurm, tmp_path):
         assert time.monotonic() < deadline, _snapshot(slurm, urgent) + slurm.daemon_lines(job)
         time.sleep(1)
     assert slurm.job(urgent)["JobState"] == "COMPLETED", _snapshot(slurm, urgent)
+    _release(hold)
     state, released = _wait_job(slurm, job, 600)
     print(f"preemption: job {job} {state} in {time.monotonic() - t0:.0f} s, let go "
           f"{released} time(s) after its requeue")

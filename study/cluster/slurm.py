@@ -359,10 +359,13 @@ def cmd_slurm(args) -> int:
 # The study's own knobs a user may set in the environment; --export=NONE would leave them
 # behind, so the script sets them as they were where it was written.
 CARRIED_SETTINGS = ("STUDY_CHECKPOINT_EVERY_S", "STUDY_STOP_GRACE_S")
+# Test hooks carried the same way, as they are (study.options.TrialOptions says what each does)
+CARRIED_HOOKS = ("STUDY_EPOCH_HOLD",)
 
 
 def _settings() -> list[tuple[str, str]]:
     found = [(k, os.environ[k].strip()) for k in CARRIED_SETTINGS if os.environ.get(k)]
+    hooks = [(k, os.environ[k]) for k in CARRIED_HOOKS if os.environ.get(k)]
     for key, value in found:
         try:
             ok = float(value) > 0
@@ -370,7 +373,7 @@ def _settings() -> list[tuple[str, str]]:
             ok = False
         if not ok:
             raise SpecError(f"{key}={value!r}: give a number of seconds above 0, or unset it")
-    return found
+    return found + hooks
 
 
 def _absolute_pythonpath() -> str | None:

@@ -32,7 +32,7 @@ from ..options import TrialOptions
 from ..rows import cell_row, now
 from ..store import Store
 from ..train import (CellFiles, _fault_matches, _pick_device, inject_fault,
-                     autocast, checkpoint, device_name, finish, nudge_ulps,
+                     autocast, checkpoint, device_name, finish, hold_epoch, nudge_ulps,
                      restore, run_cell, set_precision)
 from .adamw import GroupedAdamW
 from .net import GroupedNet
@@ -216,6 +216,7 @@ def train_members(members: list[Member], data: "datasets.Data", opts: TrialOptio
         raise interrupt.CellInterrupted(members[0].cell_id)
     for epoch in range(members[0].start_epoch, c0["epochs"] + 1):
         _check_faults(members, opts, epoch, attempt)
+        hold_epoch(opts)
         t0 = time.perf_counter()
         perms = _permutations(members, n, epoch, device)
         loss_sum, correct, active = epoch_steps(net, opt, data.train_x, data.train_y, perms,
