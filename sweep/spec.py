@@ -38,8 +38,7 @@ class SpecError(ValueError):
 
 @contextlib.contextmanager
 def as_spec_error(*kinds: type[BaseException]):
-    """Errors of `kinds` raised inside become a SpecError with the same one-line message:
-    the command line prints it and exits 2, with no traceback and no chained cause."""
+    """Errors of `kinds` raised inside become a SpecError (one line, exit 2) of their text."""
     try:
         yield
     except kinds as e:

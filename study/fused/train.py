@@ -187,6 +187,25 @@ def _checkpoint(members: list[Member], live: list[int], opt: GroupedAdamW, net: 
         checkpoint(files, m.cell_id, epoch, m.model, m.opt, m.epochs, m.wall_s, device, m.rng)
 
 
+def _record_epoch(members: list[Member], live: list[int], epoch: int,
+                  train: list[tuple[float, float]], scores: list[tuple[float, float]],
+                  epoch_s: float, train_s: float, active: torch.Tensor) -> list[int]:
+    """Each live member's epoch row (its training and validation loss and accuracy, the
+    group's times), or its divergence on a non-finite validation loss (frozen from then);
+    returns the members still live."""
+    for k in live:
+        m, (val_loss, val_acc) = members[k], scores[k]
+        if not math.isfinite(val_loss):
+            m.diverged = f"non-finite validation loss at epoch {epoch}"
+            active[k] = False
+            continue
+        m.wall_s += epoch_s  # the group's time: members share every second of it
+        m.epochs.append({"cell_id": m.cell_id, "epoch": epoch, "train_loss": train[k][0],
+                         "val_loss": val_loss, "train_acc": train[k][1],
+                         "val_acc": val_acc, "wall_s": m.wall_s, "train_s": train_s})
+    return [k for k in live if members[k].diverged is None]
+
+
 WIRING_ORDER = {"parallel": 0, "sequential": 1, "plain": 2}
 
 
@@ -229,18 +248,9 @@ def train_members(members: list[Member], data: "datasets.Data", opts: TrialOptio
                 members[k].diverged = f"non-finite training loss at epoch {epoch}"
         live = [k for k in live if members[k].diverged is None]
         scores = evaluate_members(net, data.val_x, data.val_y)
-        epoch_s = time.perf_counter() - t0
-        for k in live:
-            m, (val_loss, val_acc) = members[k], scores[k]
-            if not math.isfinite(val_loss):
-                m.diverged = f"non-finite validation loss at epoch {epoch}"
-                active[k] = False
-                continue
-            m.wall_s += epoch_s  # the group's time: members share every second of it
-            m.epochs.append({"cell_id": m.cell_id, "epoch": epoch, "train_loss": losses[k] / n,
-                             "val_loss": val_loss, "train_acc": corrects[k] / n,
-                             "val_acc": val_acc, "wall_s": m.wall_s, "train_s": train_s})
-        live = [k for k in live if members[k].diverged is None]
+        train = [(losses[k] / n, corrects[k] / n) for k in range(len(members))]
+        live = _record_epoch(members, live, epoch, train, scores,
+                             time.perf_counter() - t0, train_s, active)
         if not live:
             break
         stop = epoch < c0["epochs"] and interrupt.should_stop()
